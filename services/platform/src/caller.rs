@@ -1,0 +1,177 @@
+//! Who the caller of a service is, decided once per request.
+//!
+//! A service sees either the platform's gateway, which names the verified external caller in
+//! the `x-onestop-caller` header, or another platform component or member calling it directly
+//! with its own certificate. The header is believed only on a connection authenticated with the
+//! gateway's own certificate; anyone else who sends it is refused, so that no member can claim
+//! to be another.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::identity::SpiffeId;
+use crate::status::{self, Reason};
+use crate::tls::{Peer, PeerIdentity};
+
+/// The metadata key in which the gateway passes the verified caller (a SPIFFE URI).
+pub const CALLER_HEADER: &str = "x-onestop-caller";
+
+/// The verified caller of one request, inserted into the request's extensions.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Who is calling.
+    pub identity: Arc<SpiffeId>,
+    /// Whether the call came through the gateway.
+    pub via_gateway: bool,
+}
+
+impl Caller {
+    /// The caller of a request that passed [`Authenticate`]; `Unauthenticated` otherwise (a
+    /// service wired without the interceptor fails closed).
+    pub fn of<T>(request: &Request<T>) -> Result<&Caller, Status> {
+        request.extensions().get::<Caller>().ok_or_else(|| {
+            status::error(
+                tonic::Code::Unauthenticated,
+                Reason::Unauthenticated,
+                "the caller could not be authenticated".into(),
+                Vec::new(),
+            )
+        })
+    }
+}
+
+/// A tonic interceptor that authenticates the caller of every request.
+#[derive(Clone, Debug)]
+pub struct Authenticate {
+    gateway: Arc<SpiffeId>,
+}
+
+impl Authenticate {
+    /// Believes caller headers only from `gateway`.
+    pub fn new(gateway: SpiffeId) -> Self {
+        Self {
+            gateway: Arc::new(gateway),
+        }
+    }
+
+    /// Decides who calls, from the connection's peer and the request's metadata.
+    pub fn caller(&self, peer: Option<&Peer>, claimed: Option<&[u8]>) -> Result<Caller, Status> {
+        let unauthenticated = |message: String| {
+            status::error(
+                tonic::Code::Unauthenticated,
+                Reason::Unauthenticated,
+                message,
+                Vec::new(),
+            )
+        };
+        let identity = match peer.map(|peer| &peer.identity) {
+            Some(PeerIdentity::Spiffe(identity)) => identity,
+            Some(PeerIdentity::Unidentified(why)) => {
+                return Err(unauthenticated(format!(
+                    "the client certificate names no member: {why}"
+                )));
+            }
+            Some(PeerIdentity::Anonymous) | None => {
+                return Err(unauthenticated("a client certificate is required".into()));
+            }
+        };
+        let Some(claimed) = claimed else {
+            return Ok(Caller {
+                identity: identity.clone(),
+                via_gateway: false,
+            });
+        };
+        if **identity != *self.gateway {
+            return Err(status::error(
+                tonic::Code::PermissionDenied,
+                Reason::CallerClaimRefused,
+                format!(
+                    "{identity} may not name a caller in `{CALLER_HEADER}`: only the gateway may"
+                ),
+                Vec::new(),
+            ));
+        }
+        let claimed = std::str::from_utf8(claimed)
+            .ok()
+            .and_then(|text| SpiffeId::parse(text).ok())
+            .filter(|id| id.trust_domain == self.gateway.trust_domain)
+            .ok_or_else(|| unauthenticated(format!("the gateway sent a malformed `{CALLER_HEADER}`")))?;
+        Ok(Caller {
+            identity: Arc::new(claimed),
+            via_gateway: true,
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.caller(
+            request.extensions().get::<Peer>(),
+            request
+                .metadata()
+                .get(CALLER_HEADER)
+                .map(|value| value.as_bytes()),
+        )?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(identity: PeerIdentity) -> Peer {
+        Peer {
+            remote_addr: ([127, 0, 0, 1], 1).into(),
+            identity,
+        }
+    }
+
+    fn spiffe(uri: &str) -> PeerIdentity {
+        PeerIdentity::Spiffe(Arc::new(SpiffeId::parse(uri).unwrap()))
+    }
+
+    const GATEWAY: &str = "spiffe://onestop.lv/platform/gateway";
+    const MEMBER: &str = "spiffe://onestop.lv/member/GOV/VSAA/pensions";
+
+    #[test]
+    fn the_gateway_may_name_the_caller() {
+        let auth = Authenticate::new(SpiffeId::parse(GATEWAY).unwrap());
+        let caller = auth
+            .caller(Some(&peer(spiffe(GATEWAY))), Some(MEMBER.as_bytes()))
+            .unwrap();
+        assert_eq!(caller.identity.to_string(), MEMBER);
+        assert!(caller.via_gateway);
+    }
+
+    #[test]
+    fn nobody_else_may_name_the_caller() {
+        let auth = Authenticate::new(SpiffeId::parse(GATEWAY).unwrap());
+        let other = "spiffe://onestop.lv/member/GOV/VID/eds";
+        let error = auth
+            .caller(Some(&peer(spiffe(other))), Some(MEMBER.as_bytes()))
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::PermissionDenied);
+        let direct = auth.caller(Some(&peer(spiffe(other))), None).unwrap();
+        assert_eq!(direct.identity.to_string(), other);
+        assert!(!direct.via_gateway);
+    }
+
+    #[test]
+    fn callers_without_identity_are_unauthenticated() {
+        let auth = Authenticate::new(SpiffeId::parse(GATEWAY).unwrap());
+        for identity in [
+            PeerIdentity::Anonymous,
+            PeerIdentity::Unidentified("no SAN".into()),
+        ] {
+            let error = auth.caller(Some(&peer(identity)), None).unwrap_err();
+            assert_eq!(error.code(), tonic::Code::Unauthenticated);
+        }
+        let error = auth
+            .caller(Some(&peer(spiffe(GATEWAY))), Some(b"not a uri"))
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::Unauthenticated);
+    }
+}

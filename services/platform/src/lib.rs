@@ -1,0 +1,37 @@
+//! What every onestop server links: typed configuration, mutual TLS and the development PKI,
+//! caller identity, telemetry, databases, paging, error details, and the function that serves
+//! gRPC with explicit limits and a bounded graceful shutdown.
+//!
+//! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
+//! (certificates, rustls, the accept loop) → [`caller`] (who calls a service) → [`server`]
+//! (serving) with [`config`], [`telemetry`], [`db`], [`paging`] and [`status`] beside them.
+
+pub mod caller;
+pub mod config;
+pub mod db;
+pub mod identity;
+pub mod paging;
+pub mod pki;
+pub mod server;
+pub mod status;
+pub mod telemetry;
+pub mod tls;
+
+/// Resolves when the process is asked to stop (SIGTERM or SIGINT).
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,267 @@
+//! A certificate authority for development and tests, and the certificates it issues.
+//!
+//! Production deployments bring their own CA; this one exists so that `onestop up` and the
+//! tests run with real certificates and real mutual TLS. Keys are ECDSA P-256. A PKI directory
+//! holds `ca.pem`/`ca.key` and one `<name>.pem`/`<name>.key` pair per issued certificate.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+
+use crate::identity::SpiffeId;
+
+/// What went wrong with the PKI.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Generating or parsing a key or certificate failed.
+    #[error("certificate error: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A name or identity is not usable in a certificate.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A certificate authority that can issue certificates.
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What to put in a new certificate.
+#[derive(Clone, Debug)]
+pub struct IssueRequest {
+    /// The subject's common name, for people reading the certificate.
+    pub common_name: String,
+    /// The SPIFFE identity in the URI SAN; `None` makes a certificate without one.
+    pub identity: Option<SpiffeId>,
+    /// DNS names the holder serves under (for server certificates).
+    pub dns_names: Vec<String>,
+    /// IP addresses the holder serves under (for server certificates).
+    pub ip_addresses: Vec<IpAddr>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl IssueRequest {
+    /// A request valid from a minute ago for `valid_for`.
+    pub fn new(common_name: &str, identity: Option<SpiffeId>, valid_for: Duration) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            common_name: common_name.to_owned(),
+            identity,
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            not_before: now - time::Duration::minutes(1),
+            not_after: now + valid_for,
+        }
+    }
+
+    /// Adds the names a server on this machine answers to: `localhost` and the loopback
+    /// addresses.
+    pub fn serving_localhost(mut self) -> Self {
+        self.dns_names.push("localhost".to_owned());
+        self.ip_addresses.push(IpAddr::from([127, 0, 0, 1]));
+        self.ip_addresses.push(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]));
+        self
+    }
+}
+
+/// A certificate and its private key, PEM encoded.
+#[derive(Clone)]
+pub struct IssuedCert {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The private key (PKCS#8).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl IssuedCert {
+    /// Writes `<name>.pem` and `<name>.key` (the key readable by the owner only).
+    pub fn save(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
+        write_file(&dir.join(format!("{name}.pem")), &self.cert_pem, false)?;
+        write_file(&dir.join(format!("{name}.key")), &self.key_pem, true)
+    }
+}
+
+impl Ca {
+    /// Makes a new CA for a trust domain, valid for ten years.
+    pub fn generate(trust_domain: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "onestop");
+        name.push(
+            DnType::CommonName,
+            format!("onestop development CA ({trust_domain})"),
+        );
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::days(3650);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads `ca.pem` and `ca.key` from a PKI directory.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let cert_pem = read_file(&dir.join("ca.pem"))?;
+        let key = KeyPair::from_pem(&read_file(&dir.join("ca.key"))?)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        Ok(Self { cert_pem, issuer })
+    }
+
+    /// Writes `ca.pem` and `ca.key` into a PKI directory, creating it.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        write_file(&dir.join("ca.pem"), &self.cert_pem, false)?;
+        write_file(&dir.join("ca.key"), &self.issuer.key().serialize_pem(), true)
+    }
+
+    /// The CA certificate, PEM encoded: what peers trust.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a certificate usable for both client and server authentication.
+    pub fn issue(&self, request: &IssueRequest) -> Result<IssuedCert, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "onestop");
+        name.push(DnType::CommonName, request.common_name.as_str());
+        params.distinguished_name = name;
+        if let Some(identity) = &request.identity {
+            let uri = identity
+                .to_string()
+                .try_into()
+                .map_err(|_| PkiError::Invalid(format!("`{identity}` is not ASCII")))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        for dns in &request.dns_names {
+            let dns = dns
+                .as_str()
+                .try_into()
+                .map_err(|_| PkiError::Invalid(format!("`{dns}` is not a DNS name")))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        for ip in &request.ip_addresses {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = request.not_before;
+        params.not_after = request.not_after;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// A short description of a certificate file, for `onestop pki show`.
+#[derive(Debug)]
+pub struct CertSummary {
+    /// The subject.
+    pub subject: String,
+    /// The URI SANs (SPIFFE identities).
+    pub uris: Vec<String>,
+    /// The DNS and IP SANs.
+    pub names: Vec<String>,
+    /// Start of validity.
+    pub not_before: String,
+    /// End of validity.
+    pub not_after: String,
+    /// Whether it is a CA certificate.
+    pub is_ca: bool,
+}
+
+/// Describes the first certificate of a PEM file.
+pub fn summarize(pem: &str) -> Result<CertSummary, PkiError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| PkiError::Invalid(format!("not a PEM certificate: {e}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| PkiError::Invalid(format!("not an X.509 certificate: {e}")))?;
+    let mut uris = Vec::new();
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(uri) => uris.push((*uri).to_owned()),
+                GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                GeneralName::IPAddress(ip) => names.push(format!("{ip:?}")),
+                _ => {}
+            }
+        }
+    }
+    Ok(CertSummary {
+        subject: cert.subject().to_string(),
+        uris,
+        names,
+        not_before: cert.validity().not_before.to_string(),
+        not_after: cert.validity().not_after.to_string(),
+        is_ca: cert.is_ca(),
+    })
+}
+
+fn read_file(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, content: &str, secret: bool) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(path, content).map_err(io)?;
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Serving gRPC: the one function every server calls to run its services behind mutual TLS
+//! with explicit limits, health checking, reflection and a bounded graceful shutdown.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+
+use crate::config::ServerConfig;
+use crate::telemetry::TraceLayer;
+use crate::tls::{self, AcceptLimits, ClientAuth, TlsMaterial};
+
+/// Why a server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Reflection could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Health and reflection for the named services, ready to add to a router. Returns the health
+/// reporter so that the caller can mark the services NOT_SERVING when it stops.
+pub fn standard_services(
+    routes: &mut RoutesBuilder,
+    served: &[&str],
+) -> Result<tonic_health::server::HealthReporter, ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in served {
+        set_status(&reporter, name, ServingStatus::Serving);
+    }
+    let mut names: Vec<String> = served.iter().map(|name| (*name).to_owned()).collect();
+    names.push("grpc.health.v1.Health".to_owned());
+    let reflection = || {
+        names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(onestop_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(name.clone()),
+        )
+    };
+    routes
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    Ok(reporter)
+}
+
+fn set_status(reporter: &tonic_health::server::HealthReporter, name: &str, status: ServingStatus) {
+    // The reporter's futures only take a lock; run them on the current runtime.
+    let reporter = reporter.clone();
+    let name = name.to_owned();
+    tokio::spawn(async move { reporter.set_service_status(name, status).await });
+}
+
+/// Runs gRPC services on an already bound listener until `shutdown` is cancelled, then marks
+/// them NOT_SERVING, stops accepting, and lets in-flight calls finish for at most the drain
+/// timeout.
+///
+/// `served` names the services for health and reflection (the empty name, the whole server, is
+/// always reported).
+pub async fn serve(
+    config: &ServerConfig,
+    mut routes: RoutesBuilder,
+    served: &[&str],
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let limits = config.limits;
+    let material = TlsMaterial::load(&config.tls)?;
+    let tls_config = tls::server_config(&material, ClientAuth::Required)?;
+    let mut with_whole = served.to_vec();
+    with_whole.push("");
+    let reporter = standard_services(&mut routes, &with_whole)?;
+
+    // The accept loop stops on its own token, cancelled by the shutdown below, so that no new
+    // connection is taken while the old ones drain.
+    let accepting = shutdown.child_token();
+    let incoming = tls::accept(
+        listener,
+        tls_config,
+        config.trust_domain.clone(),
+        AcceptLimits {
+            handshake_timeout: limits.handshake_timeout_ms,
+            max_pending_handshakes: limits.max_pending_handshakes,
+        },
+        accepting.clone(),
+    );
+
+    let server = tonic::transport::Server::builder()
+        // A call may not hold a connection slot forever; the client's shorter deadline wins.
+        .timeout(limits.request_timeout_ms)
+        // Refuse work beyond this at once (RESOURCE_EXHAUSTED) instead of queueing it: a queue
+        // only turns overload into latency for everyone.
+        .concurrency_limit_per_connection(limits.max_concurrent_requests)
+        .load_shed(true)
+        // HTTP/2 limits: streams per connection, header size, and pings that find dead peers.
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_header_list_size(limits.max_header_list_bytes)
+        .http2_keepalive_interval(Some(limits.keepalive_interval_ms))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout_ms))
+        // Every call in its own span, a child of the caller's trace; the trace id goes back.
+        .layer(TraceLayer)
+        .add_routes(routes.routes());
+
+    let stopping = {
+        let reporter = reporter.clone();
+        let served: Vec<String> = with_whole.iter().map(|s| (*s).to_owned()).collect();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in &served {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            accepting.cancel();
+        }
+    };
+    let drain_timeout = config.drain_timeout_ms;
+    let run = server.serve_with_incoming_shutdown(incoming, stopping);
+    tokio::pin!(run);
+    tokio::select! {
+        result = &mut run => result?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
+            tracing::warn!(?drain_timeout, "calls still running after the drain timeout were cut off");
+        }
+    }
+    Ok(())
+}
+
+/// A shared handle to a server's TLS material, for services that also call out.
+pub type SharedTls = Arc<TlsMaterial>;
