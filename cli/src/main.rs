@@ -1,2 +1,220 @@
-//! placeholder
-fn main() {}
+//! The `onestop` binary.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use onestop_cli::federation::{self, Options};
+use onestop_cli::pki::{self, Subject};
+use onestop_platform::config::{self, TelemetryConfig, default_trust_domain};
+use onestop_platform::pki::dev;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "onestop", version, about = "The one-stop shop for public services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole federation on this machine: development PKI, SQLite, every service and the
+    /// gateway.
+    Up {
+        /// Where certificates, the access policy and databases are kept.
+        #[arg(long, default_value = "onestop-data")]
+        data_dir: PathBuf,
+        /// The gateway's address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+    },
+    /// Run one service from a configuration file (ONESTOP_<SECTION>_<KEY> variables override).
+    Serve {
+        /// `forms` or `gateway`.
+        service: Service,
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage a development or test PKI.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Service {
+    Forms,
+    Gateway,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make a new CA.
+    Init {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The trust domain of the identities it will issue.
+        #[arg(long, default_value_t = default_trust_domain())]
+        trust_domain: String,
+    },
+    /// Issue a certificate for a member system or a platform component.
+    Issue {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The file name (without .pem).
+        #[arg(long)]
+        name: String,
+        /// A member system, CLASS/CODE/SUBSYSTEM.
+        #[arg(long, conflicts_with = "platform", required_unless_present = "platform")]
+        member: Option<String>,
+        /// A platform component, such as `gateway` or `forms`.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Add localhost and the loopback addresses, for a server on this machine.
+        #[arg(long)]
+        serve_localhost: bool,
+        /// Days of validity.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// The trust domain.
+        #[arg(long, default_value_t = default_trust_domain())]
+        trust_domain: String,
+    },
+    /// Describe the certificates in a PKI directory.
+    Show {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "onestop: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(text: &str) {
+    let _ = writeln!(std::io::stdout(), "{text}");
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    onestop_platform::tls::crypto_provider();
+    match cli.command {
+        Command::Pki { command } => {
+            let out = match command {
+                PkiCommand::Init { dir, trust_domain } => pki::init(&dir, &trust_domain)?,
+                PkiCommand::Issue {
+                    dir,
+                    name,
+                    member,
+                    platform,
+                    serve_localhost,
+                    days,
+                    trust_domain,
+                } => {
+                    let subject = match (member, platform) {
+                        (Some(member), _) => Subject::Member(member),
+                        (None, Some(platform)) => Subject::Platform(platform),
+                        (None, None) => anyhow::bail!("name --member or --platform"),
+                    };
+                    pki::issue(&dir, &name, subject, &trust_domain, days, serve_localhost)?
+                }
+                PkiCommand::Show { dir } => pki::show(&dir)?,
+            };
+            say(out.trim_end());
+            Ok(())
+        }
+        Command::Up { data_dir, listen } => runtime()?.block_on(up(data_dir, listen)),
+        Command::Serve { service, config } => runtime()?.block_on(serve(service, config)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Cancels the token on SIGTERM or SIGINT.
+fn cancel_on_signal(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        onestop_platform::shutdown_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+}
+
+async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+    let telemetry = onestop_platform::telemetry::init(&TelemetryConfig::default(), "onestop")?;
+    let fed = federation::start(Options::new(&data_dir, listen)).await?;
+    let pki = fed.pki_dir.display().to_string();
+    let port = fed.gateway.port();
+    say(&format!(
+        "onestop is up.\n\
+         gateway: {gateway} (mutual TLS; CA {pki}/ca.pem)\n\
+         forms:   {forms} (internal)\n\
+         data:    {data}\n\n\
+         Validate an application through the gateway as the demo institution ({member}):\n\n\
+         buf curl --protocol grpc --cacert {pki}/ca.pem \\\n  \
+           --cert {pki}/{cert}.pem --key {pki}/{cert}.key \\\n  \
+           --data '{{\"name\": \"forms/pmlp-residence-declaration/versions/latest\", \"data_json\": \"{{\\\"move_in_date\\\": \\\"yesterday\\\"}}\"}}' \\\n  \
+           https://localhost:{port}/onestop.forms.v1.FormsService/ValidateFormData\n\n\
+         Stop with Ctrl-C (or SIGTERM).",
+        gateway = fed.gateway,
+        forms = fed.forms,
+        data = data_dir.display(),
+        member = dev::DEMO_INSTITUTION_MEMBER,
+        cert = dev::DEMO_INSTITUTION,
+    ));
+    cancel_on_signal(fed.shutdown.clone());
+    let result = fed.wait().await;
+    telemetry.shutdown();
+    result?;
+    say("onestop stopped.");
+    Ok(())
+}
+
+async fn serve(service: Service, path: PathBuf) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = config::process_env();
+    let shutdown = CancellationToken::new();
+    match service {
+        Service::Forms => {
+            let config: onestop_forms::FormsConfig = config::load(Some(&path), &env)?;
+            let telemetry = onestop_platform::telemetry::init(&config.telemetry, "onestop-forms")?;
+            let listener = TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding {}", config.server.listen))?;
+            tracing::info!(address = %config.server.listen, "forms listening");
+            cancel_on_signal(shutdown.clone());
+            let result = onestop_forms::serve(&config, listener, shutdown).await;
+            telemetry.shutdown();
+            result?;
+        }
+        Service::Gateway => {
+            let config: onestop_gateway::GatewayConfig = config::load(Some(&path), &env)?;
+            let telemetry =
+                onestop_platform::telemetry::init(&config.telemetry, "onestop-gateway")?;
+            let listener = TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding {}", config.server.listen))?;
+            tracing::info!(address = %config.server.listen, "gateway listening");
+            cancel_on_signal(shutdown.clone());
+            let result = onestop_gateway::serve(&config, listener, shutdown).await;
+            telemetry.shutdown();
+            result?;
+        }
+    }
+    Ok(())
+}

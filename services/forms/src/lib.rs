@@ -127,6 +127,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let registry = open_registry(config).await?;
+    serve_registry(config, registry, listener, shutdown).await
+}
+
+/// Serves an opened registry on a bound listener until `shutdown` is cancelled.
+pub async fn serve_registry(
+    config: &FormsConfig,
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let gateway = match &config.forms.gateway_identity {
         Some(id) => SpiffeId::parse(id)
             .map_err(|e| ServeError::Config(format!("forms.gateway_identity: {e}")))?,

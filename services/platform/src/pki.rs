@@ -265,3 +265,51 @@ fn write_file(path: &Path, content: &str, secret: bool) -> Result<(), PkiError> 
     }
     Ok(())
 }
+
+/// The file names of a development federation's certificates in its PKI directory.
+pub mod dev {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::{Ca, IssueRequest, PkiError};
+    use crate::identity::{Member, SpiffeId};
+
+    /// The gateway: server certificate towards members, client certificate towards services.
+    pub const GATEWAY: &str = "gateway";
+    /// The e-forms service.
+    pub const FORMS: &str = "forms";
+    /// A demo institution's system: the State Social Insurance Agency's pensions subsystem.
+    pub const DEMO_INSTITUTION: &str = "demo-institution";
+    /// A demo service centre's system.
+    pub const DEMO_CENTRE: &str = "demo-centre";
+    /// The member id of the demo institution.
+    pub const DEMO_INSTITUTION_MEMBER: &str = "GOV/VSAA/pensions";
+    /// The member id of the demo centre.
+    pub const DEMO_CENTRE_MEMBER: &str = "MUN/GULBENE/kac";
+
+    /// Makes the development CA and every certificate a one-machine federation needs, unless
+    /// the directory has a CA already. Returns whether anything was made.
+    pub fn ensure(dir: &Path, trust_domain: &str) -> Result<bool, PkiError> {
+        if dir.join("ca.pem").exists() {
+            return Ok(false);
+        }
+        let ca = Ca::generate(trust_domain)?;
+        ca.save(dir)?;
+        let year = Duration::from_secs(365 * 24 * 3600);
+        for component in [GATEWAY, FORMS] {
+            let identity = SpiffeId::platform(trust_domain, component);
+            let request = IssueRequest::new(component, Some(identity), year).serving_localhost();
+            ca.issue(&request)?.save(dir, component)?;
+        }
+        for (name, member) in [
+            (DEMO_INSTITUTION, DEMO_INSTITUTION_MEMBER),
+            (DEMO_CENTRE, DEMO_CENTRE_MEMBER),
+        ] {
+            let member = Member::parse(member).map_err(|e| PkiError::Invalid(e.to_string()))?;
+            let identity = SpiffeId::member(trust_domain, member);
+            ca.issue(&IssueRequest::new(name, Some(identity), year))?
+                .save(dir, name)?;
+        }
+        Ok(true)
+    }
+}

@@ -26,23 +26,28 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Health and reflection for the named services, ready to add to a router. Returns the health
-/// reporter so that the caller can mark the services NOT_SERVING when it stops.
-pub fn standard_services(
+/// Health for the `healthy` services and reflection describing the `described` ones, added to
+/// a router. Returns the health reporter, so that the caller can change what it reports.
+pub async fn standard_services(
     routes: &mut RoutesBuilder,
-    served: &[&str],
+    healthy: &[&str],
+    described: &[&str],
 ) -> Result<tonic_health::server::HealthReporter, ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    for name in served {
-        set_status(&reporter, name, ServingStatus::Serving);
+    for name in healthy {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
     }
-    let mut names: Vec<String> = served.iter().map(|name| (*name).to_owned()).collect();
+    let mut names: Vec<String> = described.iter().map(|name| (*name).to_owned()).collect();
     names.push("grpc.health.v1.Health".to_owned());
     let reflection = || {
         names.iter().fold(
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(onestop_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // So that clients can decode error details (google.rpc.BadRequest, ...).
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET),
             |builder, name| builder.with_service_name(name.clone()),
         )
     };
@@ -51,13 +56,6 @@ pub fn standard_services(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
     Ok(reporter)
-}
-
-fn set_status(reporter: &tonic_health::server::HealthReporter, name: &str, status: ServingStatus) {
-    // The reporter's futures only take a lock; run them on the current runtime.
-    let reporter = reporter.clone();
-    let name = name.to_owned();
-    tokio::spawn(async move { reporter.set_service_status(name, status).await });
 }
 
 /// Runs gRPC services on an already bound listener until `shutdown` is cancelled, then marks
@@ -78,7 +76,7 @@ pub async fn serve(
     let tls_config = tls::server_config(&material, ClientAuth::Required)?;
     let mut with_whole = served.to_vec();
     with_whole.push("");
-    let reporter = standard_services(&mut routes, &with_whole)?;
+    let reporter = standard_services(&mut routes, &with_whole, served).await?;
 
     // The accept loop stops on its own token, cancelled by the shutdown below, so that no new
     // connection is taken while the old ones drain.

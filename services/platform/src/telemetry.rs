@@ -143,6 +143,7 @@ pub fn server_span(headers: &HeaderMap, method: &str) -> tracing::Span {
         otel.kind = "server",
         rpc.system = "grpc",
         rpc.method = method,
+        member = tracing::field::Empty,
     );
     // Fails only when no OpenTelemetry layer is installed; the span then simply has no parent.
     let _ = span.set_parent(parent);

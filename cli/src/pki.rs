@@ -1,0 +1,85 @@
+//! `onestop pki`: a development or test CA and the certificates it issues.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use onestop_platform::identity::{Member, SpiffeId};
+use onestop_platform::pki::{Ca, IssueRequest, summarize};
+
+/// Makes a new CA in `dir` (refusing to overwrite one).
+pub fn init(dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
+    if dir.join("ca.pem").exists() {
+        bail!("{} already holds a CA; remove it first to make a new one", dir.display());
+    }
+    Ca::generate(trust_domain)?.save(dir)?;
+    Ok(format!("made a CA for trust domain {trust_domain} in {}", dir.display()))
+}
+
+/// What `pki issue` names in the certificate.
+pub enum Subject {
+    /// A member system, `CLASS/CODE/SUBSYSTEM`.
+    Member(String),
+    /// A platform component such as `gateway`.
+    Platform(String),
+}
+
+/// Issues `<name>.pem` and `<name>.key` in `dir`.
+pub fn issue(
+    dir: &Path,
+    name: &str,
+    subject: Subject,
+    trust_domain: &str,
+    days: u64,
+    serve_localhost: bool,
+) -> anyhow::Result<String> {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || name.is_empty()
+        || name == "ca"
+    {
+        bail!("`{name}` is not a usable file name: letters, digits, - and _ only, not `ca`");
+    }
+    if dir.join(format!("{name}.pem")).exists() {
+        bail!("{name}.pem exists already in {}", dir.display());
+    }
+    let ca = Ca::load(dir).context("loading the CA (run `onestop pki init` first)")?;
+    let identity = match subject {
+        Subject::Member(member) => SpiffeId::member(trust_domain, Member::parse(&member)?),
+        Subject::Platform(component) => SpiffeId::platform(trust_domain, &component),
+    };
+    let mut request = IssueRequest::new(name, Some(identity.clone()), Duration::from_secs(days * 86_400));
+    if serve_localhost {
+        request = request.serving_localhost();
+    }
+    ca.issue(&request)?.save(dir, name)?;
+    Ok(format!("issued {name}.pem for {identity}, valid {days} days"))
+}
+
+/// Describes every certificate in `dir`.
+pub fn show(dir: &Path) -> anyhow::Result<String> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "pem"))
+        .collect();
+    entries.sort();
+    let mut out = String::new();
+    for path in entries {
+        let pem = std::fs::read_to_string(&path)?;
+        let summary = summarize(&pem).with_context(|| path.display().to_string())?;
+        out.push_str(&format!(
+            "{}\n  subject:  {}\n  identity: {}\n  names:    {}\n  valid:    {} .. {}{}\n",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            summary.subject,
+            if summary.uris.is_empty() { "(none)".to_owned() } else { summary.uris.join(", ") },
+            if summary.names.is_empty() { "(none)".to_owned() } else { summary.names.join(", ") },
+            summary.not_before,
+            summary.not_after,
+            if summary.is_ca { "\n  CA:       yes" } else { "" },
+        ));
+    }
+    Ok(out)
+}

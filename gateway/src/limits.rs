@@ -1,0 +1,132 @@
+//! The gateway's per-call limits: a request rate per member, and a cap on deadlines.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue};
+use onestop_platform::identity::Member;
+
+/// The gRPC deadline header.
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// A token bucket per member institution (its subsystems share it).
+pub struct MemberRates {
+    limiter: DefaultKeyedRateLimiter<(String, String)>,
+    per_second: u32,
+}
+
+impl MemberRates {
+    /// `per_second` calls a second on average, bursts of up to `burst`.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let rate = NonZeroU32::new(per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        Self {
+            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            per_second,
+        }
+    }
+
+    /// Takes one call from the member's bucket, or says how long until one is free.
+    pub fn check(&self, member: &Member) -> Result<(), Duration> {
+        let key = (member.class.clone(), member.code.clone());
+        self.limiter.check_key(&key).map_err(|not_until| {
+            not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
+        })
+    }
+
+    /// The configured average rate.
+    pub fn per_second(&self) -> u32 {
+        self.per_second
+    }
+
+    /// Forgets buckets that are full again, so that memory follows the active members.
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Formats a duration as a `grpc-timeout` value in milliseconds.
+fn format_timeout(duration: Duration) -> HeaderValue {
+    let millis = duration.as_millis().clamp(1, 99_999_999);
+    HeaderValue::from_str(&format!("{millis}m")).unwrap_or(HeaderValue::from_static("1000m"))
+}
+
+/// Holds the caller's deadline to at most `cap`, writing the effective one into the headers,
+/// and returns it. A missing or malformed deadline becomes the cap.
+pub fn cap_deadline(headers: &mut HeaderMap, cap: Duration) -> Duration {
+    let requested = headers
+        .get(GRPC_TIMEOUT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_timeout);
+    match requested {
+        Some(requested) if requested <= cap => requested,
+        _ => {
+            headers.insert(GRPC_TIMEOUT, format_timeout(cap));
+            cap
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_are_capped() {
+        let cap = Duration::from_secs(30);
+        let mut headers = HeaderMap::new();
+        assert_eq!(cap_deadline(&mut headers, cap), cap);
+        assert_eq!(headers[GRPC_TIMEOUT], "30000m");
+
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        assert_eq!(cap_deadline(&mut headers, cap), Duration::from_secs(5));
+        assert_eq!(headers[GRPC_TIMEOUT], "5S");
+
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("2H"));
+        assert_eq!(cap_deadline(&mut headers, cap), cap);
+        assert_eq!(headers[GRPC_TIMEOUT], "30000m");
+
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("garbage"));
+        assert_eq!(cap_deadline(&mut headers, cap), cap);
+    }
+
+    #[test]
+    fn timeouts_parse_by_the_grpc_rules() {
+        assert_eq!(parse_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("123456789S"), None);
+        assert_eq!(parse_timeout("10x"), None);
+        assert_eq!(parse_timeout("m"), None);
+    }
+
+    #[test]
+    fn a_member_past_its_burst_waits() {
+        let rates = MemberRates::new(1, 2);
+        let vsaa = Member::parse("GOV/VSAA/a").unwrap();
+        let vsaa_other = Member::parse("GOV/VSAA/b").unwrap();
+        let vid = Member::parse("GOV/VID/x").unwrap();
+        assert!(rates.check(&vsaa).is_ok());
+        assert!(rates.check(&vsaa_other).is_ok());
+        assert!(rates.check(&vsaa).is_err(), "the subsystems share one bucket");
+        assert!(rates.check(&vid).is_ok(), "other members are not affected");
+    }
+}

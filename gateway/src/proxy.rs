@@ -1,0 +1,201 @@
+//! One call through the gateway, as a story: who is calling, where the call goes, whether the
+//! caller may make it, whether it is within its rate, what deadline it gets; then the call is
+//! forwarded frame by frame, messages never decoded, with the verified caller and the trace
+//! context added to its metadata.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use onestop_platform::caller::CALLER_HEADER;
+use onestop_platform::identity::{Member, Principal};
+use onestop_platform::status::{self as platform_status, Reason};
+use onestop_platform::telemetry::{self, TRACE_ID_HEADER};
+use onestop_platform::tls::PeerIdentity;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::{Code, Status};
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use crate::limits::{self, MemberRates};
+use crate::policy::Policy;
+use crate::upstream::Upstream;
+
+/// Services the gateway answers itself, for every identified member.
+const LOCAL_SERVICES: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// The `ErrorInfo.domain` of the gateway's own refusals.
+const DOMAIN: &str = "gateway.onestop.lv";
+
+/// What every call through the gateway shares.
+pub struct Gateway {
+    /// Service name → upstream.
+    pub upstreams: HashMap<String, Upstream>,
+    /// Access rights.
+    pub policy: Policy,
+    /// Per-member rates.
+    pub rates: MemberRates,
+    /// The longest deadline a call may have.
+    pub max_deadline: Duration,
+    /// Calls in flight across all connections; a call that finds none free is refused.
+    pub in_flight: Arc<Semaphore>,
+    /// Health and reflection, answered locally.
+    pub local: Routes,
+}
+
+fn refuse(code: Code, reason: &str, message: String) -> Response<Body> {
+    let status = platform_status::with_details(code, DOMAIN, reason, message, Vec::new());
+    status.into_http()
+}
+
+impl Gateway {
+    /// Handles one call from a connection whose peer is `identity`.
+    pub async fn handle(
+        self: Arc<Self>,
+        identity: PeerIdentity,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        let span = telemetry::server_span(request.headers(), &method);
+        let trace_id = telemetry::trace_id_header(&span);
+        let mut response = async {
+            // 1. Who is calling: a member named by a valid certificate of this trust domain.
+            let member = match member_of(&identity) {
+                Ok(member) => member,
+                Err(response) => return response,
+            };
+            tracing::Span::current().record("member", tracing::field::display(&member));
+            let Some((service, _)) = method.split_once('/') else {
+                return refuse(Code::Unimplemented, "UNKNOWN_METHOD", format!("`/{method}` is not a gRPC method path"));
+            };
+
+            // 2. The gateway's own health and reflection.
+            if LOCAL_SERVICES.contains(&service) {
+                let request = request.map(Body::new);
+                return match self.local.clone().oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+            }
+
+            // 3. Where the call goes.
+            let Some(upstream) = self.upstreams.get(service) else {
+                return refuse(Code::Unimplemented, "UNKNOWN_SERVICE", format!("no service `{service}` is reachable through this gateway"));
+            };
+
+            // 4. Whether this member may make it.
+            if !self.policy.allows(&member, &method) {
+                tracing::info!(%member, %method, "call denied by the access policy");
+                return refuse(Code::PermissionDenied, "ACCESS_DENIED", format!("member {member} may not call {method}"));
+            }
+
+            // 5. Whether it is within the member's rate and the gateway's capacity.
+            if let Err(wait) = self.rates.check(&member) {
+                return refuse(Code::ResourceExhausted, "RATE_LIMITED", format!(
+                    "member {} exceeded {} calls per second; retry in {} ms",
+                    member.institution(), self.rates.per_second(), wait.as_millis().max(1)
+                ));
+            }
+            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+                return refuse(Code::ResourceExhausted, "OVERLOADED", "the gateway is at capacity; retry shortly".into());
+            };
+
+            // 6. The deadline, never longer than the cap.
+            let deadline = limits::cap_deadline(request.headers_mut(), self.max_deadline);
+
+            // 7. Forward, naming the verified caller; a caller's own claim is dropped first.
+            let headers = request.headers_mut();
+            headers.remove(CALLER_HEADER);
+            let caller = identity_header(&identity);
+            headers.insert(CALLER_HEADER, caller);
+            telemetry::inject_context(&tracing::Span::current(), headers);
+            let request = request.map(Body::new);
+            let forwarded = tokio::time::timeout(deadline, upstream.channel.clone().oneshot(request));
+            match forwarded.await {
+                Ok(Ok(response)) => response.map(|body| Body::new(Guarded { body, _permit: permit })),
+                Ok(Err(error)) => {
+                    tracing::warn!(service = %upstream.service, address = %upstream.address, %error, "upstream unreachable");
+                    refuse(Code::Unavailable, "UPSTREAM_UNAVAILABLE", format!("{service} is not reachable right now; retry later"))
+                }
+                Err(_) => refuse(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", format!("{service} did not answer within {} ms", deadline.as_millis())),
+            }
+        }
+        .instrument(span)
+        .await;
+        if let Some(trace_id) = trace_id {
+            response.headers_mut().insert(TRACE_ID_HEADER, trace_id);
+        }
+        response
+    }
+}
+
+/// The member named by a connection's certificate, or the refusal to send.
+fn member_of(identity: &PeerIdentity) -> Result<Member, Response<Body>> {
+    match identity {
+        PeerIdentity::Spiffe(id) => match &id.principal {
+            Principal::Member(member) => Ok(member.clone()),
+            Principal::Platform(component) => Err(refuse(
+                Code::PermissionDenied,
+                "NOT_A_MEMBER",
+                format!("platform component `{component}` may not call through the external gateway"),
+            )),
+        },
+        PeerIdentity::Unidentified(why) => Err(Status::unauthenticated(format!(
+            "the client certificate names no member: {why}"
+        ))
+        .into_http()),
+        PeerIdentity::Anonymous => Err(platform_status::error(
+            Code::Unauthenticated,
+            Reason::Unauthenticated,
+            "a client certificate issued to a member is required".into(),
+            Vec::new(),
+        )
+        .into_http()),
+    }
+}
+
+fn identity_header(identity: &PeerIdentity) -> HeaderValue {
+    match identity {
+        PeerIdentity::Spiffe(id) => {
+            HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""))
+        }
+        _ => HeaderValue::from_static(""),
+    }
+}
+
+/// A response body that holds the call's capacity permit until the call has finished.
+struct Guarded<B> {
+    body: B,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
