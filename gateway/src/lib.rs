@@ -144,6 +144,10 @@ pub async fn serve(
     let mut local = tonic::service::RoutesBuilder::default();
     let reporter = onestop_platform::server::standard_services(&mut local, &[""], &served).await?;
     for upstream in upstreams.values() {
+        // Not serving until the service itself says otherwise.
+        reporter
+            .set_service_status(&upstream.service, tonic_health::ServingStatus::NotServing)
+            .await;
         upstream.watch_health(reporter.clone(), shutdown.clone());
     }
 

@@ -1,17 +1,14 @@
 //! The services behind the gateway: one pooled, multiplexed HTTP/2 connection per service over
-//! internal mutual TLS (tonic's `Channel`, reconnecting on its own), and a watcher that mirrors
+//! internal mutual TLS (see `onestop_platform::client`), and a watcher that mirrors
 //! each service's health into the gateway's own health service.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use onestop_platform::client;
 use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -46,39 +43,17 @@ impl Upstream {
         tls: Arc<ClientConfig>,
         keepalive: Duration,
     ) -> Result<Self, UpstreamError> {
-        let error = |message: String| UpstreamError {
-            service: service.to_owned(),
-            address: address.to_owned(),
-            message,
-        };
-        let server_name = ServerName::try_from(server_name.to_owned())
-            .map_err(|e| error(format!("server name `{server_name}`: {e}")))?;
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| error(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(keepalive)
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .http2_adaptive_window(true)
-            .tcp_nodelay(true);
-        let connector = TlsConnector::from(tls);
-        let target = address.to_owned();
-        // tonic connects through this function, so the TLS configuration is ours alone.
-        let connect = tower::service_fn(move |_uri: http::Uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            let target = target.clone();
-            async move {
-                let tcp = TcpStream::connect(&target).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+        let channel = client::channel(address, server_name, tls, keepalive).map_err(|e| {
+            UpstreamError {
+                service: service.to_owned(),
+                address: address.to_owned(),
+                message: e.to_string(),
             }
-        });
+        })?;
         Ok(Self {
             service: service.to_owned(),
             address: address.to_owned(),
-            channel: endpoint.connect_with_connector_lazy(connect),
+            channel,
         })
     }
 

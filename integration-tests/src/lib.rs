@@ -1,1 +1,209 @@
-//! placeholder
+//! The test harness: the whole federation started for real on ephemeral ports with real
+//! certificates, against SQLite or a throwaway PostgreSQL, plus clients that connect the way a
+//! member's system does. The tests themselves are in `tests/it/`, one module per area.
+
+pub mod echo;
+pub mod pg;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use onestop_cli::federation::{self, Federation, Options};
+use onestop_platform::identity::SpiffeId;
+use onestop_platform::pki::{Ca, IssueRequest};
+use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
+use tonic::transport::Channel;
+
+/// A service the gateway routes to a port where nothing listens.
+pub const UNREACHABLE_SERVICE: &str = "onestop.testing.v1.UnreachableService";
+
+/// Which database the services use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite files in the federation's data directory.
+    Sqlite,
+    /// A throwaway PostgreSQL server.
+    Postgres,
+}
+
+/// A federation running for one test.
+pub struct TestFederation {
+    fed: Option<Federation>,
+    /// The gateway's address.
+    pub gateway: std::net::SocketAddr,
+    /// The forms service's internal address.
+    pub forms: std::net::SocketAddr,
+    /// The PKI directory: `ca.pem`, and `<name>.pem`/`<name>.key` per certificate.
+    pub pki: PathBuf,
+    echo_shutdown: tokio_util::sync::CancellationToken,
+    _postgres: Option<pg::Postgres>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestFederation {
+    /// Starts the federation (and the echo service behind the gateway) on `backend`.
+    pub async fn start(backend: Backend) -> Self {
+        onestop_platform::telemetry::init_for_tests();
+        tls::crypto_provider();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(pg::Postgres::start().expect("a throwaway PostgreSQL")),
+        };
+        // The echo service needs the PKI before the gateway routes to it.
+        let pki = dir.path().join("pki");
+        onestop_platform::pki::dev::ensure(&pki, "onestop.lv").expect("development PKI");
+        let echo_shutdown = tokio_util::sync::CancellationToken::new();
+        let echo = echo::start(&pki, echo_shutdown.clone())
+            .await
+            .expect("echo service");
+        let mut options = Options::new(dir.path(), "127.0.0.1:0".parse().expect("address"));
+        options.forms_database = postgres.as_ref().map(|pg| pg.url.clone());
+        options.extra_routes.push((echo::SERVICE.to_owned(), echo));
+        // A route to a port where nothing listens, to see an upstream that is down.
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        options.extra_routes.push((UNREACHABLE_SERVICE.to_owned(), nowhere));
+        // The test services are callable by the demo institution.
+        let policy = federation::ensure_policy(dir.path()).expect("policy");
+        let mut text = std::fs::read_to_string(&policy).expect("policy");
+        text.push_str(&format!(
+            "\n[[allow]]\nmember = \"GOV/VSAA\"\nmethods = [\"{}/*\", \"{UNREACHABLE_SERVICE}/*\"]\n",
+            echo::SERVICE
+        ));
+        std::fs::write(&policy, text).expect("policy");
+        let fed = federation::start(options).await.expect("federation starts");
+        Self {
+            gateway: fed.gateway,
+            forms: fed.forms,
+            pki,
+            fed: Some(fed),
+            echo_shutdown,
+            _postgres: postgres,
+            _dir: dir,
+        }
+    }
+
+    /// A channel to the gateway authenticated with certificate `name` of the PKI directory.
+    pub fn gateway_client(&self, name: &str) -> Channel {
+        mtls_channel(&self.gateway.to_string(), &self.pki, name)
+    }
+
+    /// A channel straight to the forms service, bypassing the gateway.
+    pub fn forms_client(&self, name: &str) -> Channel {
+        mtls_channel(&self.forms.to_string(), &self.pki, name)
+    }
+
+    /// Issues a certificate from the federation's CA.
+    pub fn issue(&self, name: &str, request: &IssueRequest) {
+        let ca = Ca::load(&self.pki).expect("CA");
+        ca.issue(request).expect("issue").save(&self.pki, name).expect("save");
+    }
+
+    /// Issues a member certificate valid for a day.
+    pub fn issue_member(&self, name: &str, member: &str) {
+        let member = onestop_platform::identity::Member::parse(member).expect("member");
+        let identity = SpiffeId::member("onestop.lv", member);
+        self.issue(name, &IssueRequest::new(name, Some(identity), Duration::from_secs(86_400)));
+    }
+
+    /// Stops every server and checks that they stopped cleanly.
+    pub async fn stop(mut self) {
+        self.echo_shutdown.cancel();
+        if let Some(fed) = self.fed.take() {
+            fed.stop().await.expect("the federation stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestFederation {
+    fn drop(&mut self) {
+        self.echo_shutdown.cancel();
+        if let Some(fed) = &self.fed {
+            fed.shutdown.cancel();
+        }
+    }
+}
+
+/// A channel to `address` authenticated with certificate `name` of a PKI directory.
+pub fn mtls_channel(address: &str, pki: &Path, name: &str) -> Channel {
+    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(pki, name)).expect("certificate");
+    let config = tls::client_config(&material).expect("client TLS");
+    onestop_platform::client::channel(address, "localhost", config, Duration::from_secs(30))
+        .expect("channel")
+}
+
+/// A channel that trusts the CA of `pki` but presents no certificate.
+pub fn anonymous_channel(address: &str, pki: &Path) -> Channel {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.join("ca.pem")).expect("CA");
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert.expect("CA certificate")).expect("CA");
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    onestop_platform::client::channel(address, "localhost", Arc::new(config), Duration::from_secs(30))
+        .expect("channel")
+}
+
+/// Connects to `address` trusting the CA of `trusted_pki` and presenting certificate `name` of
+/// `cert_pki`, and returns how the server ended the session: the TLS alert it sent when it
+/// refused the certificate. Panics if the server accepted it.
+pub async fn tls_refusal(address: &str, trusted_pki: &Path, cert_pki: &Path, name: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = std::fs::read(trusted_pki.join("ca.pem")).expect("CA");
+    let cert = std::fs::read(cert_pki.join(format!("{name}.pem"))).expect("certificate");
+    let key = std::fs::read(cert_pki.join(format!("{name}.key"))).expect("key");
+    let material = TlsMaterial::from_pem(&ca, &cert, &key).expect("TLS material");
+    let config = tls::client_config(&material).expect("client TLS");
+    let tcp = tokio::net::TcpStream::connect(address).await.expect("TCP connection");
+    let server = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    // With TLS 1.3 the client finishes first; the server's verdict on the client certificate
+    // arrives as an alert on the first read.
+    let mut stream = match tokio_rustls::TlsConnector::from(config).connect(server, tcp).await {
+        Ok(stream) => stream,
+        Err(error) => return error.to_string(),
+    };
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut buffer = [0u8; 1024];
+    loop {
+        match stream.read(&mut buffer).await {
+            Err(error) => return error.to_string(),
+            Ok(0) => return "closed without an alert".to_owned(),
+            Ok(_) => {}
+        }
+        // The server talks HTTP/2 only after accepting the certificate.
+        panic!("the server accepted certificate {name}");
+    }
+}
+
+/// Waits (with the health service's own `Watch`, no polling) until `service` is SERVING.
+pub async fn await_serving(channel: Channel, service: &str) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut updates = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let serving = async {
+        while let Some(update) = updates.message().await.expect("health update") {
+            if update.status() == ServingStatus::Serving {
+                return;
+            }
+        }
+        panic!("the health stream ended before {service} was serving");
+    };
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .unwrap_or_else(|_| panic!("{service} was not serving within 30 s"));
+}

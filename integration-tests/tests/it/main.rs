@@ -1,1 +1,45 @@
-//! placeholder
+//! End-to-end tests: the federation started for real on ephemeral ports, with real
+//! certificates, called the way a member's system calls it. One binary, one module per area.
+
+mod forms;
+mod gateway;
+
+pub use onestop_integration_tests::Backend;
+
+/// Runs an `async fn(Backend)` test once on SQLite and once on a throwaway PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::Backend::Sqlite).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::Backend::Postgres).await;
+                }
+            }
+        )*
+    };
+}
+
+/// The field violations of a status, in order.
+pub fn violations(status: &tonic::Status) -> Vec<tonic_types::FieldViolation> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|bad| bad.field_violations)
+        .unwrap_or_default()
+}
+
+/// The `ErrorInfo.reason` of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}

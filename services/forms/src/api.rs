@@ -26,6 +26,14 @@ impl FormsApi {
     }
 }
 
+/// The current time, to the millisecond: what the store keeps, so that a first answer and a
+/// repeated one agree.
+fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(now)
+}
+
 fn invalid(field: &str, message: String) -> FormsError {
     FormsError::InvalidField {
         field: field.to_owned(),
@@ -60,7 +68,7 @@ impl pb::forms_service_server::FormsService for FormsApi {
         };
         let (form, version) = self
             .registry
-            .create(&caller, &r.request_id, new, OffsetDateTime::now_utc())
+            .create(&caller, &r.request_id, new, now())
             .await?;
         Ok(Response::new(pb::CreateFormResponse {
             form: Some(form_pb(&form)),
@@ -111,7 +119,7 @@ impl pb::forms_service_server::FormsService for FormsApi {
         };
         let version = self
             .registry
-            .publish(&caller, &r.request_id, &id, new, OffsetDateTime::now_utc())
+            .publish(&caller, &r.request_id, &id, new, now())
             .await?;
         Ok(Response::new(pb::PublishFormVersionResponse {
             version: Some(version_pb(version)),
@@ -159,7 +167,7 @@ impl pb::forms_service_server::FormsService for FormsApi {
         };
         let version = self
             .registry
-            .deprecate(&caller, &r.request_id, &id, number, &r.reason, OffsetDateTime::now_utc())
+            .deprecate(&caller, &r.request_id, &id, number, &r.reason, now())
             .await?;
         Ok(Response::new(pb::DeprecateFormVersionResponse {
             version: Some(version_pb(version)),

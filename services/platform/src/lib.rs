@@ -4,9 +4,10 @@
 //!
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
 //! (certificates, rustls, the accept loop) → [`caller`] (who calls a service) → [`server`]
-//! (serving) with [`config`], [`telemetry`], [`db`], [`paging`] and [`status`] beside them.
+//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`db`], [`paging`] and [`status`] beside them.
 
 pub mod caller;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod identity;

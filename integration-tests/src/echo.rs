@@ -1,0 +1,144 @@
+//! The test-only echo service, served like any platform service (mutual TLS, caller
+//! authentication), so that every kind of call can be sent through the gateway.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::Stream;
+use onestop_platform::caller::{Authenticate, Caller};
+use onestop_platform::config::{Limits, ServerConfig, default_trust_domain};
+use onestop_platform::identity::SpiffeId;
+use onestop_platform::pki::{Ca, IssueRequest};
+use onestop_platform::tls::TlsFiles;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The generated code of `onestop.testing.v1`.
+#[allow(missing_docs, unused_qualifications, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("onestop.testing.v1");
+}
+
+use pb::echo_service_server::{EchoService, EchoServiceServer};
+use pb::{EchoRequest, EchoResponse};
+
+/// The echo service's gRPC name.
+pub const SERVICE: &str = pb::echo_service_server::SERVICE_NAME;
+
+struct Echo;
+
+fn caller<T>(request: &Request<T>) -> Result<String, Status> {
+    Ok(Caller::of(request)?.identity.to_string())
+}
+
+type Answers = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EchoService for Echo {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        Ok(Response::new(EchoResponse {
+            text: r.text,
+            caller,
+            sequence: 0,
+            payload: r.payload,
+        }))
+    }
+
+    type ServerStreamStream = Answers;
+
+    async fn server_stream(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<Answers>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let answers = (0..r.repeat).map(move |sequence| {
+            Ok(EchoResponse {
+                text: r.text.clone(),
+                caller: caller.clone(),
+                sequence,
+                payload: r.payload.clone(),
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(answers))))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        let caller = caller(&request)?;
+        let mut stream = request.into_inner();
+        let mut texts = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(message) = stream.message().await? {
+            bytes += message.payload.len();
+            texts.push(message.text);
+        }
+        Ok(Response::new(EchoResponse {
+            text: texts.join(","),
+            caller,
+            sequence: u32::try_from(bytes).unwrap_or(u32::MAX),
+            payload: Vec::new(),
+        }))
+    }
+
+    type BidiStream = Answers;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Answers>, Status> {
+        let caller = caller(&request)?;
+        let stream = request.into_inner();
+        let mut sequence = 0;
+        let answers = stream.map(move |message| {
+            let message = message?;
+            sequence += 1;
+            Ok(EchoResponse {
+                text: message.text,
+                caller: caller.clone(),
+                sequence,
+                payload: message.payload,
+            })
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
+/// Issues the echo service's certificate into the PKI directory and serves it on a free port.
+pub async fn start(pki_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let trust_domain = default_trust_domain();
+    let ca = Ca::load(pki_dir)?;
+    let identity = SpiffeId::platform(&trust_domain, "echo");
+    ca.issue(&IssueRequest::new("echo", Some(identity), Duration::from_secs(86_400)).serving_localhost())?
+        .save(pki_dir, "echo")?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let config = ServerConfig {
+        listen: address,
+        trust_domain: trust_domain.clone(),
+        tls: TlsFiles::in_pki_dir(pki_dir, "echo"),
+        limits: Limits::default(),
+        drain_timeout_ms: Duration::from_secs(5),
+    };
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(tonic::service::interceptor::InterceptedService::new(
+        EchoServiceServer::new(Echo),
+        Authenticate::new(SpiffeId::platform(&trust_domain, "gateway")),
+    ));
+    tokio::spawn(async move {
+        if let Err(error) =
+            onestop_platform::server::serve(&config, routes, &[SERVICE], listener, shutdown).await
+        {
+            tracing::error!(%error, "echo service failed");
+        }
+    });
+    Ok(address)
+}

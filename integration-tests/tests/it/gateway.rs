@@ -1,0 +1,255 @@
+//! The gateway: who gets in, who may call what, and that every kind of call passes intact.
+
+use std::time::Duration;
+
+use onestop_integration_tests::echo::pb::EchoRequest;
+use onestop_integration_tests::echo::pb::echo_service_client::EchoServiceClient;
+use onestop_integration_tests::{Backend, TestFederation, anonymous_channel, tls_refusal};
+use onestop_platform::identity::SpiffeId;
+use onestop_platform::pki::{Ca, IssueRequest};
+use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
+use onestop_proto::forms::v1::{CreateFormRequest, GetFormRequest};
+use time::OffsetDateTime;
+use tonic::Code;
+
+const INSTITUTION: &str = "demo-institution";
+const CENTRE: &str = "demo-centre";
+
+fn get_form() -> GetFormRequest {
+    GetFormRequest {
+        name: "forms/vsaa-old-age-pension".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_institution_reaches_forms_through_the_gateway() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let mut forms = FormsServiceClient::new(fed.gateway_client(INSTITUTION));
+    let response = forms.get_form(get_form()).await.expect("GetForm through the gateway");
+    let trace_id = response
+        .metadata()
+        .get("x-trace-id")
+        .expect("every answer names its trace")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(trace_id.len(), 32, "a W3C trace id: {trace_id}");
+    let form = response.into_inner().form.unwrap();
+    assert_eq!(form.name, "forms/vsaa-old-age-pension");
+    assert_eq!(form.owner.unwrap().member_code, "VSAA");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_that_name_no_member_are_refused() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let day = Duration::from_secs(86_400);
+
+    // No certificate at all: the TLS session is allowed so that the answer can say why.
+    let mut anonymous = FormsServiceClient::new(anonymous_channel(&fed.gateway.to_string(), &fed.pki));
+    let status = anonymous.get_form(get_form()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("certificate"), "{status:?}");
+
+    // A valid certificate without a member identity.
+    fed.issue("nameless", &IssueRequest::new("nameless", None, day));
+    let mut nameless = FormsServiceClient::new(fed.gateway_client("nameless"));
+    let status = nameless.get_form(get_form()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("no spiffe"), "{status:?}");
+
+    // An identity of another trust domain.
+    let foreign_domain = SpiffeId::parse("spiffe://example.org/member/GOV/VSAA/pensions").unwrap();
+    fed.issue("foreign-domain", &IssueRequest::new("foreign-domain", Some(foreign_domain), day));
+    let mut foreign = FormsServiceClient::new(fed.gateway_client("foreign-domain"));
+    let status = foreign.get_form(get_form()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // An expired certificate of a real member: the handshake fails.
+    let vsaa = SpiffeId::parse("spiffe://onestop.lv/member/GOV/VSAA/pensions").unwrap();
+    let mut expired = IssueRequest::new("expired", Some(vsaa.clone()), day);
+    expired.not_before = OffsetDateTime::now_utc() - time::Duration::days(30);
+    expired.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+    fed.issue("expired", &expired);
+    let refusal = tls_refusal(&fed.gateway.to_string(), &fed.pki, &fed.pki, "expired").await;
+    assert!(refusal.contains("CertificateExpired"), "{refusal}");
+
+    // A member certificate from another CA: the handshake fails. Once from an unrelated CA,
+    // once from a lookalike CA with the very name of the real one (its signature gives it away).
+    for (trust_domain, alert) in [("other.example", "UnknownCA"), ("onestop.lv", "DecryptError")] {
+        let other = tempfile::tempdir().unwrap();
+        let other_ca = Ca::generate(trust_domain).unwrap();
+        other_ca.save(other.path()).unwrap();
+        other_ca
+            .issue(&IssueRequest::new("impostor", Some(vsaa.clone()), day))
+            .unwrap()
+            .save(other.path(), "impostor")
+            .unwrap();
+        let refusal = tls_refusal(&fed.gateway.to_string(), &fed.pki, other.path(), "impostor").await;
+        assert!(refusal.contains(alert), "{refusal}");
+    }
+
+    // Nothing above disturbed a legitimate member.
+    let mut forms = FormsServiceClient::new(fed.gateway_client(INSTITUTION));
+    forms.get_form(get_form()).await.expect("the demo institution still gets in");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_the_right_is_denied_by_name() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let mut centre = FormsServiceClient::new(fed.gateway_client(CENTRE));
+    // The centre may read forms ...
+    centre.get_form(get_form()).await.expect("the centre may read forms");
+    // ... but not create them.
+    let status = centre
+        .create_form(CreateFormRequest {
+            request_id: "r1".into(),
+            form_id: "centre-form".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("MUN/GULBENE/kac"), "{status:?}");
+    assert!(status.message().contains("FormsService/CreateForm"), "{status:?}");
+    assert_eq!(crate::reason(&status), "ACCESS_DENIED");
+
+    // A member the policy does not name at all gets nothing.
+    fed.issue_member("stranger", "GOV/VID/eds");
+    let mut stranger = FormsServiceClient::new(fed.gateway_client("stranger"));
+    let status = stranger.get_form(get_form()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_gateway_may_name_a_caller_to_a_service() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    // A member's system goes around the gateway straight to the forms service and claims to
+    // be another institution.
+    let mut direct = FormsServiceClient::new(fed.forms_client(CENTRE));
+    let mut request = tonic::Request::new(get_form());
+    request.metadata_mut().insert(
+        "x-onestop-caller",
+        "spiffe://onestop.lv/member/GOV/VSAA/pensions".parse().unwrap(),
+    );
+    let status = direct.get_form(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(crate::reason(&status), "CALLER_CLAIM_REFUSED");
+
+    // Through the gateway, a claim of the caller's own is replaced by the verified identity.
+    let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
+    let mut request = tonic::Request::new(EchoRequest {
+        text: "who am I".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "x-onestop-caller",
+        "spiffe://onestop.lv/member/GOV/VID/eds".parse().unwrap(),
+    );
+    let answer = echo.unary(request).await.expect("echo").into_inner();
+    assert_eq!(answer.caller, "spiffe://onestop.lv/member/GOV/VSAA/pensions");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_stream_passes_through_intact() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
+    let caller = "spiffe://onestop.lv/member/GOV/VSAA/pensions";
+
+    // Server stream: many answers, in order, each with a 64 KiB payload.
+    let payload = vec![7u8; 64 * 1024];
+    let mut answers = echo
+        .server_stream(EchoRequest {
+            text: "s".into(),
+            repeat: 50,
+            payload: payload.clone(),
+        })
+        .await
+        .expect("server stream")
+        .into_inner();
+    let mut seen = 0;
+    while let Some(answer) = answers.message().await.expect("answer") {
+        assert_eq!(answer.sequence, seen);
+        assert_eq!(answer.caller, caller);
+        assert_eq!(answer.payload, payload);
+        seen += 1;
+    }
+    assert_eq!(seen, 50);
+
+    // Client stream: many messages in, one answer that saw them all.
+    let messages: Vec<_> = (0..100)
+        .map(|i| EchoRequest {
+            text: i.to_string(),
+            repeat: 0,
+            payload: vec![1u8; 10_000],
+        })
+        .collect();
+    let answer = echo
+        .client_stream(tokio_stream::iter(messages))
+        .await
+        .expect("client stream")
+        .into_inner();
+    let expected: Vec<String> = (0..100).map(|i: i32| i.to_string()).collect();
+    assert_eq!(answer.text, expected.join(","));
+    assert_eq!(answer.sequence, 1_000_000);
+
+    // Bidirectional: each message is answered before the next is sent.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut answers = echo
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 1..=20u32 {
+        tx.send(EchoRequest {
+            text: format!("ping {i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let answer = answers.message().await.unwrap().expect("an answer per message");
+        assert_eq!(answer.text, format!("ping {i}"));
+        assert_eq!(answer.sequence, i);
+    }
+    drop(tx);
+    assert!(answers.message().await.unwrap().is_none(), "the stream ends when the caller's does");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_services_and_unreachable_ones_are_told_apart() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    // A service no route names.
+    let channel = fed.gateway_client(INSTITUTION);
+    onestop_integration_tests::await_serving(channel.clone(), "onestop.forms.v1.FormsService").await;
+
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, (), _>(
+            tonic::Request::new(()),
+            "/onestop.nothing.v1.NothingService/Nothing".parse().unwrap(),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
+    // A routed service that is down.
+    let path = format!("/{}/Call", onestop_integration_tests::UNREACHABLE_SERVICE);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, (), _>(
+            tonic::Request::new(()),
+            path.parse().unwrap(),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(crate::reason(&status), "UPSTREAM_UNAVAILABLE");
+    fed.stop().await;
+}

@@ -1,0 +1,52 @@
+//! Calling a gRPC server over mutual TLS: a tonic `Channel` (one multiplexed HTTP/2
+//! connection, remade when lost) whose connections are made with this process's own rustls
+//! configuration rather than tonic's, so that there is one TLS setup for servers and clients.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a channel could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(String);
+
+/// A lazily connecting channel to `address` (`host:port`), checking the server's certificate
+/// against `server_name`.
+pub fn channel(
+    address: &str,
+    server_name: &str,
+    tls: Arc<ClientConfig>,
+    keepalive: Duration,
+) -> Result<Channel, ClientError> {
+    let server_name = ServerName::try_from(server_name.to_owned())
+        .map_err(|e| ClientError(format!("server name `{server_name}`: {e}")))?;
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| ClientError(format!("address `{address}`: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .http2_adaptive_window(true)
+        .tcp_nodelay(true);
+    let connector = TlsConnector::from(tls);
+    let target = address.to_owned();
+    let connect = tower::service_fn(move |_uri: http::Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let target = target.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connect))
+}
