@@ -34,6 +34,8 @@ pub struct TestFederation {
     pub gateway: std::net::SocketAddr,
     /// The forms service's internal address.
     pub forms: std::net::SocketAddr,
+    /// The echo service's internal address.
+    pub echo: std::net::SocketAddr,
     /// The PKI directory: `ca.pem`, and `<name>.pem`/`<name>.key` per certificate.
     pub pki: PathBuf,
     echo_shutdown: tokio_util::sync::CancellationToken,
@@ -78,6 +80,7 @@ impl TestFederation {
         Self {
             gateway: fed.gateway,
             forms: fed.forms,
+            echo,
             pki,
             fed: Some(fed),
             echo_shutdown,
