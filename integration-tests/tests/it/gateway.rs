@@ -37,6 +37,16 @@ async fn the_demo_institution_reaches_forms_through_the_gateway() {
     let form = response.into_inner().form.unwrap();
     assert_eq!(form.name, "forms/vsaa-old-age-pension");
     assert_eq!(form.owner.unwrap().member_code, "VSAA");
+
+    // A caller that sends its own W3C trace context gets its trace continued.
+    let theirs = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(get_form());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{theirs}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let response = forms.get_form(request).await.unwrap();
+    assert_eq!(response.metadata().get("x-trace-id").unwrap(), theirs);
     fed.stop().await;
 }
 

@@ -1,8 +1,6 @@
 //! Serving gRPC: the one function every server calls to run its services behind mutual TLS
 //! with explicit limits, health checking, reflection and a bounded graceful shutdown.
 
-use std::sync::Arc;
-
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
@@ -133,6 +131,3 @@ pub async fn serve(
     }
     Ok(())
 }
-
-/// A shared handle to a server's TLS material, for services that also call out.
-pub type SharedTls = Arc<TlsMaterial>;

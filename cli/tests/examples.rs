@@ -1,0 +1,34 @@
+//! The example configurations in `deploy/examples` parse into the real configuration types, so
+//! that what the documentation shows stays true.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples").join(name)
+}
+
+#[test]
+fn example_configurations_parse() {
+    let env = HashMap::new();
+    let forms: onestop_forms::FormsConfig =
+        onestop_platform::config::load(Some(&example("forms.toml")), &env).unwrap();
+    assert_eq!(forms.server.listen.port(), 7101);
+    let gateway: onestop_gateway::GatewayConfig =
+        onestop_platform::config::load(Some(&example("gateway.toml")), &env).unwrap();
+    assert!(gateway.routes.contains_key("onestop.forms.v1.FormsService"));
+    onestop_gateway::policy::Policy::load(&example("policy.toml")).unwrap();
+
+    // An override from the environment wins over the file, and a misspelt key is an error.
+    let env = HashMap::from([("ONESTOP_DATABASE_URL".to_owned(), "sqlite://x.db".to_owned())]);
+    let forms: onestop_forms::FormsConfig =
+        onestop_platform::config::load(Some(&example("forms.toml")), &env).unwrap();
+    assert_eq!(forms.database.url, "sqlite://x.db");
+    let env = HashMap::from([("ONESTOP_DATABASE_ULR".to_owned(), "x".to_owned())]);
+    let error = onestop_platform::config::load::<onestop_forms::FormsConfig>(
+        Some(&example("forms.toml")),
+        &env,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("ulr"), "{error}");
+}
