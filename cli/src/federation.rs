@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use onestop_forms::{FormsConfig, FormsSettings};
 use onestop_gateway::{GatewayConfig, GatewaySettings, UpstreamConfig};
-use onestop_platform::config::{DatabaseConfig, Limits, ServerConfig, TelemetryConfig, default_trust_domain};
+use onestop_platform::config::{
+    DatabaseConfig, Limits, ServerConfig, TelemetryConfig, default_trust_domain,
+};
 use onestop_platform::pki::dev;
 use onestop_platform::tls::TlsFiles;
 use tokio::net::TcpListener;
@@ -31,6 +33,8 @@ pub struct Options {
     pub extra_routes: Vec<(String, SocketAddr)>,
     /// Limits of every server.
     pub limits: Limits,
+    /// Calls a second each member may make through the gateway, and its burst.
+    pub member_rate: (u32, u32),
 }
 
 impl Options {
@@ -42,6 +46,7 @@ impl Options {
             forms_database: None,
             extra_routes: Vec::new(),
             limits: Limits::default(),
+            member_rate: (500, 1000),
         }
     }
 }
@@ -109,9 +114,10 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
 
     let forms_listener = TcpListener::bind("127.0.0.1:0").await?;
     let forms_addr = forms_listener.local_addr()?;
-    let forms_database = options.forms_database.clone().unwrap_or_else(|| {
-        format!("sqlite://{}", options.data_dir.join("forms.db").display())
-    });
+    let forms_database = options
+        .forms_database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", options.data_dir.join("forms.db").display()));
     let forms = FormsConfig {
         server: server_config(&options, forms_addr, dev::FORMS),
         database: DatabaseConfig {
@@ -151,8 +157,8 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         routes,
         gateway: GatewaySettings {
             policy,
-            rate_per_second: 5000,
-            burst: 10_000,
+            rate_per_second: options.member_rate.0,
+            burst: options.member_rate.1,
             max_deadline_ms: 30_000,
             max_in_flight: 4096,
         },

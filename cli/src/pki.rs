@@ -10,10 +10,16 @@ use onestop_platform::pki::{Ca, IssueRequest, summarize};
 /// Makes a new CA in `dir` (refusing to overwrite one).
 pub fn init(dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
     if dir.join("ca.pem").exists() {
-        bail!("{} already holds a CA; remove it first to make a new one", dir.display());
+        bail!(
+            "{} already holds a CA; remove it first to make a new one",
+            dir.display()
+        );
     }
     Ca::generate(trust_domain)?.save(dir)?;
-    Ok(format!("made a CA for trust domain {trust_domain} in {}", dir.display()))
+    Ok(format!(
+        "made a CA for trust domain {trust_domain} in {}",
+        dir.display()
+    ))
 }
 
 /// What `pki issue` names in the certificate.
@@ -49,12 +55,18 @@ pub fn issue(
         Subject::Member(member) => SpiffeId::member(trust_domain, Member::parse(&member)?),
         Subject::Platform(component) => SpiffeId::platform(trust_domain, &component),
     };
-    let mut request = IssueRequest::new(name, Some(identity.clone()), Duration::from_secs(days * 86_400));
+    let mut request = IssueRequest::new(
+        name,
+        Some(identity.clone()),
+        Duration::from_secs(days * 86_400),
+    );
     if serve_localhost {
         request = request.serving_localhost();
     }
     ca.issue(&request)?.save(dir, name)?;
-    Ok(format!("issued {name}.pem for {identity}, valid {days} days"))
+    Ok(format!(
+        "issued {name}.pem for {identity}, valid {days} days"
+    ))
 }
 
 /// Describes every certificate in `dir`.
@@ -74,11 +86,23 @@ pub fn show(dir: &Path) -> anyhow::Result<String> {
             "{}\n  subject:  {}\n  identity: {}\n  names:    {}\n  valid:    {} .. {}{}\n",
             path.file_name().unwrap_or_default().to_string_lossy(),
             summary.subject,
-            if summary.uris.is_empty() { "(none)".to_owned() } else { summary.uris.join(", ") },
-            if summary.names.is_empty() { "(none)".to_owned() } else { summary.names.join(", ") },
+            if summary.uris.is_empty() {
+                "(none)".to_owned()
+            } else {
+                summary.uris.join(", ")
+            },
+            if summary.names.is_empty() {
+                "(none)".to_owned()
+            } else {
+                summary.names.join(", ")
+            },
             summary.not_before,
             summary.not_after,
-            if summary.is_ca { "\n  CA:       yes" } else { "" },
+            if summary.is_ca {
+                "\n  CA:       yes"
+            } else {
+                ""
+            },
         ));
     }
     Ok(out)

@@ -1,11 +1,16 @@
 //! The example configurations in `deploy/examples` parse into the real configuration types, so
 //! that what the documentation shows stays true.
 
+// In tests a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name)
 }
 
 #[test]
@@ -20,7 +25,10 @@ fn example_configurations_parse() {
     onestop_gateway::policy::Policy::load(&example("policy.toml")).unwrap();
 
     // An override from the environment wins over the file, and a misspelt key is an error.
-    let env = HashMap::from([("ONESTOP_DATABASE_URL".to_owned(), "sqlite://x.db".to_owned())]);
+    let env = HashMap::from([(
+        "ONESTOP_DATABASE_URL".to_owned(),
+        "sqlite://x.db".to_owned(),
+    )]);
     let forms: onestop_forms::FormsConfig =
         onestop_platform::config::load(Some(&example("forms.toml")), &env).unwrap();
     assert_eq!(forms.database.url, "sqlite://x.db");

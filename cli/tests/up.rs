@@ -2,6 +2,9 @@
 //! check through the gateway with the demo institution's certificate, keeps what it
 //! acknowledged when it is killed, and stops cleanly on SIGTERM.
 
+// In tests a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;

@@ -124,7 +124,10 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let limits = config.server.limits;
     let policy = Policy::load(&config.gateway.policy)?;
-    let server_tls = tls::server_config(&TlsMaterial::load(&config.server.tls)?, ClientAuth::Optional)?;
+    let server_tls = tls::server_config(
+        &TlsMaterial::load(&config.server.tls)?,
+        ClientAuth::Optional,
+    )?;
     let client_tls = tls::client_config(&TlsMaterial::load(&config.upstream.tls)?)?;
 
     let mut upstreams = HashMap::new();
@@ -136,7 +139,7 @@ pub async fn serve(
             client_tls.clone(),
             limits.keepalive_interval_ms,
         )?;
-        upstreams.insert(service.clone(), upstream);
+        upstreams.insert(service.clone(), Arc::new(upstream));
     }
     let served: Vec<&str> = config.routes.keys().map(String::as_str).collect();
     // Health: the gateway itself, and each service as the service reports it (mirrored below).
@@ -180,7 +183,10 @@ pub async fn serve(
         .max_header_list_size(limits.max_header_list_bytes)
         .keep_alive_interval(Some(limits.keepalive_interval_ms))
         .keep_alive_timeout(limits.keepalive_timeout_ms)
-        .adaptive_window(true);
+        .initial_stream_window_size(onestop_platform::client::STREAM_WINDOW)
+        .initial_connection_window_size(onestop_platform::client::CONNECTION_WINDOW)
+        // The services date their answers; formatting a second date per call is waste.
+        .auto_date_header(false);
 
     loop {
         let stream = tokio::select! {

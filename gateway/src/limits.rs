@@ -31,7 +31,9 @@ impl MemberRates {
     pub fn check(&self, member: &Member) -> Result<(), Duration> {
         let key = (member.class.clone(), member.code.clone());
         self.limiter.check_key(&key).map_err(|not_until| {
-            not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
+            not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ))
         })
     }
 
@@ -126,7 +128,10 @@ mod tests {
         let vid = Member::parse("GOV/VID/x").unwrap();
         assert!(rates.check(&vsaa).is_ok());
         assert!(rates.check(&vsaa_other).is_ok());
-        assert!(rates.check(&vsaa).is_err(), "the subsystems share one bucket");
+        assert!(
+            rates.check(&vsaa).is_err(),
+            "the subsystems share one bucket"
+        );
         assert!(rates.check(&vid).is_ok(), "other members are not affected");
     }
 }

@@ -185,8 +185,14 @@ mod tests {
         let forms = "onestop.forms.v1.FormsService/";
         assert!(policy.allows(&member("GOV/VSAA/pensions"), &format!("{forms}CreateForm")));
         assert!(policy.allows(&member("GOV/VSAA"), &format!("{forms}CreateForm")));
-        assert!(policy.allows(&member("MUN/GULBENE/kac"), &format!("{forms}GetFormVersion")));
-        assert!(policy.allows(&member("MUN/GULBENE/kac"), &format!("{forms}ValidateFormData")));
+        assert!(policy.allows(
+            &member("MUN/GULBENE/kac"),
+            &format!("{forms}GetFormVersion")
+        ));
+        assert!(policy.allows(
+            &member("MUN/GULBENE/kac"),
+            &format!("{forms}ValidateFormData")
+        ));
         assert!(!policy.allows(&member("MUN/GULBENE/kac"), &format!("{forms}CreateForm")));
         assert!(!policy.allows(&member("MUN/GULBENE/other"), &format!("{forms}GetForm")));
         assert!(!policy.allows(&member("GOV/VID/eds"), &format!("{forms}GetForm")));

@@ -14,19 +14,19 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use onestop_platform::caller::CALLER_HEADER;
 use onestop_platform::identity::{Member, Principal};
-use onestop_platform::status::{self as platform_status, Reason};
+use onestop_platform::status as platform_status;
 use onestop_platform::telemetry::{self, TRACE_ID_HEADER};
 use onestop_platform::tls::PeerIdentity;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Code;
 use tonic::body::Body;
 use tonic::service::Routes;
-use tonic::{Code, Status};
 use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::limits::{self, MemberRates};
 use crate::policy::Policy;
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 
 /// Services the gateway answers itself, for every identified member.
 const LOCAL_SERVICES: &[&str] = &[
@@ -41,7 +41,7 @@ const DOMAIN: &str = "gateway.onestop.lv";
 /// What every call through the gateway shares.
 pub struct Gateway {
     /// Service name → upstream.
-    pub upstreams: HashMap<String, Upstream>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Access rights.
     pub policy: Policy,
     /// Per-member rates.
@@ -73,7 +73,7 @@ impl Gateway {
             // 1. Who is calling: a member named by a valid certificate of this trust domain.
             let member = match member_of(&identity) {
                 Ok(member) => member,
-                Err(response) => return response,
+                Err((code, reason, message)) => return refuse(code, reason, message),
             };
             tracing::Span::current().record("member", tracing::field::display(&member));
             let Some((service, _)) = method.split_once('/') else {
@@ -111,7 +111,8 @@ impl Gateway {
                 return refuse(Code::ResourceExhausted, "OVERLOADED", "the gateway is at capacity; retry shortly".into());
             };
 
-            // 6. The deadline, never longer than the cap.
+            // 6. The deadline, never longer than the cap, enforced here while waiting for the
+            //    answer and by the service.
             let deadline = limits::cap_deadline(request.headers_mut(), self.max_deadline);
 
             // 7. Forward, naming the verified caller; a caller's own claim is dropped first.
@@ -120,9 +121,9 @@ impl Gateway {
             let caller = identity_header(&identity);
             headers.insert(CALLER_HEADER, caller);
             telemetry::inject_context(&tracing::Span::current(), headers);
+            *request.uri_mut() = upstream::absolute(&upstream.address, request.uri());
             let request = request.map(Body::new);
-            let forwarded = tokio::time::timeout(deadline, upstream.channel.clone().oneshot(request));
-            match forwarded.await {
+            match tokio::time::timeout(deadline, upstream.send(request)).await {
                 Ok(Ok(response)) => response.map(|body| Body::new(Guarded { body, _permit: permit })),
                 Ok(Err(error)) => {
                     tracing::warn!(service = %upstream.service, address = %upstream.address, %error, "upstream unreachable");
@@ -140,28 +141,32 @@ impl Gateway {
     }
 }
 
-/// The member named by a connection's certificate, or the refusal to send.
-fn member_of(identity: &PeerIdentity) -> Result<Member, Response<Body>> {
+/// Why a connection's certificate does not let it call: code, reason and message.
+type Refusal = (Code, &'static str, String);
+
+/// The member named by a connection's certificate, or why it may not call.
+fn member_of(identity: &PeerIdentity) -> Result<Member, Refusal> {
     match identity {
         PeerIdentity::Spiffe(id) => match &id.principal {
             Principal::Member(member) => Ok(member.clone()),
-            Principal::Platform(component) => Err(refuse(
+            Principal::Platform(component) => Err((
                 Code::PermissionDenied,
                 "NOT_A_MEMBER",
-                format!("platform component `{component}` may not call through the external gateway"),
+                format!(
+                    "platform component `{component}` may not call through the external gateway"
+                ),
             )),
         },
-        PeerIdentity::Unidentified(why) => Err(Status::unauthenticated(format!(
-            "the client certificate names no member: {why}"
-        ))
-        .into_http()),
-        PeerIdentity::Anonymous => Err(platform_status::error(
+        PeerIdentity::Unidentified(why) => Err((
             Code::Unauthenticated,
-            Reason::Unauthenticated,
+            "UNAUTHENTICATED",
+            format!("the client certificate names no member: {why}"),
+        )),
+        PeerIdentity::Anonymous => Err((
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
             "a client certificate issued to a member is required".into(),
-            Vec::new(),
-        )
-        .into_http()),
+        )),
     }
 }
 

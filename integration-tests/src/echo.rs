@@ -117,8 +117,10 @@ pub async fn start(pki_dir: &Path, shutdown: CancellationToken) -> anyhow::Resul
     let trust_domain = default_trust_domain();
     let ca = Ca::load(pki_dir)?;
     let identity = SpiffeId::platform(&trust_domain, "echo");
-    ca.issue(&IssueRequest::new("echo", Some(identity), Duration::from_secs(86_400)).serving_localhost())?
-        .save(pki_dir, "echo")?;
+    ca.issue(
+        &IssueRequest::new("echo", Some(identity), Duration::from_secs(86_400)).serving_localhost(),
+    )?
+    .save(pki_dir, "echo")?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let config = ServerConfig {

@@ -46,6 +46,11 @@ pub struct TestFederation {
 impl TestFederation {
     /// Starts the federation (and the echo service behind the gateway) on `backend`.
     pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Starts the federation with options changed by `adjust`.
+    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Options)) -> Self {
         onestop_platform::telemetry::init_for_tests();
         tls::crypto_provider();
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -67,7 +72,10 @@ impl TestFederation {
         let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
-        options.extra_routes.push((UNREACHABLE_SERVICE.to_owned(), nowhere));
+        options
+            .extra_routes
+            .push((UNREACHABLE_SERVICE.to_owned(), nowhere));
+        adjust(&mut options);
         // The test services are callable by the demo institution.
         let policy = federation::ensure_policy(dir.path()).expect("policy");
         let mut text = std::fs::read_to_string(&policy).expect("policy");
@@ -102,14 +110,20 @@ impl TestFederation {
     /// Issues a certificate from the federation's CA.
     pub fn issue(&self, name: &str, request: &IssueRequest) {
         let ca = Ca::load(&self.pki).expect("CA");
-        ca.issue(request).expect("issue").save(&self.pki, name).expect("save");
+        ca.issue(request)
+            .expect("issue")
+            .save(&self.pki, name)
+            .expect("save");
     }
 
     /// Issues a member certificate valid for a day.
     pub fn issue_member(&self, name: &str, member: &str) {
         let member = onestop_platform::identity::Member::parse(member).expect("member");
         let identity = SpiffeId::member("onestop.lv", member);
-        self.issue(name, &IssueRequest::new(name, Some(identity), Duration::from_secs(86_400)));
+        self.issue(
+            name,
+            &IssueRequest::new(name, Some(identity), Duration::from_secs(86_400)),
+        );
     }
 
     /// Stops every server and checks that they stopped cleanly.
@@ -145,15 +159,19 @@ pub fn anonymous_channel(address: &str, pki: &Path) -> Channel {
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
         roots.add(cert.expect("CA certificate")).expect("CA");
     }
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    onestop_platform::client::channel(address, "localhost", Arc::new(config), Duration::from_secs(30))
-        .expect("channel")
+    onestop_platform::client::channel(
+        address,
+        "localhost",
+        Arc::new(config),
+        Duration::from_secs(30),
+    )
+    .expect("channel")
 }
 
 /// Connects to `address` trusting the CA of `trusted_pki` and presenting certificate `name` of
@@ -166,24 +184,26 @@ pub async fn tls_refusal(address: &str, trusted_pki: &Path, cert_pki: &Path, nam
     let key = std::fs::read(cert_pki.join(format!("{name}.key"))).expect("key");
     let material = TlsMaterial::from_pem(&ca, &cert, &key).expect("TLS material");
     let config = tls::client_config(&material).expect("client TLS");
-    let tcp = tokio::net::TcpStream::connect(address).await.expect("TCP connection");
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("TCP connection");
     let server = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     // With TLS 1.3 the client finishes first; the server's verdict on the client certificate
     // arrives as an alert on the first read.
-    let mut stream = match tokio_rustls::TlsConnector::from(config).connect(server, tcp).await {
+    let mut stream = match tokio_rustls::TlsConnector::from(config)
+        .connect(server, tcp)
+        .await
+    {
         Ok(stream) => stream,
         Err(error) => return error.to_string(),
     };
     let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     let mut buffer = [0u8; 1024];
-    loop {
-        match stream.read(&mut buffer).await {
-            Err(error) => return error.to_string(),
-            Ok(0) => return "closed without an alert".to_owned(),
-            Ok(_) => {}
-        }
+    match stream.read(&mut buffer).await {
+        Err(error) => error.to_string(),
+        Ok(0) => "closed without an alert".to_owned(),
         // The server talks HTTP/2 only after accepting the certificate.
-        panic!("the server accepted certificate {name}");
+        Ok(_) => panic!("the server accepted certificate {name}"),
     }
 }
 

@@ -23,10 +23,18 @@ pub struct Postgres {
 
 fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dirs| dirs.filter_map(Result::ok).map(|d| d.path().join("bin").join(name)).collect())
+        .map(|dirs| {
+            dirs.filter_map(Result::ok)
+                .map(|d| d.path().join("bin").join(name))
+                .collect()
+        })
         .unwrap_or_default();
     versioned.sort();
     versioned.reverse();
@@ -41,7 +49,10 @@ fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// The user to run the server as, when we are root.
 fn unprivileged_user() -> anyhow::Result<Option<(String, String)>> {
-    let uid = Command::new("id").arg("-u").output().context("running id")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Ok(None);
     }
@@ -52,7 +63,9 @@ fn unprivileged_user() -> anyhow::Result<Option<(String, String)>> {
             return Ok(Some((user.to_owned(), group)));
         }
     }
-    bail!("running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as")
+    bail!(
+        "running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as"
+    )
 }
 
 fn command(binary: &Path, user: &Option<(String, String)>) -> Command {
@@ -96,7 +109,9 @@ impl Postgres {
         if !output.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut child = command(&postgres, &user)
             .arg("-D")
             .arg(&data)
@@ -104,7 +119,12 @@ impl Postgres {
             .arg(port.to_string())
             .arg("-k")
             .arg(dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -56,7 +56,12 @@ async fn seed_forms_accept_valid_data_and_point_at_every_bad_field(backend: Back
                 .validate_form_data(validate(&version, &case["data"]))
                 .await
                 .expect_err(case["case"].as_str().unwrap());
-            assert_eq!(status.code(), Code::InvalidArgument, "{id}: {}", case["case"]);
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{id}: {}",
+                case["case"]
+            );
             assert_eq!(reason(&status), "INVALID_FORM_DATA");
             let found = violations(&status);
             let mut fields: Vec<String> = found.iter().map(|v| v.field.clone()).collect();
@@ -64,7 +69,10 @@ async fn seed_forms_accept_valid_data_and_point_at_every_bad_field(backend: Back
             let expected: Vec<String> = serde_json::from_value(case["errors"].clone()).unwrap();
             assert_eq!(fields, expected, "{id}: {}", case["case"]);
             for violation in &found {
-                let latvian = violation.localized_message.as_ref().expect("a Latvian message");
+                let latvian = violation
+                    .localized_message
+                    .as_ref()
+                    .expect("a Latvian message");
                 assert_eq!(latvian.locale, "lv-LV");
                 assert!(!latvian.message.is_empty() && !violation.description.is_empty());
             }
@@ -120,7 +128,12 @@ fn create_request(form_id: &str, request_id: &str) -> CreateFormRequest {
     }
 }
 
-fn publish(form_id: &str, request_id: &str, schema: &Value, breaking: bool) -> PublishFormVersionRequest {
+fn publish(
+    form_id: &str,
+    request_id: &str,
+    schema: &Value,
+    breaking: bool,
+) -> PublishFormVersionRequest {
     PublishFormVersionRequest {
         request_id: request_id.into(),
         parent: format!("forms/{form_id}"),
@@ -134,20 +147,33 @@ fn publish(form_id: &str, request_id: &str, schema: &Value, breaking: bool) -> P
 async fn versions_follow_the_breaking_version_rule(backend: Backend) {
     let fed = TestFederation::start(backend).await;
     let mut vsaa = client(&fed, "demo-institution");
-    let created = vsaa.create_form(create_request("test-benefit", "c1")).await.unwrap().into_inner();
-    assert_eq!(created.version.unwrap().name, "forms/test-benefit/versions/1");
+    let created = vsaa
+        .create_form(create_request("test-benefit", "c1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        created.version.unwrap().name,
+        "forms/test-benefit/versions/1"
+    );
 
     // Widening: a new optional field and a longer name.
     let mut wider = schema_v1();
     wider["properties"]["email"] = json!({"type": "string", "format": "email", "maxLength": 254});
     wider["properties"]["name"]["maxLength"] = json!(200);
-    let v2 = vsaa.publish_form_version(publish("test-benefit", "p2", &wider, false)).await.unwrap();
+    let v2 = vsaa
+        .publish_form_version(publish("test-benefit", "p2", &wider, false))
+        .await
+        .unwrap();
     assert_eq!(v2.into_inner().version.unwrap().version, 2);
 
     // Narrowing, not declared: refused, naming each narrowed field.
     let mut narrower = wider.clone();
     narrower["required"] = json!(["name", "email"]);
-    narrower["properties"].as_object_mut().unwrap().remove("children");
+    narrower["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("children");
     narrower["properties"]["name"]["type"] = json!("integer");
     let status = vsaa
         .publish_form_version(publish("test-benefit", "p3", &narrower, false))
@@ -172,7 +198,9 @@ async fn versions_follow_the_breaking_version_rule(backend: Backend) {
 
     // Data is checked against the version asked for.
     let old_data = json!({"name": "Jānis", "children": 2});
-    vsaa.validate_form_data(validate("forms/test-benefit/versions/1", &old_data)).await.unwrap();
+    vsaa.validate_form_data(validate("forms/test-benefit/versions/1", &old_data))
+        .await
+        .unwrap();
     let status = vsaa
         .validate_form_data(validate("forms/test-benefit/versions/latest", &old_data))
         .await
@@ -184,7 +212,11 @@ async fn versions_follow_the_breaking_version_rule(backend: Backend) {
     // Only the owner (or an operator) publishes: another institution may not.
     fed.issue_member("other-institution", "GOV/NVA/registry");
     let policy = fed.pki.parent().unwrap().join("policy.toml");
-    assert!(std::fs::read_to_string(&policy).unwrap().contains("GOV/VSAA"));
+    assert!(
+        std::fs::read_to_string(&policy)
+            .unwrap()
+            .contains("GOV/VSAA")
+    );
     let mut direct_nva = FormsServiceClient::new(fed.forms_client("other-institution"));
     let status = direct_nva
         .publish_form_version(publish("test-benefit", "p4", &wider, true))
@@ -207,18 +239,35 @@ async fn versions_follow_the_breaking_version_rule(backend: Backend) {
 async fn retried_requests_change_nothing_twice(backend: Backend) {
     let fed = TestFederation::start(backend).await;
     let mut vsaa = client(&fed, "demo-institution");
-    let first = vsaa.create_form(create_request("retried-form", "create-1")).await.unwrap().into_inner();
-    let again = vsaa.create_form(create_request("retried-form", "create-1")).await.unwrap().into_inner();
+    let first = vsaa
+        .create_form(create_request("retried-form", "create-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = vsaa
+        .create_form(create_request("retried-form", "create-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.form.unwrap().name, again.form.unwrap().name);
 
     // Another request for the same id is a conflict, not a retry.
-    let status = vsaa.create_form(create_request("retried-form", "create-2")).await.unwrap_err();
+    let status = vsaa
+        .create_form(create_request("retried-form", "create-2"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
 
     let mut wider = schema_v1();
     wider["properties"]["note"] = json!({"type": "string", "maxLength": 10});
-    let v2 = vsaa.publish_form_version(publish("retried-form", "pub-1", &wider, false)).await.unwrap();
-    let v2_again = vsaa.publish_form_version(publish("retried-form", "pub-1", &wider, false)).await.unwrap();
+    let v2 = vsaa
+        .publish_form_version(publish("retried-form", "pub-1", &wider, false))
+        .await
+        .unwrap();
+    let v2_again = vsaa
+        .publish_form_version(publish("retried-form", "pub-1", &wider, false))
+        .await
+        .unwrap();
     assert_eq!(v2.into_inner().version, v2_again.into_inner().version);
     let listed = vsaa
         .list_form_versions(ListFormVersionsRequest {
@@ -251,7 +300,10 @@ async fn hostile_documents_are_refused_cleanly(backend: Backend) {
 
     // Larger than the document limit (256 KiB) but well within the message limit.
     let oversized = json!({"declarant": {"given_name": "x".repeat(300 * 1024)}});
-    let status = forms.validate_form_data(validate(latest, &oversized)).await.unwrap_err();
+    let status = forms
+        .validate_form_data(validate(latest, &oversized))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(reason(&status), "INVALID_JSON");
 
@@ -282,12 +334,18 @@ async fn hostile_documents_are_refused_cleanly(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = forms
-        .validate_form_data(validate("forms/pmlp-residence-declaration/versions/99", &json!({})))
+        .validate_form_data(validate(
+            "forms/pmlp-residence-declaration/versions/99",
+            &json!({}),
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("versions/99"), "{status:?}");
-    let status = forms.validate_form_data(validate("../etc/passwd", &json!({}))).await.unwrap_err();
+    let status = forms
+        .validate_form_data(validate("../etc/passwd", &json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // The service is unharmed.
@@ -303,10 +361,14 @@ async fn hostile_documents_are_refused_cleanly(backend: Backend) {
 async fn deprecated_versions_accept_no_new_data(backend: Backend) {
     let fed = TestFederation::start(backend).await;
     let mut vsaa = client(&fed, "demo-institution");
-    vsaa.create_form(create_request("short-lived", "c")).await.unwrap();
+    vsaa.create_form(create_request("short-lived", "c"))
+        .await
+        .unwrap();
     let mut wider = schema_v1();
     wider["properties"]["note"] = json!({"type": "string", "maxLength": 10});
-    vsaa.publish_form_version(publish("short-lived", "p", &wider, false)).await.unwrap();
+    vsaa.publish_form_version(publish("short-lived", "p", &wider, false))
+        .await
+        .unwrap();
     let deprecated = vsaa
         .deprecate_form_version(DeprecateFormVersionRequest {
             request_id: "d".into(),
@@ -336,7 +398,9 @@ async fn deprecated_versions_accept_no_new_data(backend: Backend) {
         .version
         .unwrap();
     assert_eq!(latest.version, 2);
-    vsaa.validate_form_data(validate("forms/short-lived/versions/latest", &data)).await.unwrap();
+    vsaa.validate_form_data(validate("forms/short-lived/versions/latest", &data))
+        .await
+        .unwrap();
     fed.stop().await;
 }
 

@@ -25,7 +25,10 @@ fn get_form() -> GetFormRequest {
 async fn the_demo_institution_reaches_forms_through_the_gateway() {
     let fed = TestFederation::start(Backend::Sqlite).await;
     let mut forms = FormsServiceClient::new(fed.gateway_client(INSTITUTION));
-    let response = forms.get_form(get_form()).await.expect("GetForm through the gateway");
+    let response = forms
+        .get_form(get_form())
+        .await
+        .expect("GetForm through the gateway");
     let trace_id = response
         .metadata()
         .get("x-trace-id")
@@ -56,7 +59,8 @@ async fn certificates_that_name_no_member_are_refused() {
     let day = Duration::from_secs(86_400);
 
     // No certificate at all: the TLS session is allowed so that the answer can say why.
-    let mut anonymous = FormsServiceClient::new(anonymous_channel(&fed.gateway.to_string(), &fed.pki));
+    let mut anonymous =
+        FormsServiceClient::new(anonymous_channel(&fed.gateway.to_string(), &fed.pki));
     let status = anonymous.get_form(get_form()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("certificate"), "{status:?}");
@@ -70,7 +74,10 @@ async fn certificates_that_name_no_member_are_refused() {
 
     // An identity of another trust domain.
     let foreign_domain = SpiffeId::parse("spiffe://example.org/member/GOV/VSAA/pensions").unwrap();
-    fed.issue("foreign-domain", &IssueRequest::new("foreign-domain", Some(foreign_domain), day));
+    fed.issue(
+        "foreign-domain",
+        &IssueRequest::new("foreign-domain", Some(foreign_domain), day),
+    );
     let mut foreign = FormsServiceClient::new(fed.gateway_client("foreign-domain"));
     let status = foreign.get_form(get_form()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
@@ -86,7 +93,10 @@ async fn certificates_that_name_no_member_are_refused() {
 
     // A member certificate from another CA: the handshake fails. Once from an unrelated CA,
     // once from a lookalike CA with the very name of the real one (its signature gives it away).
-    for (trust_domain, alert) in [("other.example", "UnknownCA"), ("onestop.lv", "DecryptError")] {
+    for (trust_domain, alert) in [
+        ("other.example", "UnknownCA"),
+        ("onestop.lv", "DecryptError"),
+    ] {
         let other = tempfile::tempdir().unwrap();
         let other_ca = Ca::generate(trust_domain).unwrap();
         other_ca.save(other.path()).unwrap();
@@ -95,13 +105,17 @@ async fn certificates_that_name_no_member_are_refused() {
             .unwrap()
             .save(other.path(), "impostor")
             .unwrap();
-        let refusal = tls_refusal(&fed.gateway.to_string(), &fed.pki, other.path(), "impostor").await;
+        let refusal =
+            tls_refusal(&fed.gateway.to_string(), &fed.pki, other.path(), "impostor").await;
         assert!(refusal.contains(alert), "{refusal}");
     }
 
     // Nothing above disturbed a legitimate member.
     let mut forms = FormsServiceClient::new(fed.gateway_client(INSTITUTION));
-    forms.get_form(get_form()).await.expect("the demo institution still gets in");
+    forms
+        .get_form(get_form())
+        .await
+        .expect("the demo institution still gets in");
     fed.stop().await;
 }
 
@@ -110,7 +124,10 @@ async fn a_member_without_the_right_is_denied_by_name() {
     let fed = TestFederation::start(Backend::Sqlite).await;
     let mut centre = FormsServiceClient::new(fed.gateway_client(CENTRE));
     // The centre may read forms ...
-    centre.get_form(get_form()).await.expect("the centre may read forms");
+    centre
+        .get_form(get_form())
+        .await
+        .expect("the centre may read forms");
     // ... but not create them.
     let status = centre
         .create_form(CreateFormRequest {
@@ -122,7 +139,10 @@ async fn a_member_without_the_right_is_denied_by_name() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().contains("MUN/GULBENE/kac"), "{status:?}");
-    assert!(status.message().contains("FormsService/CreateForm"), "{status:?}");
+    assert!(
+        status.message().contains("FormsService/CreateForm"),
+        "{status:?}"
+    );
     assert_eq!(crate::reason(&status), "ACCESS_DENIED");
 
     // A member the policy does not name at all gets nothing.
@@ -142,7 +162,9 @@ async fn only_the_gateway_may_name_a_caller_to_a_service() {
     let mut request = tonic::Request::new(get_form());
     request.metadata_mut().insert(
         "x-onestop-caller",
-        "spiffe://onestop.lv/member/GOV/VSAA/pensions".parse().unwrap(),
+        "spiffe://onestop.lv/member/GOV/VSAA/pensions"
+            .parse()
+            .unwrap(),
     );
     let status = direct.get_form(request).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
@@ -159,7 +181,10 @@ async fn only_the_gateway_may_name_a_caller_to_a_service() {
         "spiffe://onestop.lv/member/GOV/VID/eds".parse().unwrap(),
     );
     let answer = echo.unary(request).await.expect("echo").into_inner();
-    assert_eq!(answer.caller, "spiffe://onestop.lv/member/GOV/VSAA/pensions");
+    assert_eq!(
+        answer.caller,
+        "spiffe://onestop.lv/member/GOV/VSAA/pensions"
+    );
     fed.stop().await;
 }
 
@@ -220,12 +245,19 @@ async fn every_kind_of_stream_passes_through_intact() {
         })
         .await
         .unwrap();
-        let answer = answers.message().await.unwrap().expect("an answer per message");
+        let answer = answers
+            .message()
+            .await
+            .unwrap()
+            .expect("an answer per message");
         assert_eq!(answer.text, format!("ping {i}"));
         assert_eq!(answer.sequence, i);
     }
     drop(tx);
-    assert!(answers.message().await.unwrap().is_none(), "the stream ends when the caller's does");
+    assert!(
+        answers.message().await.unwrap().is_none(),
+        "the stream ends when the caller's does"
+    );
     fed.stop().await;
 }
 
@@ -234,14 +266,17 @@ async fn unknown_services_and_unreachable_ones_are_told_apart() {
     let fed = TestFederation::start(Backend::Sqlite).await;
     // A service no route names.
     let channel = fed.gateway_client(INSTITUTION);
-    onestop_integration_tests::await_serving(channel.clone(), "onestop.forms.v1.FormsService").await;
+    onestop_integration_tests::await_serving(channel.clone(), "onestop.forms.v1.FormsService")
+        .await;
 
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let status = grpc
         .unary::<_, (), _>(
             tonic::Request::new(()),
-            "/onestop.nothing.v1.NothingService/Nothing".parse().unwrap(),
+            "/onestop.nothing.v1.NothingService/Nothing"
+                .parse()
+                .unwrap(),
             tonic_prost::ProstCodec::<(), ()>::default(),
         )
         .await

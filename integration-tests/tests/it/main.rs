@@ -1,6 +1,9 @@
 //! End-to-end tests: the federation started for real on ephemeral ports, with real
 //! certificates, called the way a member's system calls it. One binary, one module per area.
 
+// In tests a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod forms;
 mod gateway;
 

@@ -104,7 +104,10 @@ impl<'a> Walk<'a> {
             return;
         }
         if depth > MAX_DEPTH || self.budget == 0 {
-            self.report(pointer, "the schema is too deep or recursive to compare".into());
+            self.report(
+                pointer,
+                "the schema is too deep or recursive to compare".into(),
+            );
             return;
         }
         self.budget -= 1;
@@ -133,30 +136,47 @@ impl<'a> Walk<'a> {
         let required = |map: &Map<String, Value>| -> BTreeSet<String> {
             map.get("required")
                 .and_then(Value::as_array)
-                .map(|names| names.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let old_required = required(old_map);
         for name in required(new_map).difference(&old_required) {
             self.report(&child(pointer, name), "the field became required".into());
         }
-        let refuses_extra = |map: &Map<String, Value>| map.get("additionalProperties") == Some(&Value::Bool(false));
+        let refuses_extra =
+            |map: &Map<String, Value>| map.get("additionalProperties") == Some(&Value::Bool(false));
         if refuses_extra(new_map) && !refuses_extra(old_map) {
-            self.report(pointer, "fields not named in the form are refused now".into());
+            self.report(
+                pointer,
+                "fields not named in the form are refused now".into(),
+            );
         }
-        let properties = |map: &'a Map<String, Value>| map.get("properties").and_then(Value::as_object);
+        let properties =
+            |map: &'a Map<String, Value>| map.get("properties").and_then(Value::as_object);
         let new_props = properties(new_map);
         for (name, old_prop) in properties(old_map).into_iter().flatten() {
             match new_props.and_then(|props| props.get(name)) {
-                Some(new_prop) => self.compare(old_prop, new_prop, &child(pointer, name), depth + 1),
+                Some(new_prop) => {
+                    self.compare(old_prop, new_prop, &child(pointer, name), depth + 1)
+                }
                 None if refuses_extra(new_map) => {
                     self.report(&child(pointer, name), "the field was removed".into());
                 }
                 None => {}
             }
         }
-        match (old_map.get("additionalProperties"), new_map.get("additionalProperties")) {
-            (Some(old_extra), Some(new_extra)) if old_extra.is_object() || new_extra.is_object() => {
+        match (
+            old_map.get("additionalProperties"),
+            new_map.get("additionalProperties"),
+        ) {
+            (Some(old_extra), Some(new_extra))
+                if old_extra.is_object() || new_extra.is_object() =>
+            {
                 self.compare(old_extra, new_extra, &child(pointer, "*"), depth + 1);
             }
             _ => {}
@@ -167,7 +187,9 @@ impl<'a> Walk<'a> {
             (Some(old_items), Some(new_items)) => {
                 self.compare(old_items, new_items, &child(pointer, "-"), depth + 1);
             }
-            (None, Some(_)) => self.report(pointer, "the entries of the list are restricted now".into()),
+            (None, Some(_)) => {
+                self.report(pointer, "the entries of the list are restricted now".into())
+            }
             _ => {}
         }
     }
@@ -177,7 +199,10 @@ impl<'a> Walk<'a> {
             return;
         };
         let Some(old_types) = types(old) else {
-            self.report(pointer, format!("the type is restricted to {new_types:?} now"));
+            self.report(
+                pointer,
+                format!("the type is restricted to {new_types:?} now"),
+            );
             return;
         };
         for old_type in &old_types {
@@ -185,12 +210,20 @@ impl<'a> Walk<'a> {
             let kept = new_types.contains(old_type)
                 || (old_type == "integer" && new_types.contains("number"));
             if !kept {
-                self.report(pointer, format!("values of type {old_type} are refused now"));
+                self.report(
+                    pointer,
+                    format!("values of type {old_type} are refused now"),
+                );
             }
         }
     }
 
-    fn compare_values(&mut self, old: &Map<String, Value>, new: &Map<String, Value>, pointer: &str) {
+    fn compare_values(
+        &mut self,
+        old: &Map<String, Value>,
+        new: &Map<String, Value>,
+        pointer: &str,
+    ) {
         let allowed = |map: &Map<String, Value>| -> Option<Vec<Value>> {
             if let Some(constant) = map.get("const") {
                 return Some(vec![constant.clone()]);
@@ -208,7 +241,12 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn compare_bounds(&mut self, old: &Map<String, Value>, new: &Map<String, Value>, pointer: &str) {
+    fn compare_bounds(
+        &mut self,
+        old: &Map<String, Value>,
+        new: &Map<String, Value>,
+        pointer: &str,
+    ) {
         for (keywords, tighter) in [(UPPER, true), (LOWER, false)] {
             for keyword in keywords {
                 let Some(after) = new.get(*keyword).and_then(Value::as_f64) else {
@@ -243,7 +281,11 @@ fn as_schema(value: &Value) -> Option<&Map<String, Value>> {
 fn types(map: &Map<String, Value>) -> Option<BTreeSet<String>> {
     match map.get("type")? {
         Value::String(single) => Some([single.clone()].into()),
-        Value::Array(many) => Some(many.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect()),
+        Value::Array(many) => Some(
+            many.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -296,7 +338,10 @@ mod tests {
     fn changes(edit: impl FnOnce(&mut Value)) -> Vec<String> {
         let mut new = base();
         edit(&mut new);
-        narrowings(&base(), &new).into_iter().map(|n| n.pointer).collect()
+        narrowings(&base(), &new)
+            .into_iter()
+            .map(|n| n.pointer)
+            .collect()
     }
 
     #[test]
@@ -317,12 +362,18 @@ mod tests {
             }),
             ["/age"]
         );
-        assert_eq!(changes(|s| s["required"] = json!(["name", "age"])), ["/age"]);
+        assert_eq!(
+            changes(|s| s["required"] = json!(["name", "age"])),
+            ["/age"]
+        );
         assert_eq!(
             changes(|s| s["properties"]["age"]["type"] = json!("integer")),
             ["/age"]
         );
-        assert_eq!(changes(|s| s["properties"]["kind"]["enum"] = json!(["a"])), ["/kind"]);
+        assert_eq!(
+            changes(|s| s["properties"]["kind"]["enum"] = json!(["a"])),
+            ["/kind"]
+        );
         assert_eq!(
             changes(|s| s["properties"]["name"]["maxLength"] = json!(50)),
             ["/name"]

@@ -50,7 +50,9 @@ pub enum FormsError {
     #[error("{0}")]
     PermissionDenied(String),
     /// The new version narrows the previous one and was not declared breaking.
-    #[error("the new version would reject data that version {previous} accepts; publish it with `breaking` set if that is intended")]
+    #[error(
+        "the new version would reject data that version {previous} accepts; publish it with `breaking` set if that is intended"
+    )]
     Breaking {
         /// The previous version number.
         previous: u32,
@@ -68,7 +70,9 @@ pub enum FormsError {
         latest: Option<u32>,
     },
     /// A request id was used before for a different call.
-    #[error("request_id `{request_id}` was already used for {method}; choose a new one for each change")]
+    #[error(
+        "request_id `{request_id}` was already used for {method}; choose a new one for each change"
+    )]
     RequestIdReused {
         /// The id.
         request_id: String,
@@ -115,13 +119,9 @@ impl FormsError {
             FormsError::NotFound(_) => Code::NotFound,
             FormsError::AlreadyExists(_) => Code::AlreadyExists,
             FormsError::PermissionDenied(_) => Code::PermissionDenied,
-            FormsError::Breaking { .. } | FormsError::Deprecated { .. } => {
-                Code::FailedPrecondition
-            }
+            FormsError::Breaking { .. } | FormsError::Deprecated { .. } => Code::FailedPrecondition,
             FormsError::Concurrent(_) => Code::Aborted,
-            FormsError::Store(StoreError::Database(sqlx::Error::PoolTimedOut)) => {
-                Code::Unavailable
-            }
+            FormsError::Store(StoreError::Database(sqlx::Error::PoolTimedOut)) => Code::Unavailable,
             FormsError::Store(_) => Code::Internal,
         }
     }

@@ -9,7 +9,10 @@
 /// written as 0. Codes issued since start with `32` and carry neither a date nor a check digit.
 pub fn is_personal_code(text: &str) -> bool {
     let digits: Vec<u32> = match text.len() {
-        12 if text.as_bytes()[6] == b'-' => text[..6].chars().chain(text[7..].chars()).collect::<Vec<_>>(),
+        12 if text.as_bytes()[6] == b'-' => text[..6]
+            .chars()
+            .chain(text[7..].chars())
+            .collect::<Vec<_>>(),
         11 => text.chars().collect(),
         _ => return false,
     }

@@ -97,7 +97,9 @@ pub async fn open_registry(config: &FormsConfig) -> Result<Arc<Registry>, ServeE
         .forms
         .operators
         .iter()
-        .map(|op| Member::parse(op).map_err(|e| ServeError::Config(format!("forms.operators: {e}"))))
+        .map(|op| {
+            Member::parse(op).map_err(|e| ServeError::Config(format!("forms.operators: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let db = onestop_platform::db::open(&config.database, &store::MIGRATIONS).await?;
     let registry = Arc::new(Registry::new(store::Store::new(db), operators));

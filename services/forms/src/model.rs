@@ -237,10 +237,16 @@ pub fn check_fields(fields: &[Field]) -> Result<(), (String, String)> {
         if !(field.pointer.is_empty() || field.pointer.starts_with('/'))
             || field.pointer.len() > 512
         {
-            return Err((at("pointer"), "must be a JSON Pointer such as /applicant/name".into()));
+            return Err((
+                at("pointer"),
+                "must be a JSON Pointer such as /applicant/name".into(),
+            ));
         }
         if !seen.insert(field.pointer.as_str()) {
-            return Err((at("pointer"), format!("`{}` is described twice", field.pointer)));
+            return Err((
+                at("pointer"),
+                format!("`{}` is described twice", field.pointer),
+            ));
         }
         check_text("label", &field.label, true).map_err(|m| (at("label"), m))?;
         if let Some(help) = &field.help {
@@ -249,7 +255,11 @@ pub fn check_fields(fields: &[Field]) -> Result<(), (String, String)> {
         if !WIDGETS.contains(&field.widget.as_str()) {
             return Err((
                 at("widget"),
-                format!("`{}` is not a widget; use one of {}", field.widget, WIDGETS.join(", ")),
+                format!(
+                    "`{}` is not a widget; use one of {}",
+                    field.widget,
+                    WIDGETS.join(", ")
+                ),
             ));
         }
         if field.choices.len() > MAX_CHOICES {
@@ -272,7 +282,10 @@ mod tests {
 
     #[test]
     fn names_parse_and_malformed_names_are_refused() {
-        assert_eq!(parse_form_name("forms/vsaa-old-age-pension").unwrap(), "vsaa-old-age-pension");
+        assert_eq!(
+            parse_form_name("forms/vsaa-old-age-pension").unwrap(),
+            "vsaa-old-age-pension"
+        );
         assert_eq!(
             parse_version_name("forms/abc/versions/3").unwrap(),
             ("abc".into(), VersionRef::Number(3))
@@ -281,10 +294,22 @@ mod tests {
             parse_version_name("forms/abc/versions/latest").unwrap().1,
             VersionRef::Latest
         );
-        for bad in ["forms/abc/versions/0", "forms/abc/versions/01", "forms/abc/versions/x", "abc"] {
+        for bad in [
+            "forms/abc/versions/0",
+            "forms/abc/versions/01",
+            "forms/abc/versions/x",
+            "abc",
+        ] {
             assert!(parse_version_name(bad).is_err(), "{bad}");
         }
-        for bad in ["forms/AB", "forms/ab", "forms/a/b", "forms/1abc", "forms/abc-", "x/abc"] {
+        for bad in [
+            "forms/AB",
+            "forms/ab",
+            "forms/a/b",
+            "forms/1abc",
+            "forms/abc-",
+            "x/abc",
+        ] {
             assert!(parse_form_name(bad).is_err(), "{bad}");
         }
     }

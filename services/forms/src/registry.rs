@@ -79,7 +79,12 @@ impl Registry {
         }
     }
 
-    fn require_manager(&self, caller: &SpiffeId, owner: &Member, what: &str) -> Result<(), FormsError> {
+    fn require_manager(
+        &self,
+        caller: &SpiffeId,
+        owner: &Member,
+        what: &str,
+    ) -> Result<(), FormsError> {
         if self.may_manage(caller, owner) {
             Ok(())
         } else {
@@ -101,7 +106,11 @@ impl Registry {
             message,
         };
         check_request_id(request_id).map_err(field)?;
-        match self.store.find_request(&caller.to_string(), request_id).await? {
+        match self
+            .store
+            .find_request(&caller.to_string(), request_id)
+            .await?
+        {
             Some(recorded) if recorded.method == method => Ok(Some(recorded.resource)),
             Some(recorded) => Err(FormsError::RequestIdReused {
                 request_id: request_id.to_owned(),
@@ -372,12 +381,13 @@ impl Registry {
         which: VersionRef,
         data_json: &str,
     ) -> Result<(Form, FormVersion), FormsError> {
-        let document = schema::parse_json(data_json, schema::MAX_DOCUMENT_BYTES).map_err(
-            |error| FormsError::InvalidJson {
-                field: "data_json",
-                error,
-            },
-        )?;
+        let document =
+            schema::parse_json(data_json, schema::MAX_DOCUMENT_BYTES).map_err(|error| {
+                FormsError::InvalidJson {
+                    field: "data_json",
+                    error,
+                }
+            })?;
         let version = self.version(form_id, which).await?;
         if let Some(deprecation) = &version.deprecation {
             let latest = self.store.latest_active_version(form_id).await?;

@@ -111,7 +111,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.db.pool.begin().await?;
         record_request(&mut tx, request, &version.name(), form.create_time).await?;
-        let insert = sqlx::query(concat!("INSERT INTO forms (", form_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"))
+        let insert = sqlx::query(concat!(
+            "INSERT INTO forms (",
+            form_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
         .bind(&form.id)
         .bind(&form.owner.class)
         .bind(&form.owner.code)
@@ -200,12 +204,16 @@ impl Store {
 
     /// One form.
     pub async fn form(&self, form_id: &str) -> Result<Option<Form>, StoreError> {
-        sqlx::query(concat!("SELECT ", form_columns!(), " FROM forms WHERE form_id = $1"))
-            .bind(form_id)
-            .fetch_optional(&self.db.pool)
-            .await?
-            .map(|row| form_from_row(&row))
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            form_columns!(),
+            " FROM forms WHERE form_id = $1"
+        ))
+        .bind(form_id)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .map(|row| form_from_row(&row))
+        .transpose()
     }
 
     /// Forms in id order after `after`, optionally of one owner.
@@ -217,8 +225,12 @@ impl Store {
     ) -> Result<Vec<Form>, StoreError> {
         let rows = match owner {
             Some(owner) => {
-                sqlx::query(concat!("SELECT ", form_columns!(), " FROM forms WHERE form_id > $1 \
-                     AND owner_class = $2 AND owner_code = $3 ORDER BY form_id LIMIT $4"))
+                sqlx::query(concat!(
+                    "SELECT ",
+                    form_columns!(),
+                    " FROM forms WHERE form_id > $1 \
+                     AND owner_class = $2 AND owner_code = $3 ORDER BY form_id LIMIT $4"
+                ))
                 .bind(after)
                 .bind(&owner.class)
                 .bind(&owner.code)
@@ -227,7 +239,11 @@ impl Store {
                 .await?
             }
             None => {
-                sqlx::query(concat!("SELECT ", form_columns!(), " FROM forms WHERE form_id > $1 ORDER BY form_id LIMIT $2"))
+                sqlx::query(concat!(
+                    "SELECT ",
+                    form_columns!(),
+                    " FROM forms WHERE form_id > $1 ORDER BY form_id LIMIT $2"
+                ))
                 .bind(after)
                 .bind(i64::from(limit))
                 .fetch_all(&self.db.pool)
@@ -243,7 +259,11 @@ impl Store {
         form_id: &str,
         version: u32,
     ) -> Result<Option<FormVersion>, StoreError> {
-        sqlx::query(concat!("SELECT ", version_columns!(), " FROM form_versions WHERE form_id = $1 AND version = $2"))
+        sqlx::query(concat!(
+            "SELECT ",
+            version_columns!(),
+            " FROM form_versions WHERE form_id = $1 AND version = $2"
+        ))
         .bind(form_id)
         .bind(i64::from(version))
         .fetch_optional(&self.db.pool)
@@ -257,8 +277,12 @@ impl Store {
         &self,
         form_id: &str,
     ) -> Result<Option<FormVersion>, StoreError> {
-        sqlx::query(concat!("SELECT ", version_columns!(), " FROM form_versions WHERE form_id = $1 \
-             AND deprecate_time_ms IS NULL ORDER BY version DESC LIMIT 1"))
+        sqlx::query(concat!(
+            "SELECT ",
+            version_columns!(),
+            " FROM form_versions WHERE form_id = $1 \
+             AND deprecate_time_ms IS NULL ORDER BY version DESC LIMIT 1"
+        ))
         .bind(form_id)
         .fetch_optional(&self.db.pool)
         .await?
@@ -273,8 +297,12 @@ impl Store {
         after: u32,
         limit: u32,
     ) -> Result<Vec<FormVersion>, StoreError> {
-        let rows = sqlx::query(concat!("SELECT ", version_columns!(), " FROM form_versions WHERE form_id = $1 AND version > $2 \
-             ORDER BY version LIMIT $3"))
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            version_columns!(),
+            " FROM form_versions WHERE form_id = $1 AND version > $2 \
+             ORDER BY version LIMIT $3"
+        ))
         .bind(form_id)
         .bind(i64::from(after))
         .bind(i64::from(limit))
@@ -310,7 +338,11 @@ async fn insert_version(
 ) -> Result<(), StoreError> {
     let fields = serde_json::to_string(&version.fields)
         .map_err(|e| StoreError::Corrupt(format!("fields do not encode: {e}")))?;
-    let insert = sqlx::query(concat!("INSERT INTO form_versions (", version_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"))
+    let insert = sqlx::query(concat!(
+        "INSERT INTO form_versions (",
+        version_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    ))
     .bind(&version.form_id)
     .bind(i64::from(version.version))
     .bind(&version.schema_json)
@@ -369,8 +401,8 @@ fn form_from_row(row: &AnyRow) -> Result<Form, StoreError> {
 
 fn version_from_row(row: &AnyRow) -> Result<FormVersion, StoreError> {
     let fields: String = row.try_get("fields_json")?;
-    let fields: Vec<Field> = serde_json::from_str(&fields)
-        .map_err(|e| StoreError::Corrupt(format!("fields: {e}")))?;
+    let fields: Vec<Field> =
+        serde_json::from_str(&fields).map_err(|e| StoreError::Corrupt(format!("fields: {e}")))?;
     let deprecate_time: Option<i64> = row.try_get("deprecate_time_ms")?;
     let deprecation = match deprecate_time {
         Some(ms) => Some(Deprecation {

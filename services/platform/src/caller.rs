@@ -96,7 +96,9 @@ impl Authenticate {
             .ok()
             .and_then(|text| SpiffeId::parse(text).ok())
             .filter(|id| id.trust_domain == self.gateway.trust_domain)
-            .ok_or_else(|| unauthenticated(format!("the gateway sent a malformed `{CALLER_HEADER}`")))?;
+            .ok_or_else(|| {
+                unauthenticated(format!("the gateway sent a malformed `{CALLER_HEADER}`"))
+            })?;
         Ok(Caller {
             identity: Arc::new(claimed),
             via_gateway: true,

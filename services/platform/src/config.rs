@@ -69,12 +69,12 @@ pub fn load<T: DeserializeOwned>(
                 path: path.to_owned(),
                 source,
             })?;
-            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                ConfigError::Syntax {
-                    path: path.to_owned(),
-                    message: e.to_string(),
-                }
-            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?;
             (table, path.display().to_string())
         }
         None => (toml::Table::new(), "defaults".to_owned()),
@@ -292,8 +292,7 @@ mod tests {
         let error = load::<Sample>(Some(&path), &HashMap::new()).unwrap_err();
         assert!(error.to_string().contains("ulr"), "{error}");
 
-        let error =
-            load::<Sample>(Some(&path), &env(&[("ONESTOP_DATABASE", "x")])).unwrap_err();
+        let error = load::<Sample>(Some(&path), &env(&[("ONESTOP_DATABASE", "x")])).unwrap_err();
         assert!(error.to_string().contains("ONESTOP_DATABASE"), "{error}");
     }
 

@@ -182,7 +182,8 @@ fn check_part(
     if value.is_empty() && may_be_empty {
         return Ok(());
     }
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (dots && b == b'.');
+    let allowed =
+        |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (dots && b == b'.');
     if (1..=64).contains(&value.len()) && value.bytes().all(allowed) {
         Ok(())
     } else {

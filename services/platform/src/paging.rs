@@ -48,7 +48,10 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_garbage_is_refused() {
-        assert_eq!(decode_token(&encode_token("forms/x")).unwrap().as_deref(), Some("forms/x"));
+        assert_eq!(
+            decode_token(&encode_token("forms/x")).unwrap().as_deref(),
+            Some("forms/x")
+        );
         assert_eq!(decode_token("").unwrap(), None);
         assert!(decode_token("***").is_err());
         assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);

@@ -77,7 +77,8 @@ impl IssueRequest {
     pub fn serving_localhost(mut self) -> Self {
         self.dns_names.push("localhost".to_owned());
         self.ip_addresses.push(IpAddr::from([127, 0, 0, 1]));
-        self.ip_addresses.push(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]));
+        self.ip_addresses
+            .push(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]));
         self
     }
 }
@@ -151,7 +152,11 @@ impl Ca {
             source,
         })?;
         write_file(&dir.join("ca.pem"), &self.cert_pem, false)?;
-        write_file(&dir.join("ca.key"), &self.issuer.key().serialize_pem(), true)
+        write_file(
+            &dir.join("ca.key"),
+            &self.issuer.key().serialize_pem(),
+            true,
+        )
     }
 
     /// The CA certificate, PEM encoded: what peers trust.

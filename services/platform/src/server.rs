@@ -102,6 +102,8 @@ pub async fn serve(
         .http2_max_header_list_size(limits.max_header_list_bytes)
         .http2_keepalive_interval(Some(limits.keepalive_interval_ms))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout_ms))
+        .initial_stream_window_size(crate::client::STREAM_WINDOW)
+        .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
         // Every call in its own span, a child of the caller's trace; the trace id goes back.
         .layer(TraceLayer)
         .add_routes(routes.routes());

@@ -31,7 +31,12 @@ impl Reason {
 }
 
 /// A platform error.
-pub fn error(code: Code, reason: Reason, message: String, violations: Vec<FieldViolation>) -> Status {
+pub fn error(
+    code: Code,
+    reason: Reason,
+    message: String,
+    violations: Vec<FieldViolation>,
+) -> Status {
     with_details(code, PLATFORM_DOMAIN, reason.as_str(), message, violations)
 }
 

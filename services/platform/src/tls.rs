@@ -163,8 +163,7 @@ pub fn server_config(
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto_provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(material.roots()?, provider.clone());
+    let verifier = WebPkiClientVerifier::builder_with_provider(material.roots()?, provider.clone());
     let verifier = match client_auth {
         ClientAuth::Required => verifier.build()?,
         ClientAuth::Optional => verifier.allow_unauthenticated().build()?,
@@ -360,7 +359,8 @@ pub fn accept(
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+                let handshake =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
                 let tls = match handshake.await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(error)) => {
