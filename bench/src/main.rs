@@ -96,12 +96,10 @@ async fn gateway_overhead(seconds: u64) -> anyhow::Result<()> {
     say(&format!(
         "Unary echo over mTLS, {IN_FLIGHT} calls in flight, {seconds} s each:"
     ));
+    // Straight to the service as a platform component: members may only come through the
+    // gateway.
     let direct = load(
-        onestop_integration_tests::mtls_channel(
-            &fed.echo.to_string(),
-            &fed.pki,
-            "demo-institution",
-        ),
+        onestop_integration_tests::mtls_channel(&fed.echo.to_string(), &fed.pki, "gateway"),
         duration,
     )
     .await?;

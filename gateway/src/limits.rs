@@ -109,6 +109,7 @@ mod tests {
 
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("garbage"));
         assert_eq!(cap_deadline(&mut headers, cap), cap);
+        assert_eq!(headers[GRPC_TIMEOUT], "30000m");
     }
 
     #[test]

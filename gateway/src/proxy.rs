@@ -80,27 +80,8 @@ impl Gateway {
                 return refuse(Code::Unimplemented, "UNKNOWN_METHOD", format!("`/{method}` is not a gRPC method path"));
             };
 
-            // 2. The gateway's own health and reflection.
-            if LOCAL_SERVICES.contains(&service) {
-                let request = request.map(Body::new);
-                return match self.local.clone().oneshot(request).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                };
-            }
-
-            // 3. Where the call goes.
-            let Some(upstream) = self.upstreams.get(service) else {
-                return refuse(Code::Unimplemented, "UNKNOWN_SERVICE", format!("no service `{service}` is reachable through this gateway"));
-            };
-
-            // 4. Whether this member may make it.
-            if !self.policy.allows(&member, &method) {
-                tracing::info!(%member, %method, "call denied by the access policy");
-                return refuse(Code::PermissionDenied, "ACCESS_DENIED", format!("member {member} may not call {method}"));
-            }
-
-            // 5. Whether it is within the member's rate and the gateway's capacity.
+            // 2. Whether it is within the member's rate and the gateway's capacity; this holds
+            //    for every call, the gateway's own services included.
             if let Err(wait) = self.rates.check(&member) {
                 return refuse(Code::ResourceExhausted, "RATE_LIMITED", format!(
                     "member {} exceeded {} calls per second; retry in {} ms",
@@ -110,6 +91,26 @@ impl Gateway {
             let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                 return refuse(Code::ResourceExhausted, "OVERLOADED", "the gateway is at capacity; retry shortly".into());
             };
+
+            // 3. The gateway's own health and reflection, for every identified member.
+            if LOCAL_SERVICES.contains(&service) {
+                let request = request.map(Body::new);
+                return match self.local.clone().oneshot(request).await {
+                    Ok(response) => response.map(|body| Body::new(Guarded { body, _permit: permit })),
+                    Err(never) => match never {},
+                };
+            }
+
+            // 4. Where the call goes.
+            let Some(upstream) = self.upstreams.get(service) else {
+                return refuse(Code::Unimplemented, "UNKNOWN_SERVICE", format!("no service `{service}` is reachable through this gateway"));
+            };
+
+            // 5. Whether this member may make it.
+            if !self.policy.allows(&member, &method) {
+                tracing::info!(%member, %method, "call denied by the access policy");
+                return refuse(Code::PermissionDenied, "ACCESS_DENIED", format!("member {member} may not call {method}"));
+            }
 
             // 6. The deadline, never longer than the cap, enforced here while waiting for the
             //    answer and by the service.

@@ -13,9 +13,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use onestop_platform::client;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
@@ -114,21 +114,11 @@ impl Upstream {
     }
 
     async fn connect(&self) -> std::io::Result<SendRequest<Body>> {
-        let connect = async {
-            let tcp = TcpStream::connect(&self.address).await?;
-            // gRPC is many small messages; Nagle's algorithm would delay each.
-            tcp.set_nodelay(true)?;
-            self.tls.connect(self.server_name.clone(), tcp).await
-        };
-        let tls = tokio::time::timeout(Duration::from_secs(5), connect)
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
+        let tls = client::dial(&self.address, self.server_name.clone(), &self.tls).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .initial_stream_window_size(onestop_platform::client::STREAM_WINDOW)
-            .initial_connection_window_size(onestop_platform::client::CONNECTION_WINDOW)
+            .initial_stream_window_size(client::STREAM_WINDOW)
+            .initial_connection_window_size(client::CONNECTION_WINDOW)
             .keep_alive_interval(self.keepalive)
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
@@ -151,9 +141,13 @@ impl Upstream {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                tokio::select! {
+                let watched = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = upstream.mirror_health(&reporter) => {}
+                    watched = upstream.mirror_health(&reporter) => watched,
+                };
+                if watched {
+                    // It was up: a restart is retried quickly again.
+                    backoff = Duration::from_millis(100);
                 }
                 reporter
                     .set_service_status(&upstream.service, ServingStatus::NotServing)
@@ -167,7 +161,8 @@ impl Upstream {
         });
     }
 
-    async fn mirror_health(self: &Arc<Self>, reporter: &HealthReporter) {
+    /// Mirrors the health stream until it ends; returns whether it was ever received.
+    async fn mirror_health(self: &Arc<Self>, reporter: &HealthReporter) -> bool {
         let mut client = HealthClient::new(Client(self.clone()));
         let request = tonic_health::pb::HealthCheckRequest {
             service: self.service.clone(),
@@ -176,7 +171,7 @@ impl Upstream {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 tracing::debug!(service = %self.service, %status, "health watch failed");
-                return;
+                return false;
             }
         };
         while let Ok(Some(update)) = stream.message().await {
@@ -187,6 +182,7 @@ impl Upstream {
             };
             reporter.set_service_status(&self.service, status).await;
         }
+        true
     }
 }
 

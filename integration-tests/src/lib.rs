@@ -39,6 +39,7 @@ pub struct TestFederation {
     /// The PKI directory: `ca.pem`, and `<name>.pem`/`<name>.key` per certificate.
     pub pki: PathBuf,
     echo_shutdown: tokio_util::sync::CancellationToken,
+    _nowhere: tokio::net::TcpSocket,
     _postgres: Option<pg::Postgres>,
     _dir: tempfile::TempDir,
 }
@@ -56,7 +57,12 @@ impl TestFederation {
         let dir = tempfile::tempdir().expect("temporary directory");
         let postgres = match backend {
             Backend::Sqlite => None,
-            Backend::Postgres => Some(pg::Postgres::start().expect("a throwaway PostgreSQL")),
+            Backend::Postgres => Some(
+                tokio::task::spawn_blocking(pg::Postgres::start)
+                    .await
+                    .expect("PostgreSQL start")
+                    .expect("a throwaway PostgreSQL"),
+            ),
         };
         // The echo service needs the PKI before the gateway routes to it.
         let pki = dir.path().join("pki");
@@ -68,19 +74,22 @@ impl TestFederation {
         let mut options = Options::new(dir.path(), "127.0.0.1:0".parse().expect("address"));
         options.forms_database = postgres.as_ref().map(|pg| pg.url.clone());
         options.extra_routes.push((echo::SERVICE.to_owned(), echo));
-        // A route to a port where nothing listens, to see an upstream that is down.
-        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+        // A route to a port held but never listened on, to see an upstream that is down.
+        let nowhere = tokio::net::TcpSocket::new_v4().expect("socket");
+        nowhere
+            .bind("127.0.0.1:0".parse().expect("address"))
             .expect("a free port");
-        options
-            .extra_routes
-            .push((UNREACHABLE_SERVICE.to_owned(), nowhere));
+        options.extra_routes.push((
+            UNREACHABLE_SERVICE.to_owned(),
+            nowhere.local_addr().expect("address"),
+        ));
         adjust(&mut options);
         // The test services are callable by the demo institution.
         let policy = federation::ensure_policy(dir.path()).expect("policy");
         let mut text = std::fs::read_to_string(&policy).expect("policy");
         text.push_str(&format!(
-            "\n[[allow]]\nmember = \"GOV/VSAA\"\nmethods = [\"{}/*\", \"{UNREACHABLE_SERVICE}/*\"]\n",
+            "\n[[allow]]\nmember = \"GOV/VSAA\"\nmethods = [\"{}/*\", \"{UNREACHABLE_SERVICE}/*\"]\n\n\
+             [[allow]]\nmember = \"GOV/NVA\"\nmethods = [\"onestop.forms.v1.FormsService/*\"]\n",
             echo::SERVICE
         ));
         std::fs::write(&policy, text).expect("policy");
@@ -91,6 +100,7 @@ impl TestFederation {
             echo,
             pki,
             fed: Some(fed),
+            _nowhere: nowhere,
             echo_shutdown,
             _postgres: postgres,
             _dir: dir,

@@ -84,7 +84,7 @@ fn command(binary: &Path, user: &Option<(String, String)>) -> Command {
 }
 
 impl Postgres {
-    /// Initialises a cluster in a temporary directory and starts a server on a free port.
+    /// Initialises a cluster in a temporary directory and starts a server on a Unix socket there.
     pub fn start() -> anyhow::Result<Self> {
         let initdb = find_binary("initdb")?;
         let postgres = find_binary("postgres")?;
@@ -109,22 +109,13 @@ impl Postgres {
         if !output.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        // Only a Unix socket in the server's own directory: no TCP port to race other tests for.
         let mut child = command(&postgres, &user)
             .arg("-D")
             .arg(&data)
-            .arg("-p")
-            .arg(port.to_string())
             .arg("-k")
             .arg(dir.path())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "max_connections=200",
-            ])
+            .args(["-c", "listen_addresses=", "-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -155,10 +146,14 @@ impl Postgres {
                 bail!("postgres was not ready within 60 s");
             }
         }
+        let url = format!(
+            "postgres://onestop@localhost/postgres?host={}",
+            dir.path().display()
+        );
         Ok(Self {
             child,
             _dir: dir,
-            url: format!("postgres://onestop@127.0.0.1:{port}/postgres"),
+            url,
         })
     }
 }

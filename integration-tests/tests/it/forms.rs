@@ -209,16 +209,11 @@ async fn versions_follow_the_breaking_version_rule(backend: Backend) {
     fields.sort();
     assert_eq!(fields, ["/children", "/email", "/name"]);
 
-    // Only the owner (or an operator) publishes: another institution may not.
+    // Only the owner (or an operator) publishes: another institution, which the access policy
+    // lets use the forms service, may not.
     fed.issue_member("other-institution", "GOV/NVA/registry");
-    let policy = fed.pki.parent().unwrap().join("policy.toml");
-    assert!(
-        std::fs::read_to_string(&policy)
-            .unwrap()
-            .contains("GOV/VSAA")
-    );
-    let mut direct_nva = FormsServiceClient::new(fed.forms_client("other-institution"));
-    let status = direct_nva
+    let mut nva = client(&fed, "other-institution");
+    let status = nva
         .publish_form_version(publish("test-benefit", "p4", &wider, true))
         .await
         .unwrap_err();
@@ -250,6 +245,22 @@ async fn retried_requests_change_nothing_twice(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(first.form.unwrap().name, again.form.unwrap().name);
+
+    // A retry is recognised by its request id alone: it returns the first result even when the
+    // request around it has changed.
+    let confused = vsaa
+        .create_form(create_request("another-form", "create-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(confused.form.unwrap().name, "forms/retried-form");
+    let status = vsaa
+        .get_form(GetFormRequest {
+            name: "forms/another-form".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "the retry created nothing");
 
     // Another request for the same id is a conflict, not a retry.
     let status = vsaa

@@ -170,6 +170,11 @@ async fn only_the_gateway_may_name_a_caller_to_a_service() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(crate::reason(&status), "CALLER_CLAIM_REFUSED");
 
+    // Nor may it go around the gateway as itself: its access rights live at the gateway.
+    let status = direct.get_form(get_form()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(crate::reason(&status), "NOT_THROUGH_GATEWAY");
+
     // Through the gateway, a claim of the caller's own is replaced by the verified identity.
     let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
     let mut request = tonic::Request::new(EchoRequest {

@@ -2,15 +2,18 @@
 //!
 //! The check walks both schemas side by side and reports every change that narrows what is
 //! accepted: a removed field (where extra fields are refused), a newly required field, a
-//! narrowed type, enumeration, length, count or range, a new or changed pattern or format, and
-//! extra fields newly refused. Combinators it cannot compare exactly (`allOf`, `anyOf`,
-//! `oneOf`, `not`, `if`/`then`/`else`, `dependentRequired`, ...) count as narrowing whenever
-//! they change: the check may call a harmless change breaking, never the reverse, and a
-//! publisher who knows better declares the version breaking.
+//! narrowed type, enumeration, length, count or range, extra fields newly refused or
+//! constrained, and a new field constrained where any field was accepted. Every other keyword
+//! (`pattern`, `format`, `allOf`, `anyOf`, `oneOf`, `not`, `if`/`then`/`else`,
+//! `dependentRequired`, ...) counts as narrowing whenever it is added or changed: the check may
+//! call a harmless change breaking, never the reverse, and a publisher who knows better declares
+//! the version breaking.
 
 use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
+
+use crate::schema::child;
 
 /// One way in which the new schema narrows the old one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,25 +24,44 @@ pub struct Narrowing {
     pub change: String,
 }
 
-/// Keywords compared as opaque values: any change to them counts as narrowing.
-const OPAQUE: &[&str] = &[
-    "allOf",
-    "anyOf",
-    "oneOf",
-    "not",
-    "if",
-    "then",
-    "else",
-    "dependentRequired",
-    "dependentSchemas",
-    "propertyNames",
-    "patternProperties",
-    "prefixItems",
-    "contains",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "multipleOf",
-    "uniqueItems",
+/// Keywords that only annotate: changing them never changes what is accepted.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "$comment",
+    "examples",
+    "default",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "$schema",
+    "$id",
+    "$anchor",
+    "$defs",
+    "definitions",
+];
+
+/// Keywords this check compares by their meaning; every other keyword that is added or changed
+/// counts as narrowing.
+const COMPARED: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "$ref",
+    "maxLength",
+    "maxItems",
+    "maxProperties",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "minItems",
+    "minProperties",
+    "minimum",
+    "exclusiveMinimum",
 ];
 
 /// Upper bounds: lowering or adding one narrows.
@@ -83,6 +105,9 @@ struct Walk<'a> {
     definitions_unchanged: bool,
 }
 
+/// The schema that accepts anything.
+static ANY: Value = Value::Bool(true);
+
 /// References are followed at most this deep, which also stops recursive schemas.
 const MAX_DEPTH: usize = 32;
 /// At most this many pairs of subschemas are compared, so that a schema whose references
@@ -125,11 +150,27 @@ impl<'a> Walk<'a> {
         self.compare_values(old_map, new_map, pointer);
         self.compare_bounds(old_map, new_map, pointer);
 
-        for keyword in OPAQUE.iter().chain(["pattern", "format"].iter()) {
-            let (before, after) = (old_map.get(*keyword), new_map.get(*keyword));
-            if after.is_some() && before != after {
+        for (keyword, after) in new_map {
+            let keyword = keyword.as_str();
+            if ANNOTATIONS.contains(&keyword) || COMPARED.contains(&keyword) {
+                continue;
+            }
+            if old_map.get(keyword) != Some(after) {
                 self.report(pointer, format!("`{keyword}` was added or changed"));
             }
+        }
+
+        // A reference beside other keywords: what it points to must not narrow either.
+        match (old_map.get("$ref"), new_map.get("$ref")) {
+            (Some(before), Some(after)) => {
+                let (before, after) = (
+                    target(self.old_root, before).unwrap_or(&Value::Bool(true)),
+                    target(self.new_root, after).unwrap_or(&Value::Bool(false)),
+                );
+                self.compare(before, after, pointer, depth + 1);
+            }
+            (None, Some(_)) => self.report(pointer, "a reference was added".into()),
+            _ => {}
         }
 
         // Objects.
@@ -159,7 +200,8 @@ impl<'a> Walk<'a> {
         let properties =
             |map: &'a Map<String, Value>| map.get("properties").and_then(Value::as_object);
         let new_props = properties(new_map);
-        for (name, old_prop) in properties(old_map).into_iter().flatten() {
+        let old_props = properties(old_map);
+        for (name, old_prop) in old_props.into_iter().flatten() {
             match new_props.and_then(|props| props.get(name)) {
                 Some(new_prop) => {
                     self.compare(old_prop, new_prop, &child(pointer, name), depth + 1)
@@ -170,16 +212,33 @@ impl<'a> Walk<'a> {
                 None => {}
             }
         }
-        match (
-            old_map.get("additionalProperties"),
-            new_map.get("additionalProperties"),
-        ) {
-            (Some(old_extra), Some(new_extra))
-                if old_extra.is_object() || new_extra.is_object() =>
-            {
-                self.compare(old_extra, new_extra, &child(pointer, "*"), depth + 1);
+        // What an object accepted beyond its named fields: anything, when not said.
+        let any = &ANY;
+        let old_extra = old_map.get("additionalProperties").unwrap_or(any);
+        if old_extra == any {
+            // A field new to an object that accepted any field constrains what was free.
+            for (name, new_prop) in new_props.into_iter().flatten() {
+                let known = old_props.is_some_and(|props| props.contains_key(name));
+                if !known && new_prop != any && new_prop != &Value::Object(Map::new()) {
+                    self.report(
+                        &child(pointer, name),
+                        "a field that was free is constrained now".into(),
+                    );
+                }
             }
-            _ => {}
+        }
+        if let Some(new_extra) = new_map
+            .get("additionalProperties")
+            .filter(|e| e.is_object())
+        {
+            if old_extra.is_object() {
+                self.compare(old_extra, new_extra, &child(pointer, "*"), depth + 1);
+            } else if old_extra == any {
+                self.report(
+                    &child(pointer, "*"),
+                    "extra fields are constrained now".into(),
+                );
+            }
         }
 
         // Arrays.
@@ -290,6 +349,11 @@ fn types(map: &Map<String, Value>) -> Option<BTreeSet<String>> {
     }
 }
 
+/// What a local `$ref` (`#/...`) points to.
+fn target<'a>(root: &'a Value, reference: &Value) -> Option<&'a Value> {
+    root.pointer(reference.as_str()?.strip_prefix('#')?)
+}
+
 /// Follows a local `$ref` (`#/...`) of a schema that consists of nothing else, a few times.
 fn resolve<'a>(root: &'a Value, mut schema: &'a Value) -> &'a Value {
     for _ in 0..8 {
@@ -308,10 +372,6 @@ fn resolve<'a>(root: &'a Value, mut schema: &'a Value) -> &'a Value {
         }
     }
     schema
-}
-
-fn child(pointer: &str, name: &str) -> String {
-    format!("{pointer}/{}", name.replace('~', "~0").replace('/', "~1"))
 }
 
 #[cfg(test)]
@@ -385,6 +445,19 @@ mod tests {
         assert_eq!(
             changes(|s| s["properties"]["name"]["pattern"] = json!("^[A-Z]")),
             ["/name"]
+        );
+        // `$defs/item` accepts any extra field: constraining a new one narrows.
+        assert_eq!(
+            changes(|s| s["$defs"]["item"]["properties"]["y"] = json!({"type": "integer"})),
+            ["/list/-/y"]
+        );
+        assert_eq!(
+            changes(|s| s["$defs"]["item"]["additionalProperties"] = json!({"type": "string"})),
+            ["/list/-/*"]
+        );
+        assert_eq!(
+            changes(|s| s["properties"]["kind"]["minContains"] = json!(1)),
+            ["/kind"]
         );
     }
 }

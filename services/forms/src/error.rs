@@ -121,7 +121,7 @@ impl FormsError {
             FormsError::PermissionDenied(_) => Code::PermissionDenied,
             FormsError::Breaking { .. } | FormsError::Deprecated { .. } => Code::FailedPrecondition,
             FormsError::Concurrent(_) => Code::Aborted,
-            FormsError::Store(StoreError::Database(sqlx::Error::PoolTimedOut)) => Code::Unavailable,
+            FormsError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             FormsError::Store(_) => Code::Internal,
         }
     }

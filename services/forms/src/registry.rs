@@ -47,6 +47,26 @@ pub struct NewVersion {
     pub title: Option<Localized>,
 }
 
+/// At most this many compiled schemas are kept.
+pub const MAX_CACHED_SCHEMAS: usize = 10_000;
+/// A page of versions stops growing past this many bytes of schema, to stay well inside the
+/// largest reply.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// The key after which the next page starts, when this page is full.
+fn next_key<T>(page: &[T], size: u32, key: impl Fn(&T) -> String) -> Option<String> {
+    (page.len() == size as usize)
+        .then(|| page.last().map(key))
+        .flatten()
+}
+
+fn invalid(field: &str, message: String) -> FormsError {
+    FormsError::InvalidField {
+        field: field.to_owned(),
+        message,
+    }
+}
+
 /// A page of results and the key after which the next starts.
 pub type Page<T> = (Vec<T>, Option<String>);
 
@@ -54,8 +74,8 @@ pub type Page<T> = (Vec<T>, Option<String>);
 pub struct Registry {
     store: Store,
     operators: Vec<Member>,
-    /// Versions are immutable, so a compiled schema never goes stale; the cache is as large as
-    /// the number of versions validated against.
+    /// Versions are immutable, so a compiled schema never goes stale; only versions validated
+    /// against are cached, at most [`MAX_CACHED_SCHEMAS`].
     compiled: RwLock<HashMap<(String, u32), CompiledSchema>>,
 }
 
@@ -101,11 +121,7 @@ impl Registry {
         request_id: &str,
         method: &str,
     ) -> Result<Option<String>, FormsError> {
-        let field = |message| FormsError::InvalidField {
-            field: "request_id".into(),
-            message,
-        };
-        check_request_id(request_id).map_err(field)?;
+        check_request_id(request_id).map_err(|m| invalid("request_id", m))?;
         match self
             .store
             .find_request(&caller.to_string(), request_id)
@@ -129,19 +145,17 @@ impl Registry {
         now: OffsetDateTime,
     ) -> Result<(Form, FormVersion), FormsError> {
         const METHOD: &str = "CreateForm";
-        if self.repeated(caller, request_id, METHOD).await?.is_some() {
-            return self.form_and_first_version(&new.id).await;
+        if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
+            return self.form_and_version(&resource).await;
         }
-        check_form_id(&new.id).map_err(|message| FormsError::InvalidField {
-            field: "form_id".into(),
-            message,
-        })?;
+        check_form_id(&new.id).map_err(|m| invalid("form_id", m))?;
         let owner = new.owner.institution();
         self.require_manager(caller, &owner, "create a form for this owner")?;
         invalid_text("title", &new.title, true)?;
         invalid_text("description", &new.description, false)?;
         invalid_fields(&new.fields)?;
-        let (_, compiled) = compile(&new.schema_json)?;
+        // Compiling proves the schema usable; it is cached when data is first validated.
+        compile(&new.schema_json)?;
         let form = Form {
             id: new.id.clone(),
             owner,
@@ -169,20 +183,20 @@ impl Registry {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
                 // Either the same request won a race with itself, or the form exists.
-                if self.repeated(caller, request_id, METHOD).await?.is_some() {
-                    return self.form_and_first_version(&new.id).await;
+                if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
+                    return self.form_and_version(&resource).await;
                 }
                 return Err(FormsError::AlreadyExists(form.name()));
             }
             Err(e) => return Err(e.into()),
         }
-        self.remember(&version, compiled);
         Ok((form, version))
     }
 
-    async fn form_and_first_version(&self, id: &str) -> Result<(Form, FormVersion), FormsError> {
-        let form = self.form(id).await?;
-        let version = self.version(id, VersionRef::Number(1)).await?;
+    /// The form and version a recorded request produced.
+    async fn form_and_version(&self, resource: &str) -> Result<(Form, FormVersion), FormsError> {
+        let version = self.version_by_name(resource).await?;
+        let form = self.form(&version.form_id).await?;
         Ok((form, version))
     }
 
@@ -205,7 +219,7 @@ impl Registry {
             invalid_text("title", title, true)?;
         }
         invalid_fields(&new.fields)?;
-        let (schema, compiled) = compile(&new.schema_json)?;
+        let (schema, _) = compile(&new.schema_json)?;
         let previous = self
             .version(form_id, VersionRef::Number(form.latest_version))
             .await?;
@@ -249,7 +263,6 @@ impl Registry {
             }
             Err(e) => return Err(e.into()),
         }
-        self.remember(&version, compiled);
         Ok(version)
     }
 
@@ -268,13 +281,13 @@ impl Registry {
             return self.version_by_name(&resource).await;
         }
         if reason.trim().is_empty() || reason.chars().count() > model::MAX_TEXT_CHARS {
-            return Err(FormsError::InvalidField {
-                field: "reason".into(),
-                message: format!(
+            return Err(invalid(
+                "reason",
+                format!(
                     "say why the version is deprecated, in at most {} characters",
                     model::MAX_TEXT_CHARS
                 ),
-            });
+            ));
         }
         let form = self.form(form_id).await?;
         self.require_manager(caller, &form.owner, "deprecate versions of this form")?;
@@ -289,10 +302,15 @@ impl Registry {
             .deprecate_version(form_id, number, reason, now, key)
             .await
         {
-            Ok(()) | Err(StoreError::Conflict) => {}
-            Err(e) => return Err(e.into()),
+            Ok(()) => self.version(form_id, VersionRef::Number(number)).await,
+            // The request id was recorded meanwhile: by this very request (a retry that raced)
+            // or by another method.
+            Err(StoreError::Conflict) => match self.repeated(caller, request_id, METHOD).await? {
+                Some(resource) => self.version_by_name(&resource).await,
+                None => Err(FormsError::Concurrent(form.name())),
+            },
+            Err(e) => Err(e.into()),
         }
-        self.version(form_id, VersionRef::Number(number)).await
     }
 
     /// One form.
@@ -314,9 +332,7 @@ impl Registry {
             .store
             .forms(after.as_deref().unwrap_or(""), owner, size)
             .await?;
-        let next = (forms.len() == size as usize)
-            .then(|| forms.last().map(|f| f.id.clone()))
-            .flatten();
+        let next = next_key(&forms, size, |f| f.id.clone());
         Ok((forms, next))
     }
 
@@ -360,17 +376,24 @@ impl Registry {
         size: u32,
     ) -> Result<Page<FormVersion>, FormsError> {
         let after = match after {
-            Some(token) => token.parse::<u32>().map_err(|_| FormsError::InvalidField {
-                field: "page_token".into(),
-                message: "not a token this service issued".into(),
-            })?,
+            Some(token) => token
+                .parse::<u32>()
+                .map_err(|_| invalid("page_token", "not a token this service issued".into()))?,
             None => 0,
         };
         self.form(form_id).await?;
-        let versions = self.store.versions(form_id, after, size).await?;
-        let next = (versions.len() == size as usize)
-            .then(|| versions.last().map(|v| v.version.to_string()))
-            .flatten();
+        let mut versions = self.store.versions(form_id, after, size).await?;
+        // Schemas may be large: a page ends early rather than outgrow a reply.
+        let mut bytes = 0;
+        if let Some(end) = versions.iter().position(|v| {
+            bytes += v.schema_json.len();
+            bytes > MAX_PAGE_BYTES
+        }) {
+            versions.truncate(end.max(1));
+            let next = versions.last().map(|v| v.version.to_string());
+            return Ok((versions, next));
+        }
+        let next = next_key(&versions, size, |v| v.version.to_string());
         Ok((versions, next))
     }
 
@@ -421,6 +444,10 @@ impl Registry {
 
     fn remember(&self, version: &FormVersion, compiled: CompiledSchema) {
         if let Ok(mut cache) = self.compiled.write() {
+            // A crude bound: versions in use are few, and recompiling is cheap next to a leak.
+            if cache.len() >= MAX_CACHED_SCHEMAS {
+                cache.clear();
+            }
             cache.insert((version.form_id.clone(), version.version), compiled);
         }
     }
@@ -438,14 +465,11 @@ fn compile(schema_json: &str) -> Result<(Value, CompiledSchema), FormsError> {
 }
 
 fn invalid_text(field: &str, text: &Localized, required: bool) -> Result<(), FormsError> {
-    check_text(field, text, required).map_err(|message| FormsError::InvalidField {
-        field: field.to_owned(),
-        message,
-    })
+    check_text(field, text, required).map_err(|m| invalid(field, m))
 }
 
 fn invalid_fields(fields: &[Field]) -> Result<(), FormsError> {
-    check_fields(fields).map_err(|(field, message)| FormsError::InvalidField { field, message })
+    check_fields(fields).map_err(|(field, m)| invalid(&field, m))
 }
 
 impl Registry {
@@ -459,10 +483,7 @@ impl Registry {
         if self.store.form(&seed.form_id).await?.is_some() {
             return Ok(());
         }
-        let owner = Member::parse(&seed.owner).map_err(|e| FormsError::InvalidField {
-            field: "owner".into(),
-            message: e.to_string(),
-        })?;
+        let owner = Member::parse(&seed.owner).map_err(|e| invalid("owner", e.to_string()))?;
         // The owner creates its own form: the seed stands in for the institution.
         let caller = SpiffeId::member(trust_domain, owner.clone());
         let new = NewForm {

@@ -183,7 +183,7 @@ impl CompiledSchema {
 }
 
 /// Appends `name` to a JSON Pointer, escaping `~` and `/`.
-fn child(pointer: &str, name: &str) -> String {
+pub(crate) fn child(pointer: &str, name: &str) -> String {
     format!("{pointer}/{}", name.replace('~', "~0").replace('/', "~1"))
 }
 

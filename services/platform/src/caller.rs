@@ -1,10 +1,11 @@
 //! Who the caller of a service is, decided once per request.
 //!
 //! A service sees either the platform's gateway, which names the verified external caller in
-//! the `x-onestop-caller` header, or another platform component or member calling it directly
-//! with its own certificate. The header is believed only on a connection authenticated with the
-//! gateway's own certificate; anyone else who sends it is refused, so that no member can claim
-//! to be another.
+//! the `x-onestop-caller` header, or another platform component calling it directly with its own
+//! certificate. The header is believed only on a connection authenticated with the gateway's
+//! own certificate; anyone else who sends it is refused, so that no member can claim to be
+//! another. A member that reaches a service directly is refused too: members come through the
+//! gateway, where their access rights and limits apply.
 
 use std::sync::Arc;
 
@@ -77,6 +78,14 @@ impl Authenticate {
             }
         };
         let Some(claimed) = claimed else {
+            if let Some(member) = identity.as_member() {
+                return Err(status::error(
+                    tonic::Code::PermissionDenied,
+                    Reason::NotThroughGateway,
+                    format!("member {member} must call through the gateway, not directly"),
+                    Vec::new(),
+                ));
+            }
             return Ok(Caller {
                 identity: identity.clone(),
                 via_gateway: false,
@@ -156,8 +165,12 @@ mod tests {
             .caller(Some(&peer(spiffe(other))), Some(MEMBER.as_bytes()))
             .unwrap_err();
         assert_eq!(error.code(), tonic::Code::PermissionDenied);
-        let direct = auth.caller(Some(&peer(spiffe(other))), None).unwrap();
-        assert_eq!(direct.identity.to_string(), other);
+        // Nor may a member call directly as itself; a platform component may.
+        let error = auth.caller(Some(&peer(spiffe(other))), None).unwrap_err();
+        assert_eq!(error.code(), tonic::Code::PermissionDenied);
+        let routing = "spiffe://onestop.lv/platform/routing";
+        let direct = auth.caller(Some(&peer(spiffe(routing))), None).unwrap();
+        assert_eq!(direct.identity.to_string(), routing);
         assert!(!direct.via_gateway);
     }
 

@@ -10,6 +10,7 @@ use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint};
 
 /// The HTTP/2 flow-control window of one call, in bytes.
@@ -50,11 +51,30 @@ pub fn channel(
         let server_name = server_name.clone();
         let target = target.clone();
         async move {
-            let tcp = TcpStream::connect(&target).await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            Ok::<_, std::io::Error>(TokioIo::new(dial(&target, server_name, &connector).await?))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connect))
+}
+
+/// Opens one mutual-TLS connection to `address`, within five seconds.
+pub async fn dial(
+    address: &str,
+    server_name: ServerName<'static>,
+    connector: &TlsConnector,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let connect = async {
+        let tcp = TcpStream::connect(address).await?;
+        // gRPC is many small messages; Nagle's algorithm would delay each.
+        tcp.set_nodelay(true)?;
+        connector.connect(server_name, tcp).await
+    };
+    tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {address} timed out"),
+            )
+        })?
 }

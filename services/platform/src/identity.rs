@@ -44,7 +44,16 @@ impl Member {
                 "`{text}` is not a member id: expected CLASS/CODE or CLASS/CODE/SUBSYSTEM"
             )));
         };
-        let subsystem = parts.next().unwrap_or("");
+        let subsystem = match parts.next() {
+            // `CLASS/CODE/` is a typo, not the whole institution.
+            Some("") => {
+                return Err(IdentityError(format!(
+                    "`{text}` is not a member id: the subsystem after the last `/` is empty"
+                )));
+            }
+            Some(subsystem) => subsystem,
+            None => "",
+        };
         if parts.next().is_some() {
             return Err(IdentityError(format!(
                 "`{text}` is not a member id: too many `/`"
@@ -225,6 +234,7 @@ mod tests {
             "spiffe://onestop.lv/member/gov/1",
             "spiffe://onestop.lv/member/GOV",
             "spiffe://onestop.lv/member/GOV/1/a/b",
+            "spiffe://onestop.lv/member/GOV/1/",
             "spiffe://onestop.lv/member/GOV/../x",
             "spiffe://onestop.lv/other/x",
             "spiffe://onestop.lv/platform/",

@@ -104,8 +104,8 @@ impl std::fmt::Debug for IssuedCert {
 impl IssuedCert {
     /// Writes `<name>.pem` and `<name>.key` (the key readable by the owner only).
     pub fn save(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
-        write_file(&dir.join(format!("{name}.pem")), &self.cert_pem, false)?;
-        write_file(&dir.join(format!("{name}.key")), &self.key_pem, true)
+        write_file(&dir.join(format!("{name}.key")), &self.key_pem, true)?;
+        write_file(&dir.join(format!("{name}.pem")), &self.cert_pem, false)
     }
 }
 
@@ -258,17 +258,26 @@ fn read_file(path: &Path) -> Result<String, PkiError> {
     })
 }
 
+/// Writes a file; a secret one is created readable by the owner only from the start.
 fn write_file(path: &Path, content: &str, secret: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| PkiError::Io {
         path: path.to_owned(),
         source,
     };
-    std::fs::write(path, content).map_err(io)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
     if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        options.mode(0o600);
     }
-    Ok(())
+    options
+        .open(path)
+        .and_then(|mut file| {
+            file.write_all(content.as_bytes())
+                .and_then(|()| file.sync_all())
+        })
+        .map_err(io)
 }
 
 /// The file names of a development federation's certificates in its PKI directory.
@@ -292,19 +301,31 @@ pub mod dev {
     /// The member id of the demo centre.
     pub const DEMO_CENTRE_MEMBER: &str = "MUN/GULBENE/kac";
 
-    /// Makes the development CA and every certificate a one-machine federation needs, unless
-    /// the directory has a CA already. Returns whether anything was made.
+    /// Makes the development CA (unless the directory has one) and every certificate a
+    /// one-machine federation needs that is missing. Returns whether anything was made.
     pub fn ensure(dir: &Path, trust_domain: &str) -> Result<bool, PkiError> {
-        if dir.join("ca.pem").exists() {
-            return Ok(false);
-        }
-        let ca = Ca::generate(trust_domain)?;
-        ca.save(dir)?;
+        let ca = if dir.join("ca.pem").exists() {
+            Ca::load(dir)?
+        } else {
+            let ca = Ca::generate(trust_domain)?;
+            ca.save(dir)?;
+            ca
+        };
         let year = Duration::from_secs(365 * 24 * 3600);
+        let mut made = false;
+        let mut issue = |name: &str, request: IssueRequest| -> Result<(), PkiError> {
+            if !dir.join(format!("{name}.pem")).exists() {
+                ca.issue(&request)?.save(dir, name)?;
+                made = true;
+            }
+            Ok(())
+        };
         for component in [GATEWAY, FORMS] {
             let identity = SpiffeId::platform(trust_domain, component);
-            let request = IssueRequest::new(component, Some(identity), year).serving_localhost();
-            ca.issue(&request)?.save(dir, component)?;
+            issue(
+                component,
+                IssueRequest::new(component, Some(identity), year).serving_localhost(),
+            )?;
         }
         for (name, member) in [
             (DEMO_INSTITUTION, DEMO_INSTITUTION_MEMBER),
@@ -312,9 +333,8 @@ pub mod dev {
         ] {
             let member = Member::parse(member).map_err(|e| PkiError::Invalid(e.to_string()))?;
             let identity = SpiffeId::member(trust_domain, member);
-            ca.issue(&IssueRequest::new(name, Some(identity), year))?
-                .save(dir, name)?;
+            issue(name, IssueRequest::new(name, Some(identity), year))?;
         }
-        Ok(true)
+        Ok(made)
     }
 }

@@ -15,6 +15,8 @@ pub enum Reason {
     Unauthenticated,
     /// Someone other than the gateway claimed a caller.
     CallerClaimRefused,
+    /// A member called a service directly instead of through the gateway.
+    NotThroughGateway,
     /// A request field is malformed.
     InvalidField,
 }
@@ -25,6 +27,7 @@ impl Reason {
         match self {
             Reason::Unauthenticated => "UNAUTHENTICATED",
             Reason::CallerClaimRefused => "CALLER_CLAIM_REFUSED",
+            Reason::NotThroughGateway => "NOT_THROUGH_GATEWAY",
             Reason::InvalidField => "INVALID_FIELD",
         }
     }
