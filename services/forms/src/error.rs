@@ -85,6 +85,9 @@ pub enum FormsError {
     /// The store failed.
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
+    /// A bug: work that should not fail did.
+    #[error("internal failure: {0}")]
+    Internal(String),
 }
 
 fn latest_hint(latest: Option<u32>) -> String {
@@ -106,6 +109,7 @@ impl FormsError {
             FormsError::RequestIdReused { .. } => "REQUEST_ID_REUSED",
             FormsError::Concurrent(_) => "CONCURRENT_CHANGE",
             FormsError::Store(_) => "STORAGE_FAILURE",
+            FormsError::Internal(_) => "INTERNAL",
         }
     }
 
@@ -122,7 +126,7 @@ impl FormsError {
             FormsError::Breaking { .. } | FormsError::Deprecated { .. } => Code::FailedPrecondition,
             FormsError::Concurrent(_) => Code::Aborted,
             FormsError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            FormsError::Store(_) => Code::Internal,
+            FormsError::Store(_) | FormsError::Internal(_) => Code::Internal,
         }
     }
 
@@ -175,6 +179,10 @@ impl From<FormsError> for Status {
             FormsError::Store(cause) => {
                 tracing::error!(error = %cause, "forms store failed");
                 "the form store failed; the request may be retried".to_owned()
+            }
+            FormsError::Internal(cause) => {
+                tracing::error!(error = %cause, "forms failed");
+                "the forms service failed on this request; it may be retried".to_owned()
             }
             other => other.to_string(),
         };

@@ -265,7 +265,17 @@ pub fn check_fields(fields: &[Field]) -> Result<(), (String, String)> {
         if field.choices.len() > MAX_CHOICES {
             return Err((at("choices"), format!("at most {MAX_CHOICES} choices")));
         }
+        let mut values = std::collections::HashSet::new();
         for choice in &field.choices {
+            if choice.value.is_empty() || choice.value.chars().count() > MAX_TEXT_CHARS {
+                return Err((
+                    at("choices"),
+                    format!("a value must be 1-{MAX_TEXT_CHARS} characters"),
+                ));
+            }
+            if !values.insert(choice.value.as_str()) {
+                return Err((at("choices"), format!("`{}` is listed twice", choice.value)));
+            }
             check_text("label", &choice.label, true).map_err(|m| (at("choices"), m))?;
         }
     }

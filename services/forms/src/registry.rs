@@ -47,6 +47,8 @@ pub struct NewVersion {
     pub title: Option<Localized>,
 }
 
+/// The most versions a form may have.
+pub const MAX_VERSIONS: u32 = 1000;
 /// At most this many compiled schemas are kept.
 pub const MAX_CACHED_SCHEMAS: usize = 10_000;
 /// A page of versions stops growing past this many bytes of schema, to stay well inside the
@@ -155,7 +157,7 @@ impl Registry {
         invalid_text("description", &new.description, false)?;
         invalid_fields(&new.fields)?;
         // Compiling proves the schema usable; it is cached when data is first validated.
-        compile(&new.schema_json)?;
+        compile_apart(new.schema_json.clone()).await?;
         let form = Form {
             id: new.id.clone(),
             owner,
@@ -219,7 +221,16 @@ impl Registry {
             invalid_text("title", title, true)?;
         }
         invalid_fields(&new.fields)?;
-        let (schema, _) = compile(&new.schema_json)?;
+        if form.latest_version >= MAX_VERSIONS {
+            return Err(invalid(
+                "parent",
+                format!(
+                    "{} has {MAX_VERSIONS} versions, the most a form may have; create a new form",
+                    form.name()
+                ),
+            ));
+        }
+        let (schema, _) = compile_apart(new.schema_json.clone()).await?;
         let previous = self
             .version(form_id, VersionRef::Number(form.latest_version))
             .await?;
@@ -227,7 +238,12 @@ impl Registry {
             let old = schema::parse_json(&previous.schema_json, usize::MAX).map_err(|error| {
                 FormsError::Store(StoreError::Corrupt(format!("stored schema: {error}")))
             })?;
-            let narrowings = compat::narrowings(&old, &schema);
+            // Comparing large schemas is CPU work: keep it off the threads that serve calls.
+            let narrowings = tokio::task::spawn_blocking(move || compat::narrowings(&old, &schema))
+                .await
+                .map_err(|e| {
+                    FormsError::Store(StoreError::Corrupt(format!("comparison failed: {e}")))
+                })?;
             if !narrowings.is_empty() {
                 return Err(FormsError::Breaking {
                     previous: previous.version,
@@ -451,6 +467,13 @@ impl Registry {
             cache.insert((version.form_id.clone(), version.version), compiled);
         }
     }
+}
+
+/// Compiles a schema on a blocking thread: a large one takes milliseconds of CPU.
+async fn compile_apart(schema_json: String) -> Result<(Value, CompiledSchema), FormsError> {
+    tokio::task::spawn_blocking(move || compile(&schema_json))
+        .await
+        .map_err(|e| FormsError::Internal(format!("schema compilation: {e}")))?
 }
 
 fn compile(schema_json: &str) -> Result<(Value, CompiledSchema), FormsError> {
