@@ -32,6 +32,30 @@ struct Figures {
     calls_per_second: f64,
     p50_us: u64,
     p99_us: u64,
+    /// CPU time of the whole process (load generator, gateway, service) per call.
+    cpu_us_per_call: f64,
+}
+
+/// CPU time this process has used so far, from /proc (user + system), in microseconds. Steadier
+/// than throughput on a shared machine: it does not depend on what else gets the cores.
+fn cpu_time_us() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; 100 ticks a
+    // second on Linux.
+    (ticks(11) + ticks(12)) * 10_000.0
 }
 
 fn say(text: &str) {
@@ -49,6 +73,7 @@ async fn load(channel: Channel, duration: Duration) -> anyhow::Result<Figures> {
         .await?;
     }
     let start = Instant::now();
+    let cpu_start = cpu_time_us();
     let mut workers = Vec::new();
     for _ in 0..IN_FLIGHT {
         let mut client = EchoServiceClient::new(channel.clone());
@@ -72,17 +97,19 @@ async fn load(channel: Channel, duration: Duration) -> anyhow::Result<Figures> {
         all.add(worker.await??)?;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_time_us() - cpu_start;
     Ok(Figures {
         calls_per_second: all.len() as f64 / elapsed,
         p50_us: all.value_at_quantile(0.50),
         p99_us: all.value_at_quantile(0.99),
+        cpu_us_per_call: cpu / all.len() as f64,
     })
 }
 
 fn print(label: &str, f: &Figures) {
     say(&format!(
-        "{label:<16} {:>9.0} calls/s   p50 {:>6} µs   p99 {:>6} µs",
-        f.calls_per_second, f.p50_us, f.p99_us
+        "{label:<16} {:>9.0} calls/s   p50 {:>6} µs   p99 {:>6} µs   CPU {:>5.1} µs/call",
+        f.calls_per_second, f.p50_us, f.p99_us, f.cpu_us_per_call
     ));
 }
 
@@ -107,9 +134,10 @@ async fn gateway_overhead(seconds: u64) -> anyhow::Result<()> {
     let gateway = load(fed.gateway_client("demo-institution"), duration).await?;
     print("through gateway", &gateway);
     say(&format!(
-        "gateway adds      p50 {:+} µs, p99 {:+} µs; keeps {:.0}% of the direct throughput",
+        "gateway adds      p50 {:+} µs, p99 {:+} µs, CPU {:+.1} µs/call; keeps {:.0}% of the direct throughput",
         i128::from(gateway.p50_us) - i128::from(direct.p50_us),
         i128::from(gateway.p99_us) - i128::from(direct.p99_us),
+        gateway.cpu_us_per_call - direct.cpu_us_per_call,
         100.0 * gateway.calls_per_second / direct.calls_per_second
     ));
     fed.stop().await;

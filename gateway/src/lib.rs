@@ -197,12 +197,12 @@ pub async fn serve(
                 None => break,
             },
         };
-        let identity = stream.peer().identity.clone();
+        let caller = Arc::new(proxy::Caller::new(&stream.peer().identity));
         let gateway = gateway.clone();
         let service = hyper::service::service_fn(move |request| {
             let gateway = gateway.clone();
-            let identity = identity.clone();
-            async move { Ok::<_, std::convert::Infallible>(gateway.handle(identity, request).await) }
+            let caller = caller.clone();
+            async move { Ok::<_, std::convert::Infallible>(gateway.handle(caller, request).await) }
         });
         let connection = http2.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();

@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::limits::{self, MemberRates};
 use crate::policy::Policy;
-use crate::upstream::{self, Upstream};
+use crate::upstream::Upstream;
 
 /// Services the gateway answers itself, for every identified member.
 const LOCAL_SERVICES: &[&str] = &[
@@ -54,6 +54,44 @@ pub struct Gateway {
     pub local: Routes,
 }
 
+/// Who is on the other end of one connection, worked out once when it is accepted.
+pub struct Caller {
+    admitted: Result<Admitted, Refusal>,
+}
+
+struct Admitted {
+    member: Member,
+    /// The member institution, the key of its rate.
+    institution: Arc<str>,
+    /// The verified identity, as the `x-onestop-caller` value services receive.
+    header: HeaderValue,
+}
+
+impl Caller {
+    /// Reads the member from a connection's certificate.
+    pub fn new(identity: &PeerIdentity) -> Self {
+        let admitted = member_of(identity).and_then(|member| {
+            let uri = match identity {
+                PeerIdentity::Spiffe(id) => id.to_string(),
+                _ => String::new(),
+            };
+            let header = HeaderValue::from_str(&uri).map_err(|_| {
+                (
+                    Code::Unauthenticated,
+                    "UNAUTHENTICATED",
+                    format!("`{uri}` cannot be passed on"),
+                )
+            })?;
+            Ok(Admitted {
+                institution: member.institution().to_string().into(),
+                member,
+                header,
+            })
+        });
+        Self { admitted }
+    }
+}
+
 fn refuse(code: Code, reason: &str, message: String) -> Response<Body> {
     let status = platform_status::with_details(code, DOMAIN, reason, message, Vec::new());
     status.into_http()
@@ -63,7 +101,7 @@ impl Gateway {
     /// Handles one call from a connection whose peer is `identity`.
     pub async fn handle(
         self: Arc<Self>,
-        identity: PeerIdentity,
+        caller: Arc<Caller>,
         mut request: Request<Incoming>,
     ) -> Response<Body> {
         let method = request.uri().path().trim_start_matches('/').to_owned();
@@ -71,21 +109,22 @@ impl Gateway {
         let trace_id = telemetry::trace_id_header(&span);
         let mut response = async {
             // 1. Who is calling: a member named by a valid certificate of this trust domain.
-            let member = match member_of(&identity) {
-                Ok(member) => member,
-                Err((code, reason, message)) => return refuse(code, reason, message),
+            let admitted = match &caller.admitted {
+                Ok(admitted) => admitted,
+                Err((code, reason, message)) => return refuse(*code, reason, message.clone()),
             };
-            tracing::Span::current().record("member", tracing::field::display(&member));
+            let member = &admitted.member;
+            tracing::Span::current().record("member", tracing::field::display(member));
             let Some((service, _)) = method.split_once('/') else {
                 return refuse(Code::Unimplemented, "UNKNOWN_METHOD", format!("`/{method}` is not a gRPC method path"));
             };
 
             // 2. Whether it is within the member's rate and the gateway's capacity; this holds
             //    for every call, the gateway's own services included.
-            if let Err(wait) = self.rates.check(&member) {
+            if let Err(wait) = self.rates.check(&admitted.institution) {
                 return refuse(Code::ResourceExhausted, "RATE_LIMITED", format!(
                     "member {} exceeded {} calls per second; retry in {} ms",
-                    member.institution(), self.rates.per_second(), wait.as_millis().max(1)
+                    admitted.institution, self.rates.per_second(), wait.as_millis().max(1)
                 ));
             }
             let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
@@ -107,7 +146,7 @@ impl Gateway {
             };
 
             // 5. Whether this member may make it.
-            if !self.policy.allows(&member, &method) {
+            if !self.policy.allows(member, &method) {
                 tracing::info!(%member, %method, "call denied by the access policy");
                 return refuse(Code::PermissionDenied, "ACCESS_DENIED", format!("member {member} may not call {method}"));
             }
@@ -119,10 +158,9 @@ impl Gateway {
             // 7. Forward, naming the verified caller; a caller's own claim is dropped first.
             let headers = request.headers_mut();
             headers.remove(CALLER_HEADER);
-            let caller = identity_header(&identity);
-            headers.insert(CALLER_HEADER, caller);
+            headers.insert(CALLER_HEADER, admitted.header.clone());
             telemetry::inject_context(&tracing::Span::current(), headers);
-            *request.uri_mut() = upstream::absolute(&upstream.address, request.uri());
+            *request.uri_mut() = upstream.uri_for(request.uri());
             let request = request.map(Body::new);
             match tokio::time::timeout(deadline, upstream.send(request)).await {
                 Ok(Ok(response)) => response.map(|body| Body::new(Guarded { body, _permit: permit })),
@@ -171,15 +209,6 @@ fn member_of(identity: &PeerIdentity) -> Result<Member, Refusal> {
     }
 }
 
-fn identity_header(identity: &PeerIdentity) -> HeaderValue {
-    match identity {
-        PeerIdentity::Spiffe(id) => {
-            HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""))
-        }
-        _ => HeaderValue::from_static(""),
-    }
-}
-
 /// A response body that holds the call's capacity permit until the call has finished.
 struct Guarded<B> {
     body: B,
@@ -203,5 +232,39 @@ impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use onestop_platform::identity::SpiffeId;
+    use onestop_platform::tls::PeerIdentity;
+
+    use super::Caller;
+
+    fn caller(uri: &str) -> Caller {
+        Caller::new(&PeerIdentity::Spiffe(Arc::new(
+            SpiffeId::parse(uri).unwrap(),
+        )))
+    }
+
+    #[test]
+    fn subsystems_share_their_institution_and_platform_components_are_refused() {
+        let pensions = caller("spiffe://onestop.lv/member/GOV/VSAA/pensions");
+        let benefits = caller("spiffe://onestop.lv/member/GOV/VSAA/benefits");
+        let (a, b) = (pensions.admitted.unwrap(), benefits.admitted.unwrap());
+        assert_eq!(a.institution, b.institution);
+        assert_eq!(&*a.institution, "GOV/VSAA");
+        assert_eq!(a.header, "spiffe://onestop.lv/member/GOV/VSAA/pensions");
+
+        let forms = caller("spiffe://onestop.lv/platform/forms");
+        assert_eq!(forms.admitted.err().unwrap().1, "NOT_A_MEMBER");
+        let anonymous = Caller::new(&PeerIdentity::Anonymous);
+        assert_eq!(
+            anonymous.admitted.err().unwrap().0,
+            tonic::Code::Unauthenticated
+        );
     }
 }

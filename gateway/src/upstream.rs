@@ -50,6 +50,7 @@ pub struct Upstream {
     pub service: String,
     /// Its address, `host:port`.
     pub address: String,
+    authority: http::uri::Authority,
     server_name: ServerName<'static>,
     tls: TlsConnector,
     keepalive: Duration,
@@ -74,9 +75,15 @@ impl Upstream {
                 address: address.to_owned(),
                 message: format!("server name `{server_name}`: {e}"),
             })?;
+        let authority = address.parse().map_err(|e| UpstreamError {
+            service: service.to_owned(),
+            address: address.to_owned(),
+            message: format!("not a host:port address: {e}"),
+        })?;
         Ok(Self {
             service: service.to_owned(),
             address: address.to_owned(),
+            authority,
             server_name,
             tls: TlsConnector::from(tls),
             keepalive,
@@ -90,6 +97,15 @@ impl Upstream {
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, SendError> {
         let mut sender = self.sender().await.map_err(SendError::Connect)?;
         Ok(sender.send_request(request).await?)
+    }
+
+    /// The request's path on this upstream: HTTP/2 needs a scheme and an authority.
+    pub fn uri_for(&self, uri: &http::Uri) -> http::Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = uri.path_and_query().cloned();
+        http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
     }
 
     fn live(&self) -> Option<SendRequest<Body>> {
@@ -202,16 +218,8 @@ impl tower::Service<Request<Body>> for Client {
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let upstream = self.0.clone();
         Box::pin(async move {
-            *request.uri_mut() = absolute(&upstream.address, request.uri());
+            *request.uri_mut() = upstream.uri_for(request.uri());
             upstream.send(request).await
         })
     }
-}
-
-/// The request's path on the upstream's authority: HTTP/2 needs a scheme and an authority.
-pub fn absolute(address: &str, uri: &http::Uri) -> http::Uri {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    format!("http://{address}{path}")
-        .parse()
-        .unwrap_or_else(|_| uri.clone())
 }
