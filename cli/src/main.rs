@@ -6,6 +6,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -203,33 +204,56 @@ async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
 
 async fn serve(service: Service, path: PathBuf) -> anyhow::Result<()> {
     let env: HashMap<String, String> = config::process_env();
-    let shutdown = CancellationToken::new();
     match service {
         Service::Forms => {
             let config: onestop_forms::FormsConfig = config::load(Some(&path), &env)?;
-            let telemetry = onestop_platform::telemetry::init(&config.telemetry, "onestop-forms")?;
-            let listener = TcpListener::bind(config.server.listen)
-                .await
-                .with_context(|| format!("binding {}", config.server.listen))?;
-            tracing::info!(address = %config.server.listen, "forms listening");
-            cancel_on_signal(shutdown.clone());
-            let result = onestop_forms::serve(&config, listener, shutdown).await;
-            telemetry.shutdown();
-            result?;
+            let (telemetry, listen) = (&config.telemetry, config.server.listen);
+            run_server(
+                "onestop-forms",
+                telemetry,
+                listen,
+                |listener, shutdown| async {
+                    Ok(onestop_forms::serve(&config, listener, shutdown).await?)
+                },
+            )
+            .await
         }
         Service::Gateway => {
             let config: onestop_gateway::GatewayConfig = config::load(Some(&path), &env)?;
-            let telemetry =
-                onestop_platform::telemetry::init(&config.telemetry, "onestop-gateway")?;
-            let listener = TcpListener::bind(config.server.listen)
-                .await
-                .with_context(|| format!("binding {}", config.server.listen))?;
-            tracing::info!(address = %config.server.listen, "gateway listening");
-            cancel_on_signal(shutdown.clone());
-            let result = onestop_gateway::serve(&config, listener, shutdown).await;
-            telemetry.shutdown();
-            result?;
+            let (telemetry, listen) = (&config.telemetry, config.server.listen);
+            run_server(
+                "onestop-gateway",
+                telemetry,
+                listen,
+                |listener, shutdown| async {
+                    Ok(onestop_gateway::serve(&config, listener, shutdown).await?)
+                },
+            )
+            .await
         }
     }
-    Ok(())
+}
+
+/// Runs one server: telemetry, the bound listener, the signal that stops it, and the flush of
+/// telemetry after it has drained.
+async fn run_server<F, Fut>(
+    name: &str,
+    telemetry: &TelemetryConfig,
+    listen: SocketAddr,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = onestop_platform::telemetry::init(telemetry, name)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    tracing::info!(address = %listen, "{name} listening");
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let result = serve(listener, shutdown).await;
+    telemetry.shutdown();
+    result
 }

@@ -50,10 +50,15 @@ pub fn issue(
     if dir.join(format!("{name}.pem")).exists() {
         bail!("{name}.pem exists already in {}", dir.display());
     }
+    if !(1..=3650).contains(&days) {
+        bail!("--days must be between 1 and 3650");
+    }
     let ca = Ca::load(dir).context("loading the CA (run `onestop pki init` first)")?;
     let identity = match subject {
         Subject::Member(member) => SpiffeId::member(trust_domain, Member::parse(&member)?),
-        Subject::Platform(component) => SpiffeId::platform(trust_domain, &component),
+        Subject::Platform(component) => {
+            SpiffeId::parse(&format!("spiffe://{trust_domain}/platform/{component}"))?
+        }
     };
     let mut request = IssueRequest::new(
         name,

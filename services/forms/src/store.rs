@@ -10,13 +10,13 @@ use time::OffsetDateTime;
 
 use crate::model::{Deprecation, Field, Form, FormVersion, Localized};
 
-/// The embedded migrations.
+/// The embedded migrations. Their SQL is portable, so both backends share one directory; a
+/// change that needs each dialect's own SQL gets a directory per backend.
 pub static MIGRATIONS: Migrations = Migrations {
-    sqlite: &SQLITE,
-    postgres: &POSTGRES,
+    sqlite: &PORTABLE,
+    postgres: &PORTABLE,
 };
-static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static PORTABLE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What the store can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -68,7 +68,8 @@ impl IssueRequest {
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),
             not_before: now - time::Duration::minutes(1),
-            not_after: now + valid_for,
+            // A century at most: beyond it lies arithmetic overflow, not a use.
+            not_after: now + valid_for.min(Duration::from_secs(100 * 365 * 86_400)),
         }
     }
 
@@ -151,12 +152,13 @@ impl Ca {
             path: dir.to_owned(),
             source,
         })?;
-        write_file(&dir.join("ca.pem"), &self.cert_pem, false)?;
+        // The key first: a directory with `ca.pem` is taken to hold a whole CA.
         write_file(
             &dir.join("ca.key"),
             &self.issuer.key().serialize_pem(),
             true,
-        )
+        )?;
+        write_file(&dir.join("ca.pem"), &self.cert_pem, false)
     }
 
     /// The CA certificate, PEM encoded: what peers trust.
