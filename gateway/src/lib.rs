@@ -22,9 +22,9 @@ use onestop_platform::config::{ServerConfig, TelemetryConfig};
 use onestop_platform::tls::{self, AcceptLimits, ClientAuth, TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::limits::MemberRates;
 use crate::policy::Policy;
@@ -97,6 +97,9 @@ fn default_max_deadline() -> u64 {
 fn default_max_in_flight() -> usize {
     4096
 }
+
+/// How long a connection that names no member stays open after it was accepted.
+const STRANGER_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +178,7 @@ pub async fn serve(
         },
         accepting.clone(),
     );
-    let connections = TaskTracker::new();
+    let mut connections = JoinSet::new();
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -197,7 +200,12 @@ pub async fn serve(
                 None => break,
             },
         };
+        // Finished connections leave a result behind; collect them as we go.
+        while connections.try_join_next().is_some() {}
         let caller = Arc::new(proxy::Caller::new(&stream.peer().identity));
+        // A peer that names no member gets its refusal on the first call, then the connection
+        // is closed: it has nothing to wait for here.
+        let stranger = !caller.is_member();
         let gateway = gateway.clone();
         let service = hyper::service::service_fn(move |request| {
             let gateway = gateway.clone();
@@ -208,6 +216,14 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             tokio::pin!(connection);
+            let closing = async {
+                if stranger {
+                    // Long enough for the refusal to be written; then GOAWAY.
+                    tokio::time::sleep(STRANGER_GRACE).await;
+                } else {
+                    shutdown.cancelled().await;
+                }
+            };
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(error) = result {
@@ -215,7 +231,7 @@ pub async fn serve(
                     }
                     return;
                 }
-                () = shutdown.cancelled() => {}
+                () = closing => {}
             }
             // GOAWAY: no new calls on this connection; the ones in flight run to the end.
             connection.as_mut().graceful_shutdown();
@@ -226,12 +242,13 @@ pub async fn serve(
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    connections.close();
-    if tokio::time::timeout(config.server.drain_timeout_ms, connections.wait())
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.server.drain_timeout_ms, drained)
         .await
         .is_err()
     {
         tracing::warn!("calls still running after the drain timeout were cut off");
+        connections.abort_all();
     }
     Ok(())
 }

@@ -68,6 +68,11 @@ struct Admitted {
 }
 
 impl Caller {
+    /// Whether the certificate names a member.
+    pub fn is_member(&self) -> bool {
+        self.admitted.is_ok()
+    }
+
     /// Reads the member from a connection's certificate.
     pub fn new(identity: &PeerIdentity) -> Self {
         let admitted = member_of(identity).and_then(|member| {
