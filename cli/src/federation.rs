@@ -35,6 +35,8 @@ pub struct Options {
     pub limits: Limits,
     /// Calls a second each member may make through the gateway, and its burst.
     pub member_rate: (u32, u32),
+    /// Calls each member may have in flight through the gateway at once.
+    pub member_in_flight: usize,
 }
 
 impl Options {
@@ -47,6 +49,7 @@ impl Options {
             extra_routes: Vec::new(),
             limits: Limits::default(),
             member_rate: (500, 1000),
+            member_in_flight: 256,
         }
     }
 }
@@ -161,6 +164,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             burst: options.member_rate.1,
             max_deadline_ms: 30_000,
             max_in_flight: 4096,
+            max_in_flight_per_member: options.member_in_flight,
         },
         telemetry: TelemetryConfig::default(),
     };

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::MemberRates;
+use crate::limits::{MemberRates, MemberSlots};
 use crate::policy::Policy;
 use crate::proxy::Gateway;
 use crate::upstream::Upstream;
@@ -83,6 +83,9 @@ pub struct GatewaySettings {
     /// Calls in flight at once across all connections.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Calls one member institution may have in flight at once.
+    #[serde(default = "default_max_in_flight_per_member")]
+    pub max_in_flight_per_member: usize,
 }
 
 fn default_rate() -> u32 {
@@ -96,6 +99,9 @@ fn default_max_deadline() -> u64 {
 }
 fn default_max_in_flight() -> usize {
     4096
+}
+fn default_max_in_flight_per_member() -> usize {
+    256
 }
 
 /// How long a connection that names no member stays open after it was accepted.
@@ -161,6 +167,7 @@ pub async fn serve(
         upstreams,
         policy,
         rates: MemberRates::new(config.gateway.rate_per_second, config.gateway.burst),
+        slots: MemberSlots::new(config.gateway.max_in_flight_per_member),
         max_deadline: Duration::from_millis(config.gateway.max_deadline_ms),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.gateway.max_in_flight)),
         local: local.routes(),
@@ -202,7 +209,7 @@ pub async fn serve(
         };
         // Finished connections leave a result behind; collect them as we go.
         while connections.try_join_next().is_some() {}
-        let caller = Arc::new(proxy::Caller::new(&stream.peer().identity));
+        let caller = Arc::new(proxy::Caller::new(&stream.peer().identity, &gateway.slots));
         // A peer that names no member gets its refusal on the first call, then the connection
         // is closed: it has nothing to wait for here.
         let stranger = !caller.is_member();
@@ -253,14 +260,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// Drops the rate buckets of members that have been idle long enough to be full again.
+/// Drops the rate buckets of members that have been idle long enough to be full again, and
+/// the slots of members without connections.
 fn forget_idle_members(gateway: Arc<Gateway>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = every.tick() => gateway.rates.forget_idle(),
+                _ = every.tick() => {
+                    gateway.rates.forget_idle();
+                    gateway.slots.forget_idle();
+                }
             }
         }
     });

@@ -1,11 +1,14 @@
-//! The gateway's per-call limits: a request rate per member, and a cap on deadlines.
+//! The gateway's per-call limits: a request rate and a number of calls in flight per member,
+//! and a cap on deadlines.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
 
 /// The gRPC deadline header.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -44,6 +47,49 @@ impl MemberRates {
     /// Forgets buckets that are full again, so that memory follows the active members.
     pub fn forget_idle(&self) {
         self.limiter.retain_recent();
+    }
+}
+
+/// A cap on the calls each member institution has in flight at once, so that one member's
+/// streams cannot take the whole gateway's capacity.
+pub struct MemberSlots {
+    per_member: usize,
+    slots: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+}
+
+impl MemberSlots {
+    /// `per_member` calls at once for each institution.
+    pub fn new(per_member: usize) -> Self {
+        Self {
+            per_member: per_member.max(1),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The slots of one institution, shared by all its connections.
+    pub fn of(&self, institution: &Arc<str>) -> Arc<Semaphore> {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots
+            .entry(institution.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_member)))
+            .clone()
+    }
+
+    /// The cap.
+    pub fn per_member(&self) -> usize {
+        self.per_member
+    }
+
+    /// Forgets institutions no connection refers to any more.
+    pub fn forget_idle(&self) {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots.retain(|_, slot| Arc::strong_count(slot) > 1);
     }
 }
 
@@ -118,6 +164,22 @@ mod tests {
         assert_eq!(parse_timeout("123456789S"), None);
         assert_eq!(parse_timeout("10x"), None);
         assert_eq!(parse_timeout("m"), None);
+    }
+
+    #[test]
+    fn members_have_slots_of_their_own() {
+        let slots = MemberSlots::new(1);
+        let vsaa: Arc<str> = "GOV/VSAA".into();
+        let held = slots.of(&vsaa).try_acquire_owned().unwrap();
+        assert!(
+            slots.of(&vsaa).try_acquire_owned().is_err(),
+            "one call at a time"
+        );
+        assert!(slots.of(&"GOV/VID".into()).try_acquire_owned().is_ok());
+        drop(held);
+        assert!(slots.of(&vsaa).try_acquire_owned().is_ok());
+        slots.forget_idle();
+        assert!(slots.slots.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use crate::limits::{self, MemberRates};
+use crate::limits::{self, MemberRates, MemberSlots};
 use crate::policy::Policy;
 use crate::upstream::Upstream;
 
@@ -46,6 +46,8 @@ pub struct Gateway {
     pub policy: Policy,
     /// Per-member rates.
     pub rates: MemberRates,
+    /// Per-member calls in flight.
+    pub slots: MemberSlots,
     /// The longest deadline a call may have.
     pub max_deadline: Duration,
     /// Calls in flight across all connections; a call that finds none free is refused.
@@ -65,6 +67,8 @@ struct Admitted {
     institution: Arc<str>,
     /// The verified identity, as the `x-onestop-caller` value services receive.
     header: HeaderValue,
+    /// The institution's calls in flight.
+    slots: Arc<Semaphore>,
 }
 
 impl Caller {
@@ -74,7 +78,7 @@ impl Caller {
     }
 
     /// Reads the member from a connection's certificate.
-    pub fn new(identity: &PeerIdentity) -> Self {
+    pub fn new(identity: &PeerIdentity, slots: &MemberSlots) -> Self {
         let admitted = member_of(identity).and_then(|member| {
             let uri = match identity {
                 PeerIdentity::Spiffe(id) => id.to_string(),
@@ -87,8 +91,10 @@ impl Caller {
                     format!("`{uri}` cannot be passed on"),
                 )
             })?;
+            let institution: Arc<str> = member.institution().to_string().into();
             Ok(Admitted {
-                institution: member.institution().to_string().into(),
+                slots: slots.of(&institution),
+                institution,
                 member,
                 header,
             })
@@ -132,9 +138,16 @@ impl Gateway {
                     admitted.institution, self.rates.per_second(), wait.as_millis().max(1)
                 ));
             }
-            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let Ok(own) = admitted.slots.clone().try_acquire_owned() else {
+                return refuse(Code::ResourceExhausted, "TOO_MANY_CALLS", format!(
+                    "member {} has {} calls in flight, the most it may; retry when one ends",
+                    admitted.institution, self.slots.per_member()
+                ));
+            };
+            let Ok(shared) = self.in_flight.clone().try_acquire_owned() else {
                 return refuse(Code::ResourceExhausted, "OVERLOADED", "the gateway is at capacity; retry shortly".into());
             };
+            let permit = (own, shared);
 
             // 3. The gateway's own health and reflection, for every identified member.
             if LOCAL_SERVICES.contains(&service) {
@@ -214,10 +227,11 @@ fn member_of(identity: &PeerIdentity) -> Result<Member, Refusal> {
     }
 }
 
-/// A response body that holds the call's capacity permit until the call has finished.
+/// A response body that holds the call's capacity permits (the member's and the gateway's)
+/// until the call has finished.
 struct Guarded<B> {
     body: B,
-    _permit: OwnedSemaphorePermit,
+    _permit: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
@@ -248,11 +262,11 @@ mod tests {
     use onestop_platform::tls::PeerIdentity;
 
     use super::Caller;
+    use crate::limits::MemberSlots;
 
     fn caller(uri: &str) -> Caller {
-        Caller::new(&PeerIdentity::Spiffe(Arc::new(
-            SpiffeId::parse(uri).unwrap(),
-        )))
+        let identity = PeerIdentity::Spiffe(Arc::new(SpiffeId::parse(uri).unwrap()));
+        Caller::new(&identity, &MemberSlots::new(1))
     }
 
     #[test]
@@ -266,7 +280,7 @@ mod tests {
 
         let forms = caller("spiffe://onestop.lv/platform/forms");
         assert_eq!(forms.admitted.err().unwrap().1, "NOT_A_MEMBER");
-        let anonymous = Caller::new(&PeerIdentity::Anonymous);
+        let anonymous = Caller::new(&PeerIdentity::Anonymous, &MemberSlots::new(1));
         assert_eq!(
             anonymous.admitted.err().unwrap().0,
             tonic::Code::Unauthenticated

@@ -303,3 +303,71 @@ async fn unknown_services_and_unreachable_ones_are_told_apart() {
     assert_eq!(crate::reason(&status), "UPSTREAM_UNAVAILABLE");
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_cannot_hold_more_than_its_share_of_calls() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.member_in_flight = 2;
+    })
+    .await;
+    let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
+
+    // Two open streams, each answered once so that both are known to be in flight.
+    let mut open = Vec::new();
+    for i in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut answers = echo
+            .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("a stream within the share")
+            .into_inner();
+        tx.send(EchoRequest {
+            text: format!("open {i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        answers.message().await.unwrap().expect("an answer");
+        open.push((tx, answers));
+    }
+
+    // A third call of the same institution, from another subsystem and connection, is refused.
+    fed.issue_member("vsaa-other", "GOV/VSAA/benefits");
+    let mut other = EchoServiceClient::new(fed.gateway_client("vsaa-other"));
+    let status = other
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("over the member's share");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(crate::reason(&status), "TOO_MANY_CALLS");
+
+    // Another member is not affected.
+    let mut centre = FormsServiceClient::new(fed.gateway_client(CENTRE));
+    centre
+        .get_form(get_form())
+        .await
+        .expect("another member's call");
+
+    // When a stream ends, its slot is free again (the release follows the end of the stream
+    // by a moment, so the call is retried until then, within a bound).
+    let (tx, mut answers) = open.pop().unwrap();
+    drop(tx);
+    assert!(answers.message().await.unwrap().is_none());
+    let again = async {
+        loop {
+            match other.unary(EchoRequest::default()).await {
+                Ok(_) => return,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::task::yield_now().await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .expect("the slot was freed");
+    // Streams still open would hold the shutdown for its whole drain time.
+    drop(open);
+    fed.stop().await;
+}
