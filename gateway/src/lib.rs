@@ -226,7 +226,10 @@ pub async fn serve(
             let closing = async {
                 if stranger {
                     // Long enough for the refusal to be written; then GOAWAY.
-                    tokio::time::sleep(STRANGER_GRACE).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(STRANGER_GRACE) => {}
+                        () = shutdown.cancelled() => {}
+                    }
                 } else {
                     shutdown.cancelled().await;
                 }
