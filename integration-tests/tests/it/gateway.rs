@@ -371,3 +371,70 @@ async fn one_member_cannot_hold_more_than_its_share_of_calls() {
     drop(open);
     fed.stop().await;
 }
+
+/// Lists the services a server describes through reflection of one protocol version.
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection answers")
+            .into_inner();
+        let answer = answers.message().await.unwrap().expect("one answer");
+        match answer.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("not a service list: {other:?}"),
+        }
+    }};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_describes_the_contract_in_both_protocol_versions() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    // Through the gateway, for members' tools (v1: buf curl, grpcurl 1.9; v1alpha: grpcurl 1.8).
+    let through_v1 = reflected_services!(v1, fed.gateway_client(CENTRE));
+    let through_v1alpha = reflected_services!(v1alpha, fed.gateway_client(CENTRE));
+    // On the service itself, for operators inside the platform.
+    let direct_v1alpha = reflected_services!(v1alpha, fed.forms_client("gateway"));
+    for services in [&through_v1, &through_v1alpha, &direct_v1alpha] {
+        assert!(
+            services
+                .iter()
+                .any(|s| s == "onestop.forms.v1.FormsService"),
+            "{services:?}"
+        );
+        assert!(
+            services.iter().any(|s| s == "grpc.health.v1.Health"),
+            "{services:?}"
+        );
+    }
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_refused_and_harms_nothing() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let mut forms = FormsServiceClient::new(fed.gateway_client(CENTRE));
+    // 5 MiB, past the services' 4 MiB limit on one message.
+    let huge = onestop_proto::forms::v1::ValidateFormDataRequest {
+        name: "forms/pmlp-residence-declaration/versions/latest".into(),
+        data_json: "x".repeat(5 * 1024 * 1024),
+    };
+    let status = forms.validate_form_data(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    forms
+        .get_form(get_form())
+        .await
+        .expect("the same connection still serves");
+    fed.stop().await;
+}

@@ -138,6 +138,21 @@ impl Registry {
         }
     }
 
+    /// After a write refused as conflicting: the resource this very request recorded meanwhile
+    /// (a retry that raced the first attempt), or else `otherwise` (the conflict was another
+    /// request's). A request id used by another method is reported as such.
+    async fn raced(
+        &self,
+        caller: &SpiffeId,
+        request_id: &str,
+        method: &str,
+        otherwise: FormsError,
+    ) -> Result<String, FormsError> {
+        self.repeated(caller, request_id, method)
+            .await?
+            .ok_or(otherwise)
+    }
+
     /// Creates a form and its first version.
     pub async fn create(
         &self,
@@ -184,11 +199,9 @@ impl Registry {
         match self.store.create_form(&form, &version, key).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
-                // Either the same request won a race with itself, or the form exists.
-                if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
-                    return self.form_and_version(&resource).await;
-                }
-                return Err(FormsError::AlreadyExists(form.name()));
+                let otherwise = FormsError::AlreadyExists(form.name());
+                let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
+                return self.form_and_version(&resource).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -272,10 +285,9 @@ impl Registry {
         {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
-                if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
-                    return self.version_by_name(&resource).await;
-                }
-                return Err(FormsError::Concurrent(form.name()));
+                let otherwise = FormsError::Concurrent(form.name());
+                let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
+                return self.version_by_name(&resource).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -319,12 +331,11 @@ impl Registry {
             .await
         {
             Ok(()) => self.version(form_id, VersionRef::Number(number)).await,
-            // The request id was recorded meanwhile: by this very request (a retry that raced)
-            // or by another method.
-            Err(StoreError::Conflict) => match self.repeated(caller, request_id, METHOD).await? {
-                Some(resource) => self.version_by_name(&resource).await,
-                None => Err(FormsError::Concurrent(form.name())),
-            },
+            Err(StoreError::Conflict) => {
+                let otherwise = FormsError::Concurrent(form.name());
+                let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
+                self.version_by_name(&resource).await
+            }
             Err(e) => Err(e.into()),
         }
     }
