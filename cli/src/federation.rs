@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use onestop_forms::{FormsConfig, FormsSettings};
-use onestop_gateway::{GatewayConfig, GatewaySettings, UpstreamConfig};
+use onestop_gateway::{GatewayConfig, GatewaySettings, Route, UpstreamConfig};
 use onestop_platform::config::{
     DatabaseConfig, Limits, ServerConfig, TelemetryConfig, default_trust_domain,
 };
@@ -29,14 +29,18 @@ pub struct Options {
     pub listen: SocketAddr,
     /// The forms database; `None` means SQLite in the data directory.
     pub forms_database: Option<String>,
-    /// More routes for the gateway (service name → address), such as test services.
-    pub extra_routes: Vec<(String, SocketAddr)>,
+    /// More routes for the gateway, such as test services.
+    pub extra_routes: Vec<(String, Route)>,
     /// Limits of every server.
     pub limits: Limits,
     /// Calls a second each member may make through the gateway, and its burst.
     pub member_rate: (u32, u32),
     /// Calls each member may have in flight through the gateway at once.
     pub member_in_flight: usize,
+    /// Long-lived streams open at once through the gateway, in total and per member.
+    pub streams: (usize, usize),
+    /// How often every server re-reads the revocation list.
+    pub reload_interval: std::time::Duration,
 }
 
 impl Options {
@@ -50,6 +54,8 @@ impl Options {
             limits: Limits::default(),
             member_rate: (500, 1000),
             member_in_flight: 256,
+            streams: (1024, 32),
+            reload_interval: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -96,13 +102,13 @@ pub fn ensure_policy(data_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn server_config(options: &Options, listen: SocketAddr, name: &str) -> ServerConfig {
-    ServerConfig {
+    let mut config = ServerConfig::new(
         listen,
-        trust_domain: default_trust_domain(),
-        tls: TlsFiles::in_pki_dir(&options.data_dir.join("pki"), name),
-        limits: options.limits,
-        drain_timeout_ms: std::time::Duration::from_secs(10),
-    }
+        TlsFiles::in_pki_dir(&options.data_dir.join("pki"), name),
+    );
+    config.limits = options.limits;
+    config.reload_interval_ms = options.reload_interval;
+    config
 }
 
 /// Starts the federation and returns once every listener is bound.
@@ -147,15 +153,23 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         .with_context(|| format!("binding the gateway to {}", options.listen))?;
     let gateway_addr = gateway_listener.local_addr()?;
     let mut routes = std::collections::BTreeMap::new();
-    routes.insert(FORMS_SERVICE.to_owned(), forms_addr.to_string());
-    for (service, address) in &options.extra_routes {
-        routes.insert(service.clone(), address.to_string());
+    routes.insert(
+        FORMS_SERVICE.to_owned(),
+        Route {
+            addresses: vec![forms_addr.to_string()],
+            component: dev::FORMS.to_owned(),
+        },
+    );
+    for (service, route) in &options.extra_routes {
+        routes.insert(service.clone(), route.clone());
     }
     let gateway = GatewayConfig {
         server: server_config(&options, gateway_addr, dev::GATEWAY),
         upstream: UpstreamConfig {
             tls: TlsFiles::in_pki_dir(&pki_dir, dev::GATEWAY),
             server_name: "localhost".into(),
+            connections_per_address: 2,
+            resolve_interval_ms: 30_000,
         },
         routes,
         gateway: GatewaySettings {
@@ -165,6 +179,9 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             max_deadline_ms: 30_000,
             max_in_flight: 4096,
             max_in_flight_per_member: options.member_in_flight,
+            max_streams: options.streams.0,
+            max_streams_per_member: options.streams.1,
+            max_connections_per_member: 64,
         },
         telemetry: TelemetryConfig::default(),
     };

@@ -103,6 +103,16 @@ enum PkiCommand {
         #[arg(long, default_value_t = default_trust_domain())]
         trust_domain: String,
     },
+    /// Revoke a certificate: add it to the CA's revocation list (`ca.crl`), which every server
+    /// configured with it re-reads within its `reload_interval_ms`, without a restart.
+    Revoke {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The file name of the certificate (without .pem).
+        #[arg(long)]
+        name: String,
+    },
     /// Describe the certificates in a PKI directory.
     Show {
         /// The PKI directory.
@@ -147,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     pki::issue(&dir, &name, subject, &trust_domain, days, serve_localhost)?
                 }
+                PkiCommand::Revoke { dir, name } => pki::revoke(&dir, &name)?,
                 PkiCommand::Show { dir } => pki::show(&dir)?,
             };
             say(out.trim_end());

@@ -74,6 +74,22 @@ pub fn issue(
     ))
 }
 
+/// Adds certificate `<name>.pem` of `dir` to the CA's revocation list.
+pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let path = dir.join(format!("{name}.pem"));
+    let pem =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    if name == "ca" {
+        bail!("the CA cannot revoke itself; make a new CA instead");
+    }
+    let ca = Ca::load(dir).context("loading the CA")?;
+    let listed = ca.revoke(dir, &pem)?;
+    Ok(format!(
+        "revoked {name}.pem; {} lists {listed} certificate(s); servers pick it up within their reload interval",
+        dir.join(onestop_platform::pki::CRL_FILE).display()
+    ))
+}
+
 /// Describes every certificate in `dir`.
 pub fn show(dir: &Path) -> anyhow::Result<String> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)

@@ -53,7 +53,7 @@ async fn up(data: &Path) -> Running {
     // The printed command names the demo certificate; use it.
     let pki = data.join("pki");
     let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-institution")).unwrap();
-    let config = tls::client_config(&material).unwrap();
+    let config = tls::client_config(&material, None).unwrap();
     let channel =
         onestop_platform::client::channel(&gateway, "localhost", config, Duration::from_secs(30))
             .unwrap();

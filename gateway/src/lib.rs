@@ -1,35 +1,41 @@
 //! The one external entry point of the federation. It terminates mutual TLS for every member's
 //! system, maps the client certificate to a member, checks the member's access rights for the
-//! called method, holds it to a rate and a deadline cap, and forwards the call (unary or any
-//! kind of stream) to the owning service over internal mutual TLS, frame by frame.
+//! called method, holds it to its rate, budgets and a deadline cap, and forwards the call (unary
+//! or any kind of stream) to the owning service over internal mutual TLS, frame by frame.
 //!
-//! Layout: [`proxy`] (one call, as a story) uses [`policy`] (access rights), [`limits`] (rates,
-//! deadlines) and [`upstream`] (connections to services); this file holds the configuration
-//! and the connection loop.
+//! Layout: [`connection`] (one connection's life: timeouts, closing) hands each call to
+//! [`proxy`] (one call, as a story), which uses [`policy`] (access rights), [`limits`] (rates,
+//! budgets, deadlines), [`body`] (metering and guarding bodies) and [`upstream`] (pools of
+//! connections to services); this file holds the configuration and the accept loop.
 
+pub mod body;
+pub mod connection;
 pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod upstream;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use onestop_platform::accept::{self, AcceptLimits};
 use onestop_platform::config::{ServerConfig, TelemetryConfig};
-use onestop_platform::tls::{self, AcceptLimits, ClientAuth, TlsFiles, TlsMaterial};
+use onestop_platform::identity::SpiffeId;
+use onestop_platform::tls::{self, ClientAuth, ServerTls, TlsFiles, TlsMaterial};
+use prost::Message;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{MemberRates, MemberSlots};
+use crate::connection::Connections;
+use crate::limits::{Budget, MemberRates, MemberSlots};
 use crate::policy::Policy;
 use crate::proxy::Gateway;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamSettings};
 
 /// The configuration of the gateway process.
 #[derive(Clone, Debug, Deserialize)]
@@ -40,13 +46,25 @@ pub struct GatewayConfig {
     pub server: ServerConfig,
     /// The gateway's own client identity towards the services.
     pub upstream: UpstreamConfig,
-    /// gRPC service name → `host:port` of the service.
-    pub routes: BTreeMap<String, String>,
+    /// gRPC service name → where the service runs.
+    pub routes: BTreeMap<String, Route>,
     /// Access rights and per-member limits.
     pub gateway: GatewaySettings,
     /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+}
+
+/// One route: where a gRPC service runs, and who must answer there.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `host:port` of its replicas; each name is resolved to all its addresses, and again every
+    /// `[upstream] resolve_interval_ms`.
+    pub addresses: Vec<String>,
+    /// The platform component that serves it: the certificate found there must name
+    /// `spiffe://<trust domain>/platform/<component>`.
+    pub component: String,
 }
 
 /// The `[upstream]` section.
@@ -59,10 +77,22 @@ pub struct UpstreamConfig {
     /// The name the services' certificates are checked against.
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// HTTP/2 connections kept to each address of a route.
+    #[serde(default = "default_connections_per_address")]
+    pub connections_per_address: usize,
+    /// How often the routes' names are resolved again.
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval_ms: u64,
 }
 
 fn default_server_name() -> String {
     "localhost".to_owned()
+}
+fn default_connections_per_address() -> usize {
+    2
+}
+fn default_resolve_interval() -> u64 {
+    30_000
 }
 
 /// The `[gateway]` section.
@@ -80,12 +110,22 @@ pub struct GatewaySettings {
     /// The longest deadline a call may have, in milliseconds.
     #[serde(default = "default_max_deadline")]
     pub max_deadline_ms: u64,
-    /// Calls in flight at once across all connections.
+    /// Calls in flight at once across all connections (streams not counted).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Calls one member institution may have in flight at once.
     #[serde(default = "default_max_in_flight_per_member")]
     pub max_in_flight_per_member: usize,
+    /// Long-lived streams (methods that stream, such as `Health/Watch`) open at once across all
+    /// connections.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// Long-lived streams one member institution may have open at once.
+    #[serde(default = "default_max_streams_per_member")]
+    pub max_streams_per_member: usize,
+    /// Connections one member institution may have open at once.
+    #[serde(default = "default_max_connections_per_member")]
+    pub max_connections_per_member: usize,
 }
 
 fn default_rate() -> u32 {
@@ -103,9 +143,15 @@ fn default_max_in_flight() -> usize {
 fn default_max_in_flight_per_member() -> usize {
     256
 }
-
-/// How long a connection that names no member stays open after it was accepted.
-const STRANGER_GRACE: Duration = Duration::from_secs(5);
+fn default_max_streams() -> usize {
+    1024
+}
+fn default_max_streams_per_member() -> usize {
+    32
+}
+fn default_max_connections_per_member() -> usize {
+    64
+}
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +168,41 @@ pub enum GatewayError {
     /// Health or reflection could not be built.
     #[error(transparent)]
     Serve(#[from] onestop_platform::server::ServeError),
+    /// A setting is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The paths (`package.Service/Method`) of the methods in the contract that stream requests or
+/// responses: they get the streams budget, not the calls budget.
+fn streaming_methods() -> HashSet<String> {
+    let sets = [
+        onestop_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut methods = HashSet::new();
+    for set in sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    if method.client_streaming() || method.server_streaming() {
+                        methods.insert(format!(
+                            "{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    methods
 }
 
 /// Runs the gateway on a bound listener until `shutdown` is cancelled, then stops accepting and
@@ -133,22 +214,34 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let limits = config.server.limits;
     let policy = Policy::load(&config.gateway.policy)?;
-    let server_tls = tls::server_config(
-        &TlsMaterial::load(&config.server.tls)?,
-        ClientAuth::Optional,
-    )?;
-    let client_tls = tls::client_config(&TlsMaterial::load(&config.upstream.tls)?)?;
+    let tls = ServerTls::load(&config.server.tls, ClientAuth::Optional)?;
+    tls.watch(config.server.reload_interval_ms, shutdown.clone());
+    let client_material = TlsMaterial::load(&config.upstream.tls)?;
 
     let mut upstreams = HashMap::new();
-    for (service, address) in &config.routes {
+    for (service, route) in &config.routes {
+        let identity = SpiffeId::parse(&format!(
+            "spiffe://{}/platform/{}",
+            config.server.trust_domain, route.component
+        ))
+        .map_err(|e| GatewayError::Config(format!("routes.\"{service}\".component: {e}")))?;
         let upstream = Upstream::new(
             service,
-            address,
-            &config.upstream.server_name,
-            client_tls.clone(),
-            limits.keepalive_interval_ms,
+            UpstreamSettings {
+                addresses: route.addresses.clone(),
+                server_name: config.upstream.server_name.clone(),
+                tls: tls::client_config(&client_material, Some(&identity))?,
+                connections_per_address: config.upstream.connections_per_address,
+                keepalive: limits.keepalive_interval_ms,
+            },
         )?;
-        upstreams.insert(service.clone(), Arc::new(upstream));
+        let upstream = Arc::new(upstream);
+        upstream.resolve().await;
+        upstream.keep_resolving(
+            Duration::from_millis(config.upstream.resolve_interval_ms),
+            shutdown.clone(),
+        );
+        upstreams.insert(service.clone(), upstream);
     }
     let served: Vec<&str> = config.routes.keys().map(String::as_str).collect();
     // Health: the gateway itself, and each service as the service reports it (mirrored below).
@@ -163,41 +256,40 @@ pub async fn serve(
         upstream.watch_health(reporter.clone(), shutdown.clone());
     }
 
+    let settings = &config.gateway;
     let gateway = Arc::new(Gateway {
         upstreams,
         policy,
-        rates: MemberRates::new(config.gateway.rate_per_second, config.gateway.burst),
-        slots: MemberSlots::new(config.gateway.max_in_flight_per_member),
-        max_deadline: Duration::from_millis(config.gateway.max_deadline_ms),
-        in_flight: Arc::new(tokio::sync::Semaphore::new(config.gateway.max_in_flight)),
+        rates: Arc::new(MemberRates::new(settings.rate_per_second, settings.burst)),
+        calls: Budget::new(
+            "calls",
+            settings.max_in_flight,
+            settings.max_in_flight_per_member,
+        ),
+        streams: Budget::new(
+            "streams",
+            settings.max_streams,
+            settings.max_streams_per_member,
+        ),
+        connections: MemberSlots::new(settings.max_connections_per_member),
+        streaming: streaming_methods(),
+        max_deadline: Duration::from_millis(settings.max_deadline_ms),
+        max_header_bytes: limits.max_header_list_bytes as usize,
+        tls: tls.clone(),
         local: local.routes(),
     });
     forget_idle_members(gateway.clone(), shutdown.clone());
 
     let accepting = shutdown.child_token();
-    let mut incoming = tls::accept(
+    let mut incoming = accept::accept(
         listener,
-        server_tls,
+        tls,
         config.server.trust_domain.clone(),
-        AcceptLimits {
-            handshake_timeout: limits.handshake_timeout_ms,
-            max_pending_handshakes: limits.max_pending_handshakes,
-        },
+        AcceptLimits::from(&limits),
         accepting.clone(),
     );
-    let mut connections = JoinSet::new();
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_list_bytes)
-        .keep_alive_interval(Some(limits.keepalive_interval_ms))
-        .keep_alive_timeout(limits.keepalive_timeout_ms)
-        .initial_stream_window_size(onestop_platform::client::STREAM_WINDOW)
-        .initial_connection_window_size(onestop_platform::client::CONNECTION_WINDOW)
-        // The services date their answers; formatting a second date per call is waste.
-        .auto_date_header(false);
-
+    let connections = Connections::new(&limits);
+    let mut running = JoinSet::new();
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -208,57 +300,20 @@ pub async fn serve(
             },
         };
         // Finished connections leave a result behind; collect them as we go.
-        while connections.try_join_next().is_some() {}
-        let caller = Arc::new(proxy::Caller::new(&stream.peer().identity, &gateway.slots));
-        // A peer that names no member gets its refusal on the first call, then the connection
-        // is closed: it has nothing to wait for here.
-        let stranger = !caller.is_member();
-        let gateway = gateway.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let gateway = gateway.clone();
-            let caller = caller.clone();
-            async move { Ok::<_, std::convert::Infallible>(gateway.handle(caller, request).await) }
-        });
-        let connection = http2.serve_connection(TokioIo::new(stream), service);
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            tokio::pin!(connection);
-            let closing = async {
-                if stranger {
-                    // Long enough for the refusal to be written; then GOAWAY.
-                    tokio::select! {
-                        () = tokio::time::sleep(STRANGER_GRACE) => {}
-                        () = shutdown.cancelled() => {}
-                    }
-                } else {
-                    shutdown.cancelled().await;
-                }
-            };
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                    return;
-                }
-                () = closing => {}
-            }
-            // GOAWAY: no new calls on this connection; the ones in flight run to the end.
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        });
+        while running.try_join_next().is_some() {}
+        running.spawn(connections.serve(gateway.clone(), stream, shutdown.clone()));
     }
     accepting.cancel();
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let drained = async { while connections.join_next().await.is_some() {} };
+    let drained = async { while running.join_next().await.is_some() {} };
     if tokio::time::timeout(config.server.drain_timeout_ms, drained)
         .await
         .is_err()
     {
         tracing::warn!("calls still running after the drain timeout were cut off");
-        connections.abort_all();
+        running.abort_all();
     }
     Ok(())
 }
@@ -273,7 +328,9 @@ fn forget_idle_members(gateway: Arc<Gateway>, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
                 _ = every.tick() => {
                     gateway.rates.forget_idle();
-                    gateway.slots.forget_idle();
+                    gateway.calls.forget_idle();
+                    gateway.streams.forget_idle();
+                    gateway.connections.forget_idle();
                 }
             }
         }

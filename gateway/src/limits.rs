@@ -1,19 +1,21 @@
-//! The gateway's per-call limits: a request rate and a number of calls in flight per member,
-//! and a cap on deadlines.
+//! The gateway's per-member limits: a rate of calls and stream messages, budgets of calls and of
+//! long-lived streams in flight (each with a share of the gateway's capacity that no one member
+//! can take), and a cap on deadlines.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The gRPC deadline header.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
-/// A token bucket per member institution (its subsystems share it), keyed by `CLASS/CODE`.
+/// A token bucket per member institution (its subsystems share it), keyed by `CLASS/CODE`. A
+/// call takes one token, and so does every further message a caller sends on a stream.
 pub struct MemberRates {
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
     per_second: u32,
@@ -90,6 +92,88 @@ impl MemberSlots {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         slots.retain(|_, slot| Arc::strong_count(slot) > 1);
+    }
+}
+
+/// A kind of capacity in flight (calls, or long-lived streams): a cap per member institution and
+/// one across the gateway.
+///
+/// The last quarter of the gateway's capacity is kept for light users: a member that already
+/// holds an eighth of its own cap gets no more once three quarters are taken. So a few heavy
+/// members (or many members each at its cap) cannot exhaust it, and a member making a handful
+/// of calls still gets in.
+pub struct Budget {
+    /// What is counted, for messages: "calls" or "streams".
+    pub what: &'static str,
+    global: Arc<Semaphore>,
+    reserve: usize,
+    light: usize,
+    members: MemberSlots,
+}
+
+/// The places a call holds in a budget until it ends.
+pub struct BudgetPermit {
+    _member: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+}
+
+/// Why a budget refused a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exhausted {
+    /// The member holds its own cap.
+    Member,
+    /// The gateway is at capacity (for this member).
+    Gateway,
+}
+
+impl Budget {
+    /// `global` in flight across the gateway, `per_member` for each institution.
+    pub fn new(what: &'static str, global: usize, per_member: usize) -> Self {
+        let global = global.max(1);
+        let members = MemberSlots::new(per_member);
+        Self {
+            what,
+            global: Arc::new(Semaphore::new(global)),
+            reserve: global / 4,
+            light: (members.per_member() / 8).max(1),
+            members,
+        }
+    }
+
+    /// The places of one institution, shared by all its connections.
+    pub fn of(&self, institution: &Arc<str>) -> Arc<Semaphore> {
+        self.members.of(institution)
+    }
+
+    /// The cap of one member.
+    pub fn per_member(&self) -> usize {
+        self.members.per_member()
+    }
+
+    /// Takes a place for one call of the member whose places are `member`.
+    pub fn admit(&self, member: &Arc<Semaphore>) -> Result<BudgetPermit, Exhausted> {
+        let held = self.members.per_member() - member.available_permits();
+        if self.global.available_permits() <= self.reserve && held >= self.light {
+            return Err(Exhausted::Gateway);
+        }
+        let own = member
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Exhausted::Member)?;
+        let global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Exhausted::Gateway)?;
+        Ok(BudgetPermit {
+            _member: own,
+            _global: global,
+        })
+    }
+
+    /// Forgets institutions no connection refers to any more.
+    pub fn forget_idle(&self) {
+        self.members.forget_idle();
     }
 }
 
@@ -180,6 +264,30 @@ mod tests {
         assert!(slots.of(&vsaa).try_acquire_owned().is_ok());
         slots.forget_idle();
         assert!(slots.slots.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn no_member_takes_the_reserve() {
+        let budget = Budget::new("calls", 8, 4);
+        let heavy: Vec<_> = (0..3)
+            .map(|i| budget.of(&format!("GOV/H{i}").into()))
+            .collect();
+        let mut held = Vec::new();
+        // Heavy members fill three quarters and are then refused, though their own caps are
+        // not reached.
+        for member in heavy.iter().cycle().take(6) {
+            held.push(budget.admit(member).unwrap());
+        }
+        assert_eq!(budget.admit(&heavy[0]).err(), Some(Exhausted::Gateway));
+        // A member with nothing in flight still gets in.
+        let light = budget.of(&"GOV/L".into());
+        held.push(budget.admit(&light).unwrap());
+        assert_eq!(budget.admit(&light).err(), Some(Exhausted::Gateway));
+        let own = Budget::new("streams", 100, 2);
+        let member = own.of(&"GOV/X".into());
+        let _a = own.admit(&member).unwrap();
+        let _b = own.admit(&member).unwrap();
+        assert_eq!(own.admit(&member).err(), Some(Exhausted::Member));
     }
 
     #[test]

@@ -1,22 +1,20 @@
-//! One call through the gateway, as a story: who is calling, where the call goes, whether the
-//! caller may make it, whether it is within its rate, what deadline it gets; then the call is
-//! forwarded frame by frame, messages never decoded, with the verified caller and the trace
-//! context added to its metadata.
+//! One call through the gateway, as a story: who is calling, whether its certificate still
+//! holds, whether it is within its member's rate and budgets, where the call goes, whether the
+//! caller may make it, what deadline it gets; then the call is forwarded frame by frame,
+//! messages never decoded (only their lengths read, to count them), with the verified caller
+//! and the trace context added to its metadata.
 
-use std::collections::HashMap;
-use std::pin::Pin;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use onestop_platform::caller::CALLER_HEADER;
 use onestop_platform::identity::{Member, Principal};
-use onestop_platform::status as platform_status;
+use onestop_platform::status::{self as platform_status, echo};
 use onestop_platform::telemetry::{self, TRACE_ID_HEADER};
-use onestop_platform::tls::PeerIdentity;
+use onestop_platform::tls::{PeerCert, PeerIdentity, ServerTls};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 use tonic::body::Body;
@@ -24,7 +22,8 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use crate::limits::{self, MemberRates, MemberSlots};
+use crate::body::{Activity, Guarded, Metered};
+use crate::limits::{self, Budget, Exhausted, MemberRates, MemberSlots};
 use crate::policy::Policy;
 use crate::upstream::Upstream;
 
@@ -35,6 +34,13 @@ const LOCAL_SERVICES: &[&str] = &[
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
+/// The largest message sent to the gateway's own services (health, reflection): they take
+/// names, not documents.
+const MAX_LOCAL_MESSAGE: usize = 4 * 1024;
+
+/// The longest method path looked at; no method of the contract comes near it.
+const MAX_PATH: usize = 256;
+
 /// The `ErrorInfo.domain` of the gateway's own refusals.
 const DOMAIN: &str = "gateway.onestop.lv";
 
@@ -44,14 +50,22 @@ pub struct Gateway {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Access rights.
     pub policy: Policy,
-    /// Per-member rates.
-    pub rates: MemberRates,
-    /// Per-member calls in flight.
-    pub slots: MemberSlots,
+    /// Per-member rates of calls and stream messages.
+    pub rates: Arc<MemberRates>,
+    /// Calls in flight.
+    pub calls: Budget,
+    /// Long-lived streams in flight (methods that stream responses or requests).
+    pub streams: Budget,
+    /// Connections open per member institution.
+    pub connections: MemberSlots,
+    /// Paths of the methods that are streams.
+    pub streaming: HashSet<String>,
     /// The longest deadline a call may have.
     pub max_deadline: Duration,
-    /// Calls in flight across all connections; a call that finds none free is refused.
-    pub in_flight: Arc<Semaphore>,
+    /// The largest header block forwarded to a service.
+    pub max_header_bytes: usize,
+    /// The external TLS configuration, which knows the revoked certificates.
+    pub tls: Arc<ServerTls>,
     /// Health and reflection, answered locally.
     pub local: Routes,
 }
@@ -59,6 +73,7 @@ pub struct Gateway {
 /// Who is on the other end of one connection, worked out once when it is accepted.
 pub struct Caller {
     admitted: Result<Admitted, Refusal>,
+    cert: Option<Arc<PeerCert>>,
 }
 
 struct Admitted {
@@ -67,18 +82,27 @@ struct Admitted {
     institution: Arc<str>,
     /// The verified identity, as the `x-onestop-caller` value services receive.
     header: HeaderValue,
-    /// The institution's calls in flight.
-    slots: Arc<Semaphore>,
+    /// The institution's places for calls and for streams.
+    calls: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    /// This connection's place among the institution's connections.
+    _connection: OwnedSemaphorePermit,
 }
 
 impl Caller {
-    /// Whether the certificate names a member.
-    pub fn is_member(&self) -> bool {
+    /// Whether the connection may make calls (its certificate names a member that has a
+    /// connection place); a connection that may not is closed after its first refusal.
+    pub fn is_admitted(&self) -> bool {
         self.admitted.is_ok()
     }
 
-    /// Reads the member from a connection's certificate.
-    pub fn new(identity: &PeerIdentity, slots: &MemberSlots) -> Self {
+    /// The connection's certificate.
+    pub fn cert(&self) -> Option<&Arc<PeerCert>> {
+        self.cert.as_ref()
+    }
+
+    /// Reads the member from a connection's certificate and takes its connection place.
+    pub fn new(identity: &PeerIdentity, cert: Option<Arc<PeerCert>>, gateway: &Gateway) -> Self {
         let admitted = member_of(identity).and_then(|member| {
             let uri = match identity {
                 PeerIdentity::Spiffe(id) => id.to_string(),
@@ -88,18 +112,35 @@ impl Caller {
                 (
                     Code::Unauthenticated,
                     "UNAUTHENTICATED",
-                    format!("`{uri}` cannot be passed on"),
+                    format!("`{}` cannot be passed on", echo(&uri)),
                 )
             })?;
             let institution: Arc<str> = member.institution().to_string().into();
+            let connection = gateway
+                .connections
+                .of(&institution)
+                .try_acquire_owned()
+                .map_err(|_| {
+                    (
+                        Code::ResourceExhausted,
+                        "TOO_MANY_CONNECTIONS",
+                        format!(
+                            "member {institution} has {} connections open, the most it may; \
+                             make calls on those",
+                            gateway.connections.per_member()
+                        ),
+                    )
+                })?;
             Ok(Admitted {
-                slots: slots.of(&institution),
+                calls: gateway.calls.of(&institution),
+                streams: gateway.streams.of(&institution),
                 institution,
                 member,
                 header,
+                _connection: connection,
             })
         });
-        Self { admitted }
+        Self { admitted, cert }
     }
 }
 
@@ -108,93 +149,192 @@ fn refuse(code: Code, reason: &str, message: String) -> Response<Body> {
     status.into_http()
 }
 
+/// The size of a header block as HTTP/2 counts it against `SETTINGS_MAX_HEADER_LIST_SIZE`.
+fn header_list_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
 impl Gateway {
-    /// Handles one call from a connection whose peer is `identity`.
+    /// Handles one call from a connection whose calls are counted in `activity`.
     pub async fn handle(
         self: Arc<Self>,
         caller: Arc<Caller>,
-        mut request: Request<Incoming>,
+        activity: Arc<Activity>,
+        request: Request<Incoming>,
     ) -> Response<Body> {
-        let method = request.uri().path().trim_start_matches('/').to_owned();
+        let call = activity.begin();
+        let path = request.uri().path();
+        let method = echo(path.trim_start_matches('/')).into_owned();
         let span = telemetry::server_span(request.headers(), &method);
         let trace_id = telemetry::trace_id_header(&span);
-        let mut response = async {
-            // 1. Who is calling: a member named by a valid certificate of this trust domain.
-            let admitted = match &caller.admitted {
-                Ok(admitted) => admitted,
-                Err((code, reason, message)) => return refuse(*code, reason, message.clone()),
-            };
-            let member = &admitted.member;
-            tracing::Span::current().record("member", tracing::field::display(member));
-            let Some((service, _)) = method.split_once('/') else {
-                return refuse(Code::Unimplemented, "UNKNOWN_METHOD", format!("`/{method}` is not a gRPC method path"));
-            };
-
-            // 2. Whether it is within the member's rate and the gateway's capacity; this holds
-            //    for every call, the gateway's own services included.
-            if let Err(wait) = self.rates.check(&admitted.institution) {
-                return refuse(Code::ResourceExhausted, "RATE_LIMITED", format!(
-                    "member {} exceeded {} calls per second; retry in {} ms",
-                    admitted.institution, self.rates.per_second(), wait.as_millis().max(1)
-                ));
-            }
-            let Ok(own) = admitted.slots.clone().try_acquire_owned() else {
-                return refuse(Code::ResourceExhausted, "TOO_MANY_CALLS", format!(
-                    "member {} has {} calls in flight, the most it may; retry when one ends",
-                    admitted.institution, self.slots.per_member()
-                ));
-            };
-            let Ok(shared) = self.in_flight.clone().try_acquire_owned() else {
-                return refuse(Code::ResourceExhausted, "OVERLOADED", "the gateway is at capacity; retry shortly".into());
-            };
-            let permit = (own, shared);
-
-            // 3. The gateway's own health and reflection, for every identified member.
-            if LOCAL_SERVICES.contains(&service) {
-                let request = request.map(Body::new);
-                return match self.local.clone().oneshot(request).await {
-                    Ok(response) => response.map(|body| Body::new(Guarded { body, _permit: permit })),
-                    Err(never) => match never {},
-                };
-            }
-
-            // 4. Where the call goes.
-            let Some(upstream) = self.upstreams.get(service) else {
-                return refuse(Code::Unimplemented, "UNKNOWN_SERVICE", format!("no service `{service}` is reachable through this gateway"));
-            };
-
-            // 5. Whether this member may make it.
-            if !self.policy.allows(member, &method) {
-                tracing::info!(%member, %method, "call denied by the access policy");
-                return refuse(Code::PermissionDenied, "ACCESS_DENIED", format!("member {member} may not call {method}"));
-            }
-
-            // 6. The deadline, never longer than the cap, enforced here while waiting for the
-            //    answer and by the service.
-            let deadline = limits::cap_deadline(request.headers_mut(), self.max_deadline);
-
-            // 7. Forward, naming the verified caller; a caller's own claim is dropped first.
-            let headers = request.headers_mut();
-            headers.remove(CALLER_HEADER);
-            headers.insert(CALLER_HEADER, admitted.header.clone());
-            telemetry::inject_context(&tracing::Span::current(), headers);
-            *request.uri_mut() = upstream.uri_for(request.uri());
-            let request = request.map(Body::new);
-            match tokio::time::timeout(deadline, upstream.send(request)).await {
-                Ok(Ok(response)) => response.map(|body| Body::new(Guarded { body, _permit: permit })),
-                Ok(Err(error)) => {
-                    tracing::warn!(service = %upstream.service, address = %upstream.address, %error, "upstream unreachable");
-                    refuse(Code::Unavailable, "UPSTREAM_UNAVAILABLE", format!("{service} is not reachable right now; retry later"))
-                }
-                Err(_) => refuse(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", format!("{service} did not answer within {} ms", deadline.as_millis())),
-            }
-        }
-        .instrument(span)
-        .await;
+        let (response, permit) = self.route(&caller, &method, request).instrument(span).await;
+        let mut response = response.map(|body| Body::new(Guarded::new(body, call, permit)));
         if let Some(trace_id) = trace_id {
             response.headers_mut().insert(TRACE_ID_HEADER, trace_id);
         }
         response
+    }
+
+    async fn route(
+        &self,
+        caller: &Caller,
+        method: &str,
+        mut request: Request<Incoming>,
+    ) -> (Response<Body>, Option<limits::BudgetPermit>) {
+        let refused = |code, reason, message| (refuse(code, reason, message), None);
+        // 1. Who is calling: a member named by a valid certificate of this trust domain, that
+        //    is still valid and not revoked (a session outlives neither).
+        let admitted = match &caller.admitted {
+            Ok(admitted) => admitted,
+            Err((code, reason, message)) => return refused(*code, reason, message.clone()),
+        };
+        if let Some(why) = caller
+            .cert
+            .as_ref()
+            .and_then(|cert| cert.unusable(&self.tls))
+        {
+            return refused(Code::Unauthenticated, "CERTIFICATE_UNUSABLE", why.into());
+        }
+        let member = &admitted.member;
+        tracing::Span::current().record("member", tracing::field::display(member));
+        let path = request.uri().path().trim_start_matches('/');
+        let service = match path.split_once('/') {
+            Some((service, _)) if path.len() <= MAX_PATH => service.to_owned(),
+            _ => {
+                return refused(
+                    Code::Unimplemented,
+                    "UNKNOWN_METHOD",
+                    format!("`/{method}` is not a method of this gateway"),
+                );
+            }
+        };
+        if header_list_size(request.headers()) > self.max_header_bytes {
+            return refused(
+                Code::ResourceExhausted,
+                "HEADERS_TOO_LARGE",
+                format!(
+                    "the call's metadata is over {} bytes; send less metadata",
+                    self.max_header_bytes
+                ),
+            );
+        }
+
+        // 2. Whether it is within the member's rate and budgets; this holds for every call,
+        //    the gateway's own services included. Streams have a budget of their own, so that
+        //    long-lived watches cannot crowd out calls.
+        if let Err(wait) = self.rates.check(&admitted.institution) {
+            return refused(
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+                format!(
+                    "member {} exceeded {} calls and stream messages per second; retry in {} ms",
+                    admitted.institution,
+                    self.rates.per_second(),
+                    wait.as_millis().max(1)
+                ),
+            );
+        }
+        let (budget, own) = if self.streaming.contains(path) {
+            (&self.streams, &admitted.streams)
+        } else {
+            (&self.calls, &admitted.calls)
+        };
+        let permit = match budget.admit(own) {
+            Ok(permit) => permit,
+            Err(Exhausted::Member) => {
+                return refused(
+                    Code::ResourceExhausted,
+                    "TOO_MANY_CALLS",
+                    format!(
+                        "member {} has {} {} in flight, the most it may; retry when one ends",
+                        admitted.institution,
+                        budget.per_member(),
+                        budget.what
+                    ),
+                );
+            }
+            Err(Exhausted::Gateway) => {
+                return refused(
+                    Code::ResourceExhausted,
+                    "OVERLOADED",
+                    format!(
+                        "the gateway is at capacity for {}; retry shortly",
+                        budget.what
+                    ),
+                );
+            }
+        };
+        let metered = |request: Request<Incoming>, max| {
+            let rates = self.rates.clone();
+            let institution = admitted.institution.clone();
+            request.map(|body| Body::new(Metered::new(body, rates, institution, max)))
+        };
+
+        // 3. The gateway's own health and reflection, for every identified member.
+        if LOCAL_SERVICES.contains(&service.as_str()) {
+            let request = metered(request, MAX_LOCAL_MESSAGE);
+            return match self.local.clone().oneshot(request).await {
+                Ok(response) => (response, Some(permit)),
+                Err(never) => match never {},
+            };
+        }
+
+        // 4. Where the call goes.
+        let Some(upstream) = self.upstreams.get(&service) else {
+            return refused(
+                Code::Unimplemented,
+                "UNKNOWN_SERVICE",
+                format!(
+                    "no service `{}` is reachable through this gateway",
+                    echo(&service)
+                ),
+            );
+        };
+
+        // 5. Whether this member may make it.
+        if !self.policy.allows(member, path) {
+            tracing::info!(%member, %method, "call denied by the access policy");
+            return refused(
+                Code::PermissionDenied,
+                "ACCESS_DENIED",
+                format!("member {member} may not call {method}"),
+            );
+        }
+
+        // 6. The deadline, never longer than the cap, enforced here while waiting for the
+        //    answer and by the service.
+        let deadline = limits::cap_deadline(request.headers_mut(), self.max_deadline);
+
+        // 7. Forward, naming the verified caller; a caller's own claim is dropped first.
+        let headers = request.headers_mut();
+        headers.remove(CALLER_HEADER);
+        headers.insert(CALLER_HEADER, admitted.header.clone());
+        telemetry::inject_context(&tracing::Span::current(), headers);
+        *request.uri_mut() = upstream.uri_for(request.uri());
+        // The services hold messages to their own size limit and say so in a status.
+        let request = metered(request, usize::MAX);
+        match tokio::time::timeout(deadline, upstream.send(request)).await {
+            Ok(Ok(response)) => (response.map(Body::new), Some(permit)),
+            Ok(Err(error)) => {
+                tracing::warn!(service = %upstream.service, %error, "upstream unreachable");
+                refused(
+                    Code::Unavailable,
+                    "UPSTREAM_UNAVAILABLE",
+                    format!("{service} is not reachable right now; retry later"),
+                )
+            }
+            Err(_) => refused(
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+                format!(
+                    "{service} did not answer within {} ms",
+                    deadline.as_millis()
+                ),
+            ),
+        }
     }
 }
 
@@ -224,66 +364,5 @@ fn member_of(identity: &PeerIdentity) -> Result<Member, Refusal> {
             "UNAUTHENTICATED",
             "a client certificate issued to a member is required".into(),
         )),
-    }
-}
-
-/// A response body that holds the call's capacity permits (the member's and the gateway's)
-/// until the call has finished.
-struct Guarded<B> {
-    body: B,
-    _permit: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-}
-
-impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use onestop_platform::identity::SpiffeId;
-    use onestop_platform::tls::PeerIdentity;
-
-    use super::Caller;
-    use crate::limits::MemberSlots;
-
-    fn caller(uri: &str) -> Caller {
-        let identity = PeerIdentity::Spiffe(Arc::new(SpiffeId::parse(uri).unwrap()));
-        Caller::new(&identity, &MemberSlots::new(1))
-    }
-
-    #[test]
-    fn subsystems_share_their_institution_and_platform_components_are_refused() {
-        let pensions = caller("spiffe://onestop.lv/member/GOV/VSAA/pensions");
-        let benefits = caller("spiffe://onestop.lv/member/GOV/VSAA/benefits");
-        let (a, b) = (pensions.admitted.unwrap(), benefits.admitted.unwrap());
-        assert_eq!(a.institution, b.institution);
-        assert_eq!(&*a.institution, "GOV/VSAA");
-        assert_eq!(a.header, "spiffe://onestop.lv/member/GOV/VSAA/pensions");
-
-        let forms = caller("spiffe://onestop.lv/platform/forms");
-        assert_eq!(forms.admitted.err().unwrap().1, "NOT_A_MEMBER");
-        let anonymous = Caller::new(&PeerIdentity::Anonymous, &MemberSlots::new(1));
-        assert_eq!(
-            anonymous.admitted.err().unwrap().0,
-            tonic::Code::Unauthenticated
-        );
     }
 }

@@ -1,11 +1,24 @@
-//! The services behind the gateway: one multiplexed HTTP/2 connection per service over internal
-//! mutual TLS, used directly (no queue or worker task between a call and the connection) and
-//! remade when it is lost; and a watcher that mirrors each service's health into the gateway's
-//! own health service.
+//! The services behind the gateway. Each route is a small pool of HTTP/2 connections over
+//! internal mutual TLS, spread over every address its names resolve to (re-resolved
+//! periodically, so replicas that come and go are followed), each connection used directly by
+//! the calls on it (no queue or worker task in between) and remade when lost. A replica that
+//! cannot be reached is skipped, and tried again after a back-off.
+//!
+//! The server's certificate must name the SPIFFE identity of the platform component the route
+//! belongs to: callers' headers and data go to nobody else.
+//!
+//! Flow control is set so that what one caller does not read cannot hold back another caller:
+//! each call's stream window is small and the connection's window is large enough for every
+//! call that can be in flight at once to fill its own, so the connection window is never the
+//! one that runs out. What a stalled call holds is one stream window of memory.
+//!
+//! A watcher mirrors each service's health into the gateway's own health service.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use onestop_platform::client;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
@@ -24,19 +38,28 @@ use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
 
+/// The flow-control window of one forwarded call, in bytes: what a caller that stops reading
+/// leaves buffered in the gateway.
+pub const CALL_WINDOW: u32 = 256 * 1024;
+/// The flow-control window of one upstream connection: the largest HTTP/2 allows, far more than
+/// every call in flight can hold with [`CALL_WINDOW`] each.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// The largest header block (response headers or trailers) accepted from a service. Services
+/// bound what their errors quote far below this, so a status never gets lost on the way.
+pub const MAX_RESPONSE_HEADERS: u32 = 64 * 1024;
+
 /// Why an upstream is unusable.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream {service} at {address}: {message}")]
+#[error("upstream {service}: {message}")]
 pub struct UpstreamError {
     service: String,
-    address: String,
     message: String,
 }
 
 /// Why one call could not be forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// No connection could be made.
+    /// No replica could be connected to.
     #[error("cannot connect: {0}")]
     Connect(#[source] std::io::Error),
     /// The connection failed during the call.
@@ -44,97 +67,263 @@ pub enum SendError {
     Http(#[from] hyper::Error),
 }
 
+/// How to reach one service.
+pub struct UpstreamSettings {
+    /// `host:port` names of its replicas.
+    pub addresses: Vec<String>,
+    /// The DNS name its certificates are checked against.
+    pub server_name: String,
+    /// A client configuration that checks the service's SPIFFE identity.
+    pub tls: Arc<ClientConfig>,
+    /// Connections kept to each address.
+    pub connections_per_address: usize,
+    /// How often idle connections are pinged.
+    pub keepalive: Duration,
+}
+
 /// One service behind the gateway.
 pub struct Upstream {
     /// The gRPC service name, such as `onestop.forms.v1.FormsService`.
     pub service: String,
-    /// Its address, `host:port`.
-    pub address: String,
+    addresses: Vec<String>,
+    /// The `:authority` of forwarded calls: the route's first name.
     authority: http::uri::Authority,
     server_name: ServerName<'static>,
     tls: TlsConnector,
     keepalive: Duration,
+    per_address: usize,
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    next: AtomicUsize,
+}
+
+/// One resolved address of a service, with its connections.
+struct Replica {
+    address: SocketAddr,
+    connections: Vec<Connection>,
+    /// Skipped until then after a failed connect.
+    down_until: Mutex<Option<Instant>>,
+    failures: AtomicU32,
+}
+
+#[derive(Default)]
+struct Connection {
     /// The live connection's handle; cloning it is cheap.
     current: Mutex<Option<SendRequest<Body>>>,
-    /// Held while a connection is being made, so that a burst of calls makes one, not many.
+    /// Held while the connection is being made, so that a burst of calls makes one, not many.
     connecting: tokio::sync::Mutex<()>,
 }
 
-impl Upstream {
-    /// Prepares the connection to a service; it is made on first use and remade when lost.
-    pub fn new(
-        service: &str,
-        address: &str,
-        server_name: &str,
-        tls: Arc<ClientConfig>,
-        keepalive: Duration,
-    ) -> Result<Self, UpstreamError> {
-        let server_name =
-            ServerName::try_from(server_name.to_owned()).map_err(|e| UpstreamError {
-                service: service.to_owned(),
-                address: address.to_owned(),
-                message: format!("server name `{server_name}`: {e}"),
-            })?;
-        let authority = address.parse().map_err(|e| UpstreamError {
-            service: service.to_owned(),
-            address: address.to_owned(),
-            message: format!("not a host:port address: {e}"),
-        })?;
-        Ok(Self {
-            service: service.to_owned(),
-            address: address.to_owned(),
-            authority,
-            server_name,
-            tls: TlsConnector::from(tls),
-            keepalive,
-            current: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+impl Replica {
+    fn new(address: SocketAddr, per_address: usize) -> Arc<Self> {
+        Arc::new(Self {
+            address,
+            connections: (0..per_address.max(1))
+                .map(|_| Connection::default())
+                .collect(),
+            down_until: Mutex::new(None),
+            failures: AtomicU32::new(0),
         })
     }
 
+    fn is_down(&self, now: Instant) -> bool {
+        self.down_until
+            .lock()
+            .map(|until| until.is_some_and(|until| until > now))
+            .unwrap_or(false)
+    }
+
+    fn failed(&self) {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel).min(5);
+        let backoff = Duration::from_millis(500) * (1 << failures);
+        if let Ok(mut until) = self.down_until.lock() {
+            *until = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+        }
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Release);
+        if let Ok(mut until) = self.down_until.lock() {
+            *until = None;
+        }
+    }
+}
+
+impl Connection {
+    fn live(&self) -> Option<SendRequest<Body>> {
+        let current = self.current.lock().ok()?;
+        current.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
+
+impl Upstream {
+    /// Prepares the connections to a service; the names are resolved by [`Upstream::resolve`],
+    /// and connections are made on first use and remade when lost.
+    pub fn new(service: &str, settings: UpstreamSettings) -> Result<Self, UpstreamError> {
+        let error = |message: String| UpstreamError {
+            service: service.to_owned(),
+            message,
+        };
+        let server_name = ServerName::try_from(settings.server_name.clone())
+            .map_err(|e| error(format!("server name `{}`: {e}", settings.server_name)))?;
+        if settings.addresses.is_empty() {
+            return Err(error("no addresses".into()));
+        }
+        let mut authorities = Vec::new();
+        for address in &settings.addresses {
+            let authority: http::uri::Authority = address
+                .parse()
+                .ok()
+                .filter(|a: &http::uri::Authority| a.port_u16().is_some())
+                .ok_or_else(|| error(format!("`{address}` is not a host:port address")))?;
+            authorities.push(authority);
+        }
+        Ok(Self {
+            service: service.to_owned(),
+            authority: authorities.swap_remove(0),
+            addresses: settings.addresses,
+            server_name,
+            tls: TlsConnector::from(settings.tls),
+            keepalive: settings.keepalive,
+            per_address: settings.connections_per_address,
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Resolves the route's names; the replicas of addresses still there keep their
+    /// connections. A name that does not resolve now leaves the others in use.
+    pub async fn resolve(&self) {
+        let mut found = Vec::new();
+        for address in &self.addresses {
+            match tokio::net::lookup_host(address.as_str()).await {
+                Ok(addresses) => found.extend(addresses),
+                Err(error) => {
+                    tracing::warn!(service = %self.service, %address, %error, "cannot resolve");
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        if found.is_empty() {
+            // Keep what was known rather than forget every replica over a DNS hiccup.
+            return;
+        }
+        let old = self.replicas();
+        let replicas: Vec<_> = found
+            .into_iter()
+            .map(|address| {
+                old.iter()
+                    .find(|replica| replica.address == address)
+                    .cloned()
+                    .unwrap_or_else(|| Replica::new(address, self.per_address))
+            })
+            .collect();
+        if let Ok(mut current) = self.replicas.write() {
+            *current = Arc::new(replicas);
+        }
+    }
+
+    /// Re-resolves the route's names every `interval` until `shutdown`.
+    pub fn keep_resolving(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let upstream = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval.max(Duration::from_secs(1)));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => upstream.resolve().await,
+                }
+            }
+        });
+    }
+
+    fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas
+            .read()
+            .map(|replicas| replicas.clone())
+            .unwrap_or_default()
+    }
+
     /// Sends one call and returns the response as soon as its headers arrive; the body follows
-    /// frame by frame.
+    /// frame by frame. Calls are spread over the replicas and their connections in turn; a
+    /// replica that cannot be connected to is skipped (nothing was sent to it).
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, SendError> {
         let mut sender = self.sender().await.map_err(SendError::Connect)?;
         Ok(sender.send_request(request).await?)
     }
 
-    /// The request's path on this upstream: HTTP/2 needs a scheme and an authority.
-    pub fn uri_for(&self, uri: &http::Uri) -> http::Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = uri.path_and_query().cloned();
-        http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
-    }
-
-    fn live(&self) -> Option<SendRequest<Body>> {
-        let current = self.current.lock().ok()?;
-        current.as_ref().filter(|s| !s.is_closed()).cloned()
-    }
-
     async fn sender(&self) -> std::io::Result<SendRequest<Body>> {
-        if let Some(sender) = self.live() {
-            return Ok(sender);
+        let replicas = self.replicas();
+        if replicas.is_empty() {
+            self.resolve().await;
         }
-        let _connecting = self.connecting.lock().await;
+        let replicas = self.replicas();
+        let slots = replicas.len() * self.per_address.max(1);
+        if slots == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no address of {} resolves", self.service),
+            ));
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut last_error = None;
+        let mut tried_down = false;
+        for step in 0..slots {
+            let index = start.wrapping_add(step) % slots;
+            let replica = &replicas[index % replicas.len()];
+            let connection =
+                &replica.connections[(index / replicas.len()) % replica.connections.len()];
+            if let Some(sender) = connection.live() {
+                return Ok(sender);
+            }
+            // A replica known to be down is tried only when every other one failed too.
+            if replica.is_down(now) && (step + 1 < slots || tried_down) {
+                tried_down = true;
+                continue;
+            }
+            match self.connect_slot(replica, connection).await {
+                Ok(sender) => return Ok(sender),
+                Err(error) => {
+                    tracing::warn!(service = %self.service, address = %replica.address, %error, "replica unreachable");
+                    replica.failed();
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("every replica of {} is down", self.service),
+            )
+        }))
+    }
+
+    async fn connect_slot(
+        &self,
+        replica: &Replica,
+        connection: &Connection,
+    ) -> std::io::Result<SendRequest<Body>> {
+        let _connecting = connection.connecting.lock().await;
         // Another call may have connected while this one waited.
-        if let Some(sender) = self.live() {
+        if let Some(sender) = connection.live() {
             return Ok(sender);
         }
-        let sender = self.connect().await?;
-        if let Ok(mut current) = self.current.lock() {
+        let sender = self.connect(replica.address).await?;
+        replica.succeeded();
+        if let Ok(mut current) = connection.current.lock() {
             *current = Some(sender.clone());
         }
         Ok(sender)
     }
 
-    async fn connect(&self) -> std::io::Result<SendRequest<Body>> {
-        let tls = client::dial(&self.address, self.server_name.clone(), &self.tls).await?;
+    async fn connect(&self, address: SocketAddr) -> std::io::Result<SendRequest<Body>> {
+        let tls = client::dial(&address.to_string(), self.server_name.clone(), &self.tls).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .initial_stream_window_size(client::STREAM_WINDOW)
-            .initial_connection_window_size(client::CONNECTION_WINDOW)
+            .initial_stream_window_size(CALL_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_RESPONSE_HEADERS)
             .keep_alive_interval(self.keepalive)
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
@@ -144,10 +333,19 @@ impl Upstream {
         let service = self.service.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::info!(%service, %error, "upstream connection closed");
+                tracing::info!(%service, %address, %error, "upstream connection closed");
             }
         });
         Ok(sender)
+    }
+
+    /// The request's path on this upstream: HTTP/2 needs a scheme and an authority.
+    pub fn uri_for(&self, uri: &http::Uri) -> http::Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = uri.path_and_query().cloned();
+        http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
     }
 
     /// Mirrors the service's own health (`Health/Watch`) into `reporter` until `shutdown`,

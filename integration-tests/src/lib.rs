@@ -2,6 +2,7 @@
 //! certificates, against SQLite or a throwaway PostgreSQL, plus clients that connect the way a
 //! member's system does. The tests themselves are in `tests/it/`, one module per area.
 
+pub mod attack;
 pub mod echo;
 pub mod pg;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onestop_cli::federation::{self, Federation, Options};
+use onestop_gateway::Route;
 use onestop_platform::identity::SpiffeId;
 use onestop_platform::pki::{Ca, IssueRequest};
 use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
@@ -73,7 +75,13 @@ impl TestFederation {
             .expect("echo service");
         let mut options = Options::new(dir.path(), "127.0.0.1:0".parse().expect("address"));
         options.forms_database = postgres.as_ref().map(|pg| pg.url.clone());
-        options.extra_routes.push((echo::SERVICE.to_owned(), echo));
+        options.extra_routes.push((
+            echo::SERVICE.to_owned(),
+            Route {
+                addresses: vec![echo.to_string()],
+                component: "echo".into(),
+            },
+        ));
         // A route to a port held but never listened on, to see an upstream that is down.
         let nowhere = tokio::net::TcpSocket::new_v4().expect("socket");
         nowhere
@@ -81,7 +89,10 @@ impl TestFederation {
             .expect("a free port");
         options.extra_routes.push((
             UNREACHABLE_SERVICE.to_owned(),
-            nowhere.local_addr().expect("address"),
+            Route {
+                addresses: vec![nowhere.local_addr().expect("address").to_string()],
+                component: "nowhere".into(),
+            },
         ));
         adjust(&mut options);
         // The test services are callable by the demo institution.
@@ -89,7 +100,8 @@ impl TestFederation {
         let mut text = std::fs::read_to_string(&policy).expect("policy");
         text.push_str(&format!(
             "\n[[allow]]\nmember = \"GOV/VSAA\"\nmethods = [\"{}/*\", \"{UNREACHABLE_SERVICE}/*\"]\n\n\
-             [[allow]]\nmember = \"GOV/NVA\"\nmethods = [\"onestop.forms.v1.FormsService/*\"]\n",
+             [[allow]]\nmember = \"GOV/NVA\"\nmethods = [\"onestop.forms.v1.FormsService/*\", \"{}/*\"]\n",
+            echo::SERVICE,
             echo::SERVICE
         ));
         std::fs::write(&policy, text).expect("policy");
@@ -157,7 +169,7 @@ impl Drop for TestFederation {
 /// A channel to `address` authenticated with certificate `name` of a PKI directory.
 pub fn mtls_channel(address: &str, pki: &Path, name: &str) -> Channel {
     let material = TlsMaterial::load(&TlsFiles::in_pki_dir(pki, name)).expect("certificate");
-    let config = tls::client_config(&material).expect("client TLS");
+    let config = tls::client_config(&material, None).expect("client TLS");
     onestop_platform::client::channel(address, "localhost", config, Duration::from_secs(30))
         .expect("channel")
 }
@@ -193,7 +205,7 @@ pub async fn tls_refusal(address: &str, trusted_pki: &Path, cert_pki: &Path, nam
     let cert = std::fs::read(cert_pki.join(format!("{name}.pem"))).expect("certificate");
     let key = std::fs::read(cert_pki.join(format!("{name}.key"))).expect("key");
     let material = TlsMaterial::from_pem(&ca, &cert, &key).expect("TLS material");
-    let config = tls::client_config(&material).expect("client TLS");
+    let config = tls::client_config(&material, None).expect("client TLS");
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .expect("TCP connection");

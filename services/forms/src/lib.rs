@@ -19,9 +19,8 @@ pub mod store;
 
 use std::sync::Arc;
 
-use onestop_platform::caller::Authenticate;
 use onestop_platform::config::{DatabaseConfig, ServerConfig, TelemetryConfig};
-use onestop_platform::identity::{Member, SpiffeId};
+use onestop_platform::identity::Member;
 use onestop_proto::forms::v1::forms_service_server::{FormsServiceServer, SERVICE_NAME};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -54,9 +53,6 @@ pub struct FormsSettings {
     pub operators: Vec<String>,
     /// Create the seed forms that do not exist yet at start.
     pub seed: bool,
-    /// The SPIFFE identity of the gateway, the only peer believed when it names a caller;
-    /// defaults to `spiffe://<trust domain>/platform/gateway`.
-    pub gateway_identity: Option<String>,
 }
 
 impl Default for FormsSettings {
@@ -64,7 +60,6 @@ impl Default for FormsSettings {
         Self {
             operators: vec!["GOV/VDAA".to_owned()],
             seed: true,
-            gateway_identity: None,
         }
     }
 }
@@ -139,20 +134,12 @@ pub async fn serve_registry(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let gateway = match &config.forms.gateway_identity {
-        Some(id) => SpiffeId::parse(id)
-            .map_err(|e| ServeError::Config(format!("forms.gateway_identity: {e}")))?,
-        None => SpiffeId::platform(&config.server.trust_domain, "gateway"),
-    };
     let limits = config.server.limits;
     let forms = FormsServiceServer::new(api::FormsApi::new(registry))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(tonic::service::interceptor::InterceptedService::new(
-        forms,
-        Authenticate::new(gateway),
-    ));
+    routes.add_service(forms);
     onestop_platform::server::serve(&config.server, routes, &[SERVICE_NAME], listener, shutdown)
         .await?;
     Ok(())

@@ -5,15 +5,19 @@
 //! certificate. The header is believed only on a connection authenticated with the gateway's
 //! own certificate; anyone else who sends it is refused, so that no member can claim to be
 //! another. A member that reaches a service directly is refused too: members come through the
-//! gateway, where their access rights and limits apply.
+//! gateway, where their access rights and limits apply. This holds for every method a server
+//! offers, health and reflection included: [`AuthenticateLayer`] runs in front of all of them.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tonic::{Request, Status};
 
 use crate::identity::SpiffeId;
 use crate::status::{self, Reason};
-use crate::tls::{Peer, PeerIdentity};
+use crate::tls::{Peer, PeerIdentity, ServerTls};
 
 /// The metadata key in which the gateway passes the verified caller (a SPIFFE URI).
 pub const CALLER_HEADER: &str = "x-onestop-caller";
@@ -115,17 +119,84 @@ impl Authenticate {
     }
 }
 
-impl tonic::service::Interceptor for Authenticate {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = self.caller(
-            request.extensions().get::<Peer>(),
-            request
-                .metadata()
-                .get(CALLER_HEADER)
-                .map(|value| value.as_bytes()),
-        )?;
-        request.extensions_mut().insert(caller);
-        Ok(request)
+/// A tower layer that authenticates the caller of every request a server receives and puts the
+/// [`Caller`] into its extensions, or answers with the refusal. A certificate that expired or was
+/// revoked since its connection was opened is refused too.
+#[derive(Clone, Debug)]
+pub struct AuthenticateLayer {
+    auth: Authenticate,
+    tls: Arc<ServerTls>,
+}
+
+impl AuthenticateLayer {
+    /// Believes caller headers only from `gateway`; checks certificates against `tls`.
+    pub fn new(gateway: SpiffeId, tls: Arc<ServerTls>) -> Self {
+        Self {
+            auth: Authenticate::new(gateway),
+            tls,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthenticateLayer {
+    type Service = AuthenticateService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthenticateService {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`AuthenticateLayer`].
+#[derive(Clone, Debug)]
+pub struct AuthenticateService<S> {
+    layer: AuthenticateLayer,
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuthenticateService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let peer = request.extensions().get::<Peer>();
+        let unusable = peer
+            .and_then(|peer| peer.cert.as_ref())
+            .and_then(|cert| cert.unusable(&self.layer.tls));
+        let caller = match unusable {
+            Some(why) => Err(status::error(
+                tonic::Code::Unauthenticated,
+                Reason::Unauthenticated,
+                why.into(),
+                Vec::new(),
+            )),
+            None => self.layer.auth.caller(
+                peer,
+                request
+                    .headers()
+                    .get(CALLER_HEADER)
+                    .map(|value| value.as_bytes()),
+            ),
+        };
+        match caller {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(request))
+            }
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
     }
 }
 
@@ -137,6 +208,7 @@ mod tests {
         Peer {
             remote_addr: ([127, 0, 0, 1], 1).into(),
             identity,
+            cert: None,
         }
     }
 

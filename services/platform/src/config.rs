@@ -150,6 +150,32 @@ pub struct ServerConfig {
     /// How long in-flight calls may take to finish after a shutdown signal.
     #[serde(default = "default_drain_timeout", with = "duration_ms")]
     pub drain_timeout_ms: Duration,
+    /// How often the revocation list (`[server.tls] crl`) is checked for changes.
+    #[serde(default = "default_reload_interval", with = "duration_ms")]
+    pub reload_interval_ms: Duration,
+    /// The SPIFFE identity of the gateway, the only peer believed when it names a caller;
+    /// defaults to `spiffe://<trust domain>/platform/gateway`.
+    #[serde(default)]
+    pub gateway_identity: Option<String>,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl ServerConfig {
+    /// A server on `listen` with these TLS files and every other setting at its default.
+    pub fn new(listen: SocketAddr, tls: TlsFiles) -> Self {
+        Self {
+            listen,
+            trust_domain: default_trust_domain(),
+            tls,
+            limits: Limits::default(),
+            drain_timeout_ms: default_drain_timeout(),
+            reload_interval_ms: default_reload_interval(),
+            gateway_identity: None,
+        }
+    }
 }
 
 /// The default trust domain.
@@ -188,6 +214,20 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     /// The largest header block a client may send, in bytes.
     pub max_header_list_bytes: u32,
+    /// Connections open at once, handshaking or not; keep it below the process's file
+    /// descriptor limit.
+    pub max_connections: usize,
+    /// Connections from one source address whose peer is not identified (still handshaking, or
+    /// without a usable certificate).
+    pub max_unidentified_per_source: usize,
+    /// New connections a second from one source address; bursts of twice as many.
+    pub handshakes_per_source_per_second: u32,
+    /// How long after its handshake a connection may take to send its first call.
+    #[serde(with = "duration_ms")]
+    pub first_request_timeout_ms: Duration,
+    /// How long a connection may stay open with no call in flight.
+    #[serde(with = "duration_ms")]
+    pub idle_timeout_ms: Duration,
 }
 
 impl Default for Limits {
@@ -202,6 +242,11 @@ impl Default for Limits {
             handshake_timeout_ms: Duration::from_secs(10),
             max_pending_handshakes: 256,
             max_header_list_bytes: 16 * 1024,
+            max_connections: 10_000,
+            max_unidentified_per_source: 16,
+            handshakes_per_source_per_second: 50,
+            first_request_timeout_ms: Duration::from_secs(10),
+            idle_timeout_ms: Duration::from_secs(300),
         }
     }
 }

@@ -3,9 +3,10 @@
 //! gRPC with explicit limits and a bounded graceful shutdown.
 //!
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
-//! (certificates, rustls, the accept loop) → [`caller`] (who calls a service) → [`server`]
+//! (certificates, rustls) → [`accept`] (admitting connections) → [`caller`] (who calls a service) → [`server`]
 //! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`db`], [`paging`] and [`status`] beside them.
 
+pub mod accept;
 pub mod caller;
 pub mod client;
 pub mod config;

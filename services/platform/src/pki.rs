@@ -9,12 +9,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
 use crate::identity::SpiffeId;
+
+/// The CA's certificate revocation list in a PKI directory (PEM).
+pub const CRL_FILE: &str = "ca.crl";
 
 /// What went wrong with the PKI.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +210,90 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Adds the certificate `cert_pem` to the revocation list in `dir` and writes the list
+    /// anew. Returns how many certificates the list names now.
+    pub fn revoke(&self, dir: &Path, cert_pem: &str) -> Result<usize, PkiError> {
+        let serial = serial_of(cert_pem)?;
+        let mut revoked = revoked_in(dir)?;
+        if !revoked.iter().any(|(listed, _)| *listed == serial) {
+            revoked.push((serial, OffsetDateTime::now_utc()));
+        }
+        self.write_crl(dir, &revoked)?;
+        Ok(revoked.len())
+    }
+
+    /// Writes `ca.crl` naming these serials, signed by the CA, valid for a year.
+    pub fn write_crl(
+        &self,
+        dir: &Path,
+        revoked: &[(Vec<u8>, OffsetDateTime)],
+    ) -> Result<(), PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(365),
+            // Later lists carry larger numbers, as RFC 5280 asks.
+            crl_number: SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, when)| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: *when,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        // Written whole and renamed, so that a server reloading it never reads half a list.
+        let path = dir.join(CRL_FILE);
+        let partial = dir.join(format!("{CRL_FILE}.partial"));
+        write_file(&partial, &crl.pem()?, false)?;
+        std::fs::rename(&partial, &path).map_err(|source| PkiError::Io { path, source })
+    }
+}
+
+/// A certificate serial number as compared here: big-endian bytes without leading zeros (DER
+/// adds one when the top bit is set).
+pub fn normalize_serial(raw: &[u8]) -> Vec<u8> {
+    let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    raw[first..].to_vec()
+}
+
+/// The serial number of the first certificate of a PEM file.
+pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| PkiError::Invalid(format!("not a PEM certificate: {e}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| PkiError::Invalid(format!("not an X.509 certificate: {e}")))?;
+    Ok(normalize_serial(cert.raw_serial()))
+}
+
+/// The serials and revocation times the revocation list in `dir` names (none without a list).
+pub fn revoked_in(dir: &Path) -> Result<Vec<(Vec<u8>, OffsetDateTime)>, PkiError> {
+    let path = dir.join(CRL_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = read_file(&path)?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(text.as_bytes())
+        .map_err(|e| PkiError::Invalid(format!("{}: not PEM: {e}", path.display())))?;
+    let (_, crl) = x509_parser::parse_x509_crl(&pem.contents)
+        .map_err(|e| PkiError::Invalid(format!("{}: not a CRL: {e}", path.display())))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|entry| {
+            let when = OffsetDateTime::from_unix_timestamp(entry.revocation_date.timestamp())
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            (normalize_serial(entry.raw_serial()), when)
+        })
+        .collect())
+}
+
 /// A short description of a certificate file, for `onestop pki show`.
 #[derive(Debug)]
 pub struct CertSummary {
@@ -313,6 +401,11 @@ pub mod dev {
             ca.save(dir)?;
             ca
         };
+        if !dir.join(super::CRL_FILE).exists() {
+            // An empty list, so that every server watches it from the start and a later
+            // `onestop pki revoke` takes effect without a restart.
+            ca.write_crl(dir, &[])?;
+        }
         let year = Duration::from_secs(365 * 24 * 3600);
         let mut made = false;
         let mut issue = |name: &str, request: IssueRequest| -> Result<(), PkiError> {

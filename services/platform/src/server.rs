@@ -6,9 +6,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 
+use crate::accept::{self, AcceptLimits};
+use crate::caller::AuthenticateLayer;
 use crate::config::ServerConfig;
+use crate::identity::SpiffeId;
 use crate::telemetry::TraceLayer;
-use crate::tls::{self, AcceptLimits, ClientAuth, TlsMaterial};
+use crate::tls::{self, ClientAuth, ServerTls};
 
 /// Why a server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,19 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The identity whose caller headers a server believes: `[server] gateway_identity`, or
+/// `spiffe://<trust domain>/platform/gateway`.
+pub fn gateway_identity(config: &ServerConfig) -> Result<SpiffeId, ServeError> {
+    match &config.gateway_identity {
+        Some(id) => SpiffeId::parse(id)
+            .map_err(|e| ServeError::Config(format!("server.gateway_identity: {e}"))),
+        None => Ok(SpiffeId::platform(&config.trust_domain, "gateway")),
+    }
 }
 
 /// Health for the `healthy` services and reflection describing the `described` ones, added to
@@ -70,8 +86,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let limits = config.limits;
-    let material = TlsMaterial::load(&config.tls)?;
-    let tls_config = tls::server_config(&material, ClientAuth::Required)?;
+    let gateway = gateway_identity(config)?;
+    let tls = ServerTls::load(&config.tls, ClientAuth::Required)?;
+    tls.watch(config.reload_interval_ms, shutdown.clone());
     let mut with_whole = served.to_vec();
     with_whole.push("");
     let reporter = standard_services(&mut routes, &with_whole, served).await?;
@@ -79,14 +96,11 @@ pub async fn serve(
     // The accept loop stops on its own token, cancelled by the shutdown below, so that no new
     // connection is taken while the old ones drain.
     let accepting = shutdown.child_token();
-    let incoming = tls::accept(
+    let incoming = accept::accept(
         listener,
-        tls_config,
+        tls.clone(),
         config.trust_domain.clone(),
-        AcceptLimits {
-            handshake_timeout: limits.handshake_timeout_ms,
-            max_pending_handshakes: limits.max_pending_handshakes,
-        },
+        AcceptLimits::from(&limits),
         accepting.clone(),
     );
 
@@ -106,6 +120,9 @@ pub async fn serve(
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
         // Every call in its own span, a child of the caller's trace; the trace id goes back.
         .layer(TraceLayer)
+        // Who calls, for every method (health and reflection too): only platform components
+        // and the gateway, speaking for a member, get through.
+        .layer(AuthenticateLayer::new(gateway, tls))
         .add_routes(routes.routes());
 
     let stopping = {

@@ -1,12 +1,28 @@
 //! gRPC errors in one shape for every service: the right code, a message about the caller's
 //! request, `google.rpc.ErrorInfo` with a stable reason, and for bad fields
 //! `google.rpc.BadRequest` violations.
+//!
+//! This is also the one place that bounds what an error echoes back. Messages and violations
+//! often quote the caller's own input (a form id, a pointer into a document); a caller that
+//! sends megabytes must not get megabytes of trailers back, nor be able to push a status past
+//! the HTTP/2 header limits of the peers that forward it.
+
+use std::borrow::Cow;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 /// The domain named in every `ErrorInfo` the platform's own layers return.
 pub const PLATFORM_DOMAIN: &str = "onestop.lv";
+
+/// The most characters of caller input quoted anywhere (messages, violations, logs).
+pub const MAX_ECHO_CHARS: usize = 128;
+/// The most characters of a status message.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+/// The most field violations one error carries; the rest are summed up in one more.
+pub const MAX_VIOLATIONS: usize = 50;
+/// The most bytes of field violations (paths, descriptions and localized texts together).
+pub const MAX_VIOLATION_BYTES: usize = 8 * 1024;
 
 /// Stable reasons of the platform's own errors (services add their own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +49,31 @@ impl Reason {
     }
 }
 
+/// Caller input as it may be quoted: at most [`MAX_ECHO_CHARS`] characters, control characters
+/// replaced, and a note of how much was left out.
+pub fn echo(input: &str) -> Cow<'_, str> {
+    bounded(input, MAX_ECHO_CHARS)
+}
+
+/// `text` cut to at most `max` characters (plus a note of what was cut), with control
+/// characters replaced so that a quote cannot forge log lines.
+pub fn bounded(text: &str, max: usize) -> Cow<'_, str> {
+    let clean = !text.chars().any(char::is_control);
+    let count = text.chars().count();
+    if clean && count <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect();
+    if count > max {
+        out.push_str(&format!("… ({} more characters)", count - max));
+    }
+    Cow::Owned(out)
+}
+
 /// A platform error.
 pub fn error(
     code: Code,
@@ -43,7 +84,7 @@ pub fn error(
     with_details(code, PLATFORM_DOMAIN, reason.as_str(), message, violations)
 }
 
-/// An error of any domain with its details.
+/// An error of any domain with its details, bounded in size (see the module docs).
 pub fn with_details(
     code: Code,
     domain: &str,
@@ -51,9 +92,93 @@ pub fn with_details(
     message: String,
     violations: Vec<FieldViolation>,
 ) -> Status {
-    let mut details = ErrorDetails::with_error_info(reason, domain, []);
+    let mut details = ErrorDetails::with_error_info(bounded(reason, 64), domain, []);
+    let violations = bound_violations(violations);
     if !violations.is_empty() {
         details.set_bad_request(violations);
     }
+    let message = bounded(&message, MAX_MESSAGE_CHARS).into_owned();
     Status::with_error_details(code, message, details)
+}
+
+/// Keeps at most [`MAX_VIOLATIONS`] violations within [`MAX_VIOLATION_BYTES`], each part cut to
+/// a sensible length; what does not fit is counted in one last violation.
+fn bound_violations(violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
+    let total = violations.len();
+    let mut kept = Vec::new();
+    let mut bytes = 0;
+    for mut violation in violations {
+        violation.field = bounded(&violation.field, 256).into_owned();
+        violation.description = bounded(&violation.description, 512).into_owned();
+        violation.reason = bounded(&violation.reason, 64).into_owned();
+        if let Some(localized) = &mut violation.localized_message {
+            localized.message = bounded(&localized.message, 512).into_owned();
+            localized.locale = bounded(&localized.locale, 16).into_owned();
+        }
+        let size = violation.field.len()
+            + violation.description.len()
+            + violation.reason.len()
+            + violation
+                .localized_message
+                .as_ref()
+                .map_or(0, |l| l.message.len() + l.locale.len());
+        if kept.len() == MAX_VIOLATIONS || bytes + size > MAX_VIOLATION_BYTES {
+            break;
+        }
+        bytes += size;
+        kept.push(violation);
+    }
+    if kept.len() < total {
+        let left = total - kept.len();
+        kept.push(FieldViolation::new(
+            "",
+            format!("{left} more problems are not listed; correct these and try again"),
+        ));
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoes_are_bounded_and_cannot_forge_lines() {
+        assert_eq!(echo("forms/x"), "forms/x");
+        let long = "a".repeat(20_000);
+        let quoted = echo(&long);
+        assert!(quoted.len() < 200, "{}", quoted.len());
+        assert!(quoted.ends_with("(19872 more characters)"), "{quoted}");
+        assert_eq!(echo("a\nb"), "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn error_details_stay_small_whatever_the_input() {
+        let violations = (0..1000)
+            .map(|i| FieldViolation::new(format!("/{}/{i}", "x".repeat(5000)), "y".repeat(5000)))
+            .collect();
+        let status = with_details(
+            Code::InvalidArgument,
+            "forms.onestop.lv",
+            "INVALID",
+            "z".repeat(100_000),
+            violations,
+        );
+        assert!(status.message().len() < 1200);
+        let details = status.get_details_bad_request().unwrap();
+        assert!(details.field_violations.len() <= MAX_VIOLATIONS + 1);
+        assert!(
+            details
+                .field_violations
+                .last()
+                .unwrap()
+                .description
+                .contains("more problems")
+        );
+        assert!(
+            status.details().len() < MAX_VIOLATION_BYTES + 2048,
+            "{}",
+            status.details().len()
+        );
+    }
 }

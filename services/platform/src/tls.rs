@@ -1,29 +1,30 @@
-//! Mutual TLS: rustls configurations for servers and clients, the accept loop that turns TCP
-//! connections into authenticated TLS streams, and the caller's SPIFFE identity read from the
-//! peer certificate once per connection.
+//! Mutual TLS: rustls configurations for servers and clients, certificate revocation lists that
+//! are reloaded while running, and the caller's SPIFFE identity read from the peer certificate
+//! once per connection. The accept loop that admits connections is in [`crate::accept`].
 //!
 //! Only TLS 1.3 and 1.2 are offered (rustls has nothing older) with the `ring` provider, the one
 //! crypto provider in the build. Certificates are checked against the configured CA alone: no
-//! system roots are ever trusted.
+//! system roots are ever trusted. Servers never resume sessions: a resumed session would skip the
+//! certificate checks (expiry, revocation) that a full handshake makes, and gRPC connections are
+//! long-lived, so the saving would be small.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::SpiffeId;
@@ -50,7 +51,7 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// Where a process finds its CA, certificate and key (PEM files).
+/// Where a process finds its CA, certificate, key and revocation list (PEM files).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
@@ -60,24 +61,32 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This process's private key.
     pub key: PathBuf,
+    /// The CA's certificate revocation list (PEM, `X509 CRL`); a peer certificate listed there
+    /// is refused. Re-read while running when it changes.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
-    /// The files `<dir>/ca.pem`, `<dir>/<name>.pem` and `<dir>/<name>.key` of a PKI directory.
+    /// The files `<dir>/ca.pem`, `<dir>/<name>.pem`, `<dir>/<name>.key` and, when it exists,
+    /// `<dir>/ca.crl` of a PKI directory.
     pub fn in_pki_dir(dir: &Path, name: &str) -> Self {
+        let crl = dir.join(crate::pki::CRL_FILE);
         Self {
             ca: dir.join("ca.pem"),
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
+            crl: crl.exists().then_some(crl),
         }
     }
 }
 
-/// The parsed trust anchors, certificate chain and key of one process.
+/// The parsed trust anchors, certificate chain, key and revocation lists of one process.
 pub struct TlsMaterial {
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl std::fmt::Debug for TlsMaterial {
@@ -86,25 +95,33 @@ impl std::fmt::Debug for TlsMaterial {
             .field("ca", &self.ca.len())
             .field("chain", &self.chain.len())
             .field("key", &"<redacted>")
+            .field("crls", &self.crls.len())
             .finish()
     }
 }
 
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 impl TlsMaterial {
-    /// Reads and parses the three files.
+    /// Reads and parses the files.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Io {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        Self::from_pem(&read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?).map_err(
-            |error| match error {
-                TlsError::Pem(why) => TlsError::Pem(format!("{}: {why}", files.cert.display())),
-                other => other,
-            },
-        )
+        let mut material =
+            Self::from_pem(&read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?).map_err(
+                |error| match error {
+                    TlsError::Pem(why) => TlsError::Pem(format!("{}: {why}", files.cert.display())),
+                    other => other,
+                },
+            )?;
+        if let Some(crl) = &files.crl {
+            material.crls = parse_crls(&read(crl)?)
+                .map_err(|why| TlsError::Pem(format!("{}: {why}", crl.display())))?;
+        }
+        Ok(material)
     }
 
     /// Parses PEM text.
@@ -123,6 +140,7 @@ impl TlsMaterial {
             chain: certs(cert, "certificate")?,
             key: PrivateKeyDer::from_pem_slice(key)
                 .map_err(|e| TlsError::Pem(format!("private key: {e}")))?,
+            crls: Vec::new(),
         })
     }
 
@@ -133,6 +151,29 @@ impl TlsMaterial {
         }
         Ok(Arc::new(roots))
     }
+
+    /// The serial numbers (raw DER bytes) the revocation lists name.
+    fn revoked_serials(&self) -> HashSet<Vec<u8>> {
+        self.crls
+            .iter()
+            .filter_map(|crl| x509_parser::parse_x509_crl(crl).ok())
+            .flat_map(|(_, crl)| {
+                crl.iter_revoked_certificates()
+                    .map(|revoked| crate::pki::normalize_serial(revoked.raw_serial()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+fn parse_crls(pem: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("revocation list: {e}"))?;
+    for crl in &crls {
+        x509_parser::parse_x509_crl(crl).map_err(|e| format!("revocation list: {e}"))?;
+    }
+    Ok(crls)
 }
 
 /// Whether a server demands a client certificate during the handshake.
@@ -157,13 +198,15 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
-/// A server configuration for gRPC (ALPN `h2`) that verifies client certificates against the CA.
+/// A server configuration for gRPC (ALPN `h2`) that verifies client certificates against the CA
+/// and its revocation lists, and never resumes a session.
 pub fn server_config(
     material: &TlsMaterial,
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto_provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(material.roots()?, provider.clone());
+    let verifier = WebPkiClientVerifier::builder_with_provider(material.roots()?, provider.clone())
+        .with_crls(material.crls.iter().cloned());
     let verifier = match client_auth {
         ClientAuth::Required => verifier.build()?,
         ClientAuth::Optional => verifier.allow_unauthenticated().build()?,
@@ -173,18 +216,213 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(material.chain.clone(), material.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption, neither by session id (TLS 1.2) nor by ticket (1.3): every connection
+    // shows a certificate that is checked now.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
 /// A client configuration for gRPC (ALPN `h2`) that presents this process's certificate and
-/// trusts only the CA.
-pub fn client_config(material: &TlsMaterial) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(material.roots()?)
-        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())?;
+/// trusts only the CA. With `server_identity`, the server's certificate must also name exactly
+/// that SPIFFE identity: a certificate of another component of the same CA is refused before
+/// anything is sent to it.
+pub fn client_config(
+    material: &TlsMaterial,
+    server_identity: Option<&SpiffeId>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = crypto_provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let webpki = WebPkiServerVerifier::builder_with_provider(material.roots()?, provider)
+        .with_crls(material.crls.iter().cloned())
+        .build()
+        .map_err(|e| TlsError::Pem(format!("server verifier: {e}")))?;
+    let builder = match server_identity {
+        None => builder.with_webpki_verifier(webpki),
+        Some(identity) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
+                webpki,
+                expected: identity.clone(),
+            })),
+    };
+    let mut config =
+        builder.with_client_auth_cert(material.chain.clone(), material.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Checks a server's certificate as WebPKI does (chain, validity, name, revocation), and then
+/// that it names the one SPIFFE identity expected of that server.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    expected: SpiffeId,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let (identity, _) = inspect(
+            Some(std::slice::from_ref(end_entity)),
+            &self.expected.trust_domain,
+        );
+        match identity {
+            PeerIdentity::Spiffe(id) if *id == self.expected => Ok(verified),
+            other => {
+                tracing::warn!(expected = %self.expected, found = ?other, "upstream certificate names another identity");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// A server's TLS configuration that follows its revocation list: the file is checked every
+/// `reload_interval` and, when it changed, a new configuration is built for the connections
+/// that come next, and the serials it lists are refused on connections already open.
+pub struct ServerTls {
+    files: TlsFiles,
+    client_auth: ClientAuth,
+    current: RwLock<Arc<Loaded>>,
+}
+
+struct Loaded {
+    config: Arc<ServerConfig>,
+    revoked: HashSet<Vec<u8>>,
+    crl_stamp: Option<(SystemTime, u64)>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+fn stamp(path: Option<&Path>) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path?).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+impl ServerTls {
+    /// Loads the files and builds the first configuration.
+    pub fn load(files: &TlsFiles, client_auth: ClientAuth) -> Result<Arc<Self>, TlsError> {
+        let tls = Self {
+            files: files.clone(),
+            client_auth,
+            current: RwLock::new(Arc::new(Self::build(files, client_auth)?)),
+        };
+        Ok(Arc::new(tls))
+    }
+
+    fn build(files: &TlsFiles, client_auth: ClientAuth) -> Result<Loaded, TlsError> {
+        let crl_stamp = stamp(files.crl.as_deref());
+        let material = TlsMaterial::load(files)?;
+        Ok(Loaded {
+            config: server_config(&material, client_auth)?,
+            revoked: material.revoked_serials(),
+            crl_stamp,
+        })
+    }
+
+    fn loaded(&self) -> Arc<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The configuration for a new connection.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.loaded().config.clone()
+    }
+
+    /// Whether the certificate with this serial ([`crate::pki::normalize_serial`]) is revoked.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.loaded().revoked.contains(serial)
+    }
+
+    /// Rebuilds the configuration if the revocation list changed; returns whether it did. A
+    /// list that cannot be read or parsed leaves the previous configuration in force.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamp(self.files.crl.as_deref());
+        if now == self.loaded().crl_stamp {
+            return Ok(false);
+        }
+        let loaded = Self::build(&self.files, self.client_auth)?;
+        let revoked = loaded.revoked.len();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(loaded);
+        tracing::info!(revoked, "certificate revocation list reloaded");
+        Ok(true)
+    }
+
+    /// Checks the revocation list for changes every `interval` until `shutdown`.
+    pub fn watch(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        if self.files.crl.is_none() {
+            return;
+        }
+        let tls = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval.max(Duration::from_millis(10)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let tls = tls.clone();
+                match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        tracing::error!(%error, "revocation list unusable; the previous one stays in force");
+                    }
+                    Err(error) => tracing::error!(%error, "revocation list reload failed"),
+                }
+            }
+        });
+    }
 }
 
 /// What the peer's certificate says about who it is.
@@ -198,6 +436,28 @@ pub enum PeerIdentity {
     Spiffe(Arc<SpiffeId>),
 }
 
+/// The facts of a peer's certificate that matter after the handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The serial number, as [`crate::pki::normalize_serial`] gives it.
+    pub serial: Vec<u8>,
+    /// The end of its validity.
+    pub not_after: SystemTime,
+}
+
+impl PeerCert {
+    /// Why the certificate may not be used now (expired, or revoked per `tls`), if it may not.
+    pub fn unusable(&self, tls: &ServerTls) -> Option<&'static str> {
+        if SystemTime::now() > self.not_after {
+            Some("the client certificate has expired")
+        } else if tls.is_revoked(&self.serial) {
+            Some("the client certificate has been revoked")
+        } else {
+            None
+        }
+    }
+}
+
 /// The peer of one connection, as every request on it sees it (inserted into the request's
 /// extensions by tonic).
 #[derive(Clone, Debug)]
@@ -206,20 +466,42 @@ pub struct Peer {
     pub remote_addr: SocketAddr,
     /// The identity from its certificate.
     pub identity: PeerIdentity,
+    /// Its certificate, when it presented one.
+    pub cert: Option<Arc<PeerCert>>,
 }
 
 /// Reads the SPIFFE identity from a verified leaf certificate. Exactly one `spiffe://` URI of
 /// the expected trust domain is accepted: a certificate naming two identities names none.
 pub fn identity_of(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> PeerIdentity {
+    inspect(certs, trust_domain).0
+}
+
+/// The identity and the certificate facts of a verified leaf certificate.
+pub fn inspect(
+    certs: Option<&[CertificateDer<'_>]>,
+    trust_domain: &str,
+) -> (PeerIdentity, Option<Arc<PeerCert>>) {
     use x509_parser::extensions::GeneralName;
     let Some(leaf) = certs.and_then(|certs| certs.first()) else {
-        return PeerIdentity::Anonymous;
+        return (PeerIdentity::Anonymous, None);
     };
     let unidentified = |why: String| PeerIdentity::Unidentified(why.into());
     let cert = match x509_parser::parse_x509_certificate(leaf) {
         Ok((_, cert)) => cert,
-        Err(e) => return unidentified(format!("the certificate cannot be parsed: {e}")),
+        Err(e) => {
+            return (
+                unidentified(format!("the certificate cannot be parsed: {e}")),
+                None,
+            );
+        }
     };
+    let facts = Arc::new(PeerCert {
+        serial: crate::pki::normalize_serial(cert.raw_serial()),
+        not_after: SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+            ),
+    });
     let uris: Vec<&str> = match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
@@ -232,7 +514,7 @@ pub fn identity_of(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> 
             .collect(),
         _ => Vec::new(),
     };
-    match uris.as_slice() {
+    let identity = match uris.as_slice() {
         [] => unidentified("the certificate carries no spiffe:// identity".into()),
         [uri] => match SpiffeId::parse(uri) {
             Ok(id) if id.trust_domain == trust_domain => PeerIdentity::Spiffe(Arc::new(id)),
@@ -242,145 +524,6 @@ pub fn identity_of(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> 
             Err(e) => unidentified(format!("the certificate's identity is malformed: {e}")),
         },
         _ => unidentified("the certificate carries more than one spiffe:// identity".into()),
-    }
-}
-
-/// A TLS connection whose peer has been authenticated, with the identity read once.
-pub struct MtlsStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: Peer,
-}
-
-impl MtlsStream {
-    /// The peer of this connection.
-    pub fn peer(&self) -> &Peer {
-        &self.peer
-    }
-}
-
-impl AsyncRead for MtlsStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for MtlsStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for MtlsStream {
-    type ConnectInfo = Peer;
-
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
-    }
-}
-
-/// Limits of the accept loop.
-#[derive(Clone, Copy, Debug)]
-pub struct AcceptLimits {
-    /// A client that has not finished its handshake by then is dropped.
-    pub handshake_timeout: Duration,
-    /// At most this many handshakes run at once; further connections wait in the kernel's
-    /// backlog.
-    pub max_pending_handshakes: usize,
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently, yielding authenticated
-/// streams until `shutdown` is cancelled. A failed handshake (unknown CA, expired certificate,
-/// no TLS at all) is logged and dropped; it never stops the loop.
-pub fn accept(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    trust_domain: String,
-    limits: AcceptLimits,
-    shutdown: CancellationToken,
-) -> ReceiverStream<io::Result<MtlsStream>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(limits.max_pending_handshakes.max(1));
-    let acceptor = TlsAcceptor::from(config);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(
-        limits.max_pending_handshakes.max(1),
-    ));
-    let trust_domain: Arc<str> = trust_domain.into();
-    tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                () = shutdown.cancelled() => break,
-                permit = handshakes.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, remote_addr) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            // gRPC is many small messages; Nagle's algorithm would add delay to each.
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let trust_domain = trust_domain.clone();
-            tokio::spawn(async move {
-                let handshake =
-                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
-                let tls = match handshake.await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::info!(%remote_addr, %error, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote_addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                drop(permit);
-                let identity = identity_of(tls.get_ref().1.peer_certificates(), &trust_domain);
-                let peer = Peer {
-                    remote_addr,
-                    identity,
-                };
-                let _ = tx.send(Ok(MtlsStream { inner: tls, peer })).await;
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+    };
+    (identity, Some(facts))
 }

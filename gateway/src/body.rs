@@ -1,0 +1,258 @@
+//! The bodies of a forwarded call. Requests pass through [`Metered`], which counts the gRPC
+//! messages a caller sends on a stream against its member's rate (slowing the stream down, not
+//! failing it, when the rate is used up) and bounds their size; responses pass through
+//! [`Guarded`], which holds the call's places under the limits until the response has ended.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::{Bytes, Incoming};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::limits::{BudgetPermit, MemberRates};
+
+/// The calls of one connection: how many were started, how many are running, and when the
+/// last one ended, for the connection's idle and first-call timeouts.
+pub struct Activity {
+    started: AtomicU64,
+    running: AtomicUsize,
+    /// Milliseconds since `epoch` at which the connection last had no call running.
+    quiet_since_ms: AtomicU64,
+    epoch: Instant,
+    /// Woken when the first call starts.
+    pub first_call: Notify,
+}
+
+impl Activity {
+    /// A connection that has just been accepted.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+            quiet_since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            first_call: Notify::new(),
+        })
+    }
+
+    /// Marks a call as started; it runs until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> CallGuard {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        if self.started.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first_call.notify_one();
+        }
+        CallGuard {
+            activity: self.clone(),
+        }
+    }
+
+    /// Whether any call has been started.
+    pub fn any_call(&self) -> bool {
+        self.started.load(Ordering::Acquire) > 0
+    }
+
+    /// When the connection became idle, or `None` while a call runs.
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.running.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = self.quiet_since_ms.load(Ordering::Acquire);
+        Some(self.epoch + Duration::from_millis(ms))
+    }
+}
+
+/// A running call of a connection.
+pub struct CallGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.activity.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity.quiet_since_ms.store(now, Ordering::Release);
+        self.activity.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds the call's places (in the connection's activity and in the
+/// member's and the gateway's budgets) until the call has finished.
+pub struct Guarded<B> {
+    body: B,
+    _call: CallGuard,
+    _permit: Option<BudgetPermit>,
+}
+
+impl<B> Guarded<B> {
+    /// Wraps `body`, holding `call` and `permit` for as long as it lives.
+    pub fn new(body: B, call: CallGuard, permit: Option<BudgetPermit>) -> Self {
+        Self {
+            body,
+            _call: call,
+            _permit: permit,
+        }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Why a request body was cut off.
+#[derive(Debug, thiserror::Error)]
+pub enum MeterError {
+    /// The caller's connection failed.
+    #[error(transparent)]
+    Body(#[from] hyper::Error),
+    /// A message was larger than allowed.
+    #[error("a message of {0} bytes is over the limit of {1} bytes")]
+    TooLarge(usize, usize),
+}
+
+/// A request body whose gRPC messages are counted (every message after the first takes a token
+/// from the member's rate; the first was paid for by the call) and bounded in size.
+pub struct Metered {
+    body: Incoming,
+    rates: Arc<MemberRates>,
+    institution: Arc<str>,
+    max_message: usize,
+    /// Bytes of the current message's 5-byte prefix seen so far.
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the current message's payload still to come.
+    remaining: usize,
+    messages: u64,
+    /// Tokens owed for messages in `held`, and the frame held until they are paid.
+    owed: u64,
+    held: Option<Frame<Bytes>>,
+    wait: Option<Pin<Box<Sleep>>>,
+}
+
+impl Metered {
+    /// Meters `body` against the rate of `institution`.
+    pub fn new(
+        body: Incoming,
+        rates: Arc<MemberRates>,
+        institution: Arc<str>,
+        max_message: usize,
+    ) -> Self {
+        Self {
+            body,
+            rates,
+            institution,
+            max_message,
+            prefix: [0; 5],
+            prefix_len: 0,
+            remaining: 0,
+            messages: 0,
+            owed: 0,
+            held: None,
+            wait: None,
+        }
+    }
+
+    /// Walks the gRPC framing of one chunk: counts the messages that start in it and checks
+    /// each declared length.
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), MeterError> {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(data.len());
+                self.remaining -= take;
+                data = &data[take..];
+                continue;
+            }
+            let take = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+            self.prefix_len += take;
+            data = &data[take..];
+            if self.prefix_len == 5 {
+                self.prefix_len = 0;
+                let [_, a, b, c, d] = self.prefix;
+                let length = u32::from_be_bytes([a, b, c, d]) as usize;
+                if length > self.max_message {
+                    return Err(MeterError::TooLarge(length, self.max_message));
+                }
+                self.remaining = length;
+                self.messages += 1;
+                if self.messages > 1 {
+                    self.owed += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HttpBody for Metered {
+    type Data = Bytes;
+    type Error = MeterError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, MeterError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(wait) = &mut this.wait {
+                ready!(wait.as_mut().poll(cx));
+                this.wait = None;
+            }
+            if this.held.is_some() {
+                // Pay for the messages of the held frame before passing it on; a caller over
+                // its rate waits, and with it the flow control of its stream.
+                while this.owed > 0 {
+                    match this.rates.check(&this.institution) {
+                        Ok(()) => this.owed -= 1,
+                        Err(wait) => {
+                            this.wait = Some(Box::pin(tokio::time::sleep(wait)));
+                            break;
+                        }
+                    }
+                }
+                if this.owed > 0 {
+                    continue;
+                }
+                return Poll::Ready(this.held.take().map(Ok));
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.scan(data)?;
+                    }
+                    this.held = Some(frame);
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,507 @@
+//! The gateway under attack: what a hostile or broken client does is bounded, falls on its own
+//! calls, and never holds back another member. Attackers come from 127.0.0.2 (the whole of
+//! 127.0.0.0/8 is loopback), victims from 127.0.0.1, so that limits per source address can be
+//! seen to work.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use onestop_integration_tests::attack;
+use onestop_integration_tests::echo::pb::EchoRequest;
+use onestop_integration_tests::echo::pb::echo_service_client::EchoServiceClient;
+use onestop_integration_tests::{Backend, TestFederation, echo, tls_refusal};
+use onestop_platform::identity::SpiffeId;
+use onestop_platform::pki::{Ca, IssueRequest};
+use onestop_proto::forms::v1::GetFormRequest;
+use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
+use time::OffsetDateTime;
+use tonic::Code;
+
+const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// A second attacking address, for attacks that run side by side.
+const ATTACKER_TOO: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+const VICTIM: &str = "demo-centre";
+
+/// p50 and p99 of some latencies, in milliseconds.
+fn percentiles(mut latencies: Vec<Duration>) -> (f64, f64) {
+    latencies.sort();
+    let at = |q: f64| {
+        let index = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies[index].as_secs_f64() * 1000.0
+    };
+    (at(0.5), at(0.99))
+}
+
+/// A victim member's calls (`count` echo calls with a 16 KiB payload each, so that data must
+/// flow) and their p50/p99 in milliseconds; every call must succeed.
+async fn victim_calls(fed: &TestFederation, name: &str, count: usize) -> (f64, f64) {
+    let mut echo = EchoServiceClient::new(fed.gateway_client(name));
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            echo.unary(EchoRequest {
+                text: i.to_string(),
+                repeat: 0,
+                payload: vec![3u8; 16 * 1024],
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("victim call {i} got no answer within 10 s"))
+        .unwrap_or_else(|status| panic!("victim call {i} failed: {status:?}"));
+        assert_eq!(answer.into_inner().payload.len(), 16 * 1024);
+        latencies.push(started.elapsed());
+    }
+    percentiles(latencies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_reading_holds_back_no_one_else() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    fed.issue_member("nva", "GOV/NVA/registry");
+    let (p50, p99) = victim_calls(&fed, "nva", 50).await;
+    eprintln!("victim before the attack: p50 {p50:.2} ms, p99 {p99:.2} ms");
+
+    // The attacker announces a zero window for every call, then opens 40 streams whose answers
+    // total 1 MiB each: 40 MiB the gateway can never deliver.
+    let config = attack::client_tls(&fed.pki, Some("demo-institution"));
+    let mut attacker = attack::raw_h2(fed.gateway, ATTACKER, config, 0)
+        .await
+        .expect("the attacker connects");
+    let request = attack::grpc_message(&EchoRequest {
+        text: "never read".into(),
+        repeat: 16,
+        payload: vec![9u8; 64 * 1024],
+    });
+    let path = format!("/{}/ServerStream", echo::SERVICE);
+    let stalled = attacker.stall(&path, &request, 40).await;
+    assert_eq!(stalled.len(), 40);
+
+    // Another member's calls to the same service carry data as usual.
+    let (p50, p99) = victim_calls(&fed, "nva", 200).await;
+    eprintln!("victim during the stalled-reader attack: p50 {p50:.2} ms, p99 {p99:.2} ms");
+    assert!(p99 < 1000.0, "the victim waited {p99:.0} ms at p99");
+    drop(stalled);
+    drop(attacker);
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_member_cannot_exhaust_the_gateway() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.limits.handshake_timeout_ms = Duration::from_millis(500);
+        options.limits.first_request_timeout_ms = Duration::from_millis(500);
+        options.limits.max_unidentified_per_source = 16;
+        options.limits.handshakes_per_source_per_second = 1000;
+    })
+    .await;
+    // Plain TCP connections that never start TLS, and anonymous TLS connections that never
+    // send the HTTP/2 preface, all from one address.
+    let tcp = attack::silent_tcp(fed.gateway, ATTACKER, 300).await;
+    let anonymous = attack::client_tls(&fed.pki, None);
+    let tls = attack::silent_tls(fed.gateway, ATTACKER_TOO, anonymous, 100).await;
+    assert!(
+        tls.len() >= 16,
+        "the anonymous sessions within the limit: {}",
+        tls.len()
+    );
+    eprintln!(
+        "attacker holds {} TCP and {} TLS connections",
+        tcp.len(),
+        tls.len()
+    );
+
+    // A member keeps connecting and calling with normal latency meanwhile.
+    let (p50, p99) = victim_calls(&fed, VICTIM_ECHO, 100).await;
+    eprintln!("victim during the silent-connection attack: p50 {p50:.2} ms, p99 {p99:.2} ms");
+    assert!(p99 < 1000.0, "the victim waited {p99:.0} ms at p99");
+    for i in 0..5 {
+        let mut forms = FormsServiceClient::new(fed.gateway_client(VICTIM));
+        let started = Instant::now();
+        forms
+            .get_form(GetFormRequest {
+                name: "forms/vsaa-old-age-pension".into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("new connection {i}: {status:?}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "connecting took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Every silent connection is closed by the gateway: over the limit at once, the others
+    // when their handshake or first-request time runs out.
+    let (total_tcp, total_tls) = (tcp.len(), tls.len());
+    assert_eq!(
+        tcp.closed_by_server(Duration::from_secs(5)).await,
+        total_tcp
+    );
+    assert_eq!(
+        tls.closed_by_server(Duration::from_secs(5)).await,
+        total_tls
+    );
+    fed.stop().await;
+}
+
+/// The victim of the echo-based attacks: a member allowed to call the echo service.
+const VICTIM_ECHO: &str = "demo-institution";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_are_limited_before_anyone_is_identified() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.limits.handshakes_per_source_per_second = 20;
+    })
+    .await;
+    let anonymous = attack::client_tls(&fed.pki, None);
+
+    // Many calls on one anonymous connection: the first is answered (UNAUTHENTICATED), and the
+    // connection takes no more.
+    let mut raw = attack::raw_h2(fed.gateway, ATTACKER, anonymous.clone(), 65_535)
+        .await
+        .expect("an anonymous TLS session");
+    let outcome = raw
+        .flood("/onestop.forms.v1.FormsService/GetForm", &[], 500)
+        .await;
+    eprintln!("anonymous flood on one connection: {outcome:?}");
+    assert!(outcome.answered <= 2, "{outcome:?}");
+    assert_eq!(
+        outcome.statuses.get("16").copied().unwrap_or(0),
+        outcome.answered
+    );
+
+    // New connections from one address are held to its rate (bursts of twice the rate).
+    let started = Instant::now();
+    let mut sessions = 0;
+    for _ in 0..200 {
+        if attack::connect_tls(fed.gateway, ATTACKER, anonymous.clone())
+            .await
+            .is_ok()
+        {
+            sessions += 1;
+        }
+    }
+    let allowed = 40.0 + 20.0 * started.elapsed().as_secs_f64() + 2.0;
+    eprintln!(
+        "{sessions} of 200 anonymous handshakes admitted in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        f64::from(sessions) <= allowed,
+        "{sessions} sessions, at most {allowed} allowed"
+    );
+    // Members from another address are not affected.
+    victim_calls(&fed, VICTIM_ECHO, 10).await;
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_on_streams_count_against_the_members_rate() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.member_rate = (50, 10);
+    })
+    .await;
+    // Reflection is a bidirectional stream: 60 questions on one call.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let questions: Vec<_> = (0..60)
+        .map(|_| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .collect();
+    let started = Instant::now();
+    let mut answers = ServerReflectionClient::new(fed.gateway_client(VICTIM))
+        .server_reflection_info(tokio_stream::iter(questions))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let mut answered = 0;
+    while answers.message().await.expect("an answer").is_some() {
+        answered += 1;
+    }
+    let elapsed = started.elapsed();
+    eprintln!("60 stream messages at 50/s with a burst of 10 took {elapsed:?}");
+    assert_eq!(answered, 60, "the stream is slowed down, not cut");
+    // 10 from the burst, then 50 more at 50 a second: no less than a second.
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_streams_cannot_crowd_out_calls_or_light_members() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.streams = (8, 2);
+    })
+    .await;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    // Members with no rights at all open health watches, as many as they are let.
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..4 {
+        let name = format!("watcher-{i}");
+        fed.issue_member(&name, &format!("GOV/W{i}/watch"));
+        let mut health = HealthClient::new(fed.gateway_client(&name));
+        for _ in 0..3 {
+            match health
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                Ok(stream) => held.push(stream.into_inner()),
+                Err(status) => refused.push(crate::reason(&status)),
+            }
+        }
+    }
+    eprintln!("{} watches held; refused: {refused:?}", held.len());
+    assert!(held.len() <= 7, "the last place is kept: {}", held.len());
+    assert!(refused.iter().any(|r| r == "TOO_MANY_CALLS"), "{refused:?}");
+    assert!(refused.iter().any(|r| r == "OVERLOADED"), "{refused:?}");
+
+    // A member with nothing open still gets a watch, and calls are not touched at all.
+    let mut health = HealthClient::new(fed.gateway_client(VICTIM));
+    let watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("a light member's watch");
+    let mut forms = FormsServiceClient::new(fed.gateway_client(VICTIM));
+    forms
+        .get_form(GetFormRequest {
+            name: "forms/vsaa-old-age-pension".into(),
+        })
+        .await
+        .expect("calls have a budget of their own");
+    drop((watch, held));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_callers_send_is_echoed_in_bounds() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let mut forms = FormsServiceClient::new(fed.gateway_client(VICTIM));
+    // A 20 KB bogus name: the answer quotes a little of it, not all.
+    let status = forms
+        .get_form(GetFormRequest {
+            name: format!("forms/{}", "x".repeat(20_000)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().len() < 1200,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(
+        status.details().len() < 2048,
+        "{} bytes",
+        status.details().len()
+    );
+
+    // Metadata over the services' limit is told in a gRPC status.
+    let mut request = tonic::Request::new(GetFormRequest {
+        name: "forms/vsaa-old-age-pension".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-bulk", "y".repeat(20_000).parse().unwrap());
+    let status = forms.get_form(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(crate::reason(&status), "HEADERS_TOO_LARGE");
+
+    // A 3 MiB symbol asked of reflection is cut off at the gateway.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let question = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "s".repeat(3 * 1024 * 1024),
+        )),
+    };
+    let answer = ServerReflectionClient::new(fed.gateway_client(VICTIM))
+        .server_reflection_info(tokio_stream::iter([question]))
+        .await;
+    let text = match answer {
+        Err(status) => status.message().len() + status.details().len(),
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            match stream.message().await {
+                Err(status) => status.message().len() + status.details().len(),
+                Ok(message) => format!("{message:?}").len(),
+            }
+        }
+    };
+    assert!(text < 4096, "{text} bytes came back");
+
+    // A long method name is not written out whole either (it would be in logs too).
+    let mut grpc = tonic::client::Grpc::new(fed.gateway_client(VICTIM));
+    grpc.ready().await.unwrap();
+    let path = format!("/onestop.forms.v1.FormsService/{}", "M".repeat(10_000));
+    let status = grpc
+        .unary::<_, (), _>(
+            tonic::Request::new(()),
+            path.parse().unwrap(),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().len() < 400, "{}", status.message().len());
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_forwards_only_to_the_component_a_route_names() {
+    // The echo route claims to be served by the forms component; the echo service's
+    // certificate says otherwise, so nothing is sent to it.
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        for (service, route) in &mut options.extra_routes {
+            if service == echo::SERVICE {
+                route.component = "forms".into();
+            }
+        }
+    })
+    .await;
+    let mut echo = EchoServiceClient::new(fed.gateway_client(VICTIM_ECHO));
+    let status = echo.unary(EchoRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(crate::reason(&status), "UPSTREAM_UNAVAILABLE");
+    // The route whose certificate matches still works.
+    let mut forms = FormsServiceClient::new(fed.gateway_client(VICTIM));
+    forms
+        .get_form(GetFormRequest {
+            name: "forms/vsaa-old-age-pension".into(),
+        })
+        .await
+        .expect("forms is served by forms");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_is_resumed_and_expired_certificates_lose_their_connection() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    // A client that would resume if the server let it (rustls clients keep tickets and ids).
+    for versions in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls::pki_types::CertificateDer::pem_file_iter(fed.pki.join("ca.pem")).unwrap()
+        {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let chain =
+            rustls::pki_types::CertificateDer::pem_file_iter(fed.pki.join(format!("{VICTIM}.pem")))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(fed.pki.join(format!("{VICTIM}.key")))
+                .unwrap();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(onestop_platform::tls::crypto_provider())
+                .with_protocol_versions(&[versions])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.resumption = rustls::client::Resumption::in_memory_sessions(64);
+        let config = std::sync::Arc::new(config);
+        for attempt in 0..3 {
+            let stream =
+                attack::connect_tls(fed.gateway, IpAddr::from([127, 0, 0, 1]), config.clone())
+                    .await
+                    .expect("TLS");
+            assert_eq!(
+                stream.get_ref().1.handshake_kind(),
+                Some(rustls::HandshakeKind::Full),
+                "connection {attempt} was resumed"
+            );
+        }
+    }
+
+    // A certificate valid for two more seconds: its connection works, then is cut at expiry,
+    // and no call gets through on it or on a new one.
+    let vsaa = SpiffeId::parse("spiffe://onestop.lv/member/GOV/VSAA/pensions").unwrap();
+    let mut short = IssueRequest::new("short-lived", Some(vsaa), Duration::from_secs(2));
+    short.not_before = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    fed.issue("short-lived", &short);
+    let mut echo = EchoServiceClient::new(fed.gateway_client("short-lived"));
+    echo.unary(EchoRequest::default())
+        .await
+        .expect("while valid");
+    // Certificates count time in whole seconds.
+    let expiry = std::time::SystemTime::from(short.not_after.replace_nanosecond(0).unwrap());
+    let refused = async {
+        loop {
+            match echo.unary(EchoRequest::default()).await {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(status) => return status,
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("the expired certificate is refused");
+    assert!(
+        std::time::SystemTime::now() >= expiry,
+        "refused before expiry: {status:?}"
+    );
+    // A new connection gets no call through either (refused in the handshake, or on its first
+    // call within the second the handshake still counts as valid).
+    let mut again = EchoServiceClient::new(fed.gateway_client("short-lived"));
+    let status = again.unary(EchoRequest::default()).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unauthenticated | Code::Unavailable | Code::Unknown
+        ),
+        "{status:?}"
+    );
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_after_a_reload() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.reload_interval = Duration::from_millis(100);
+    })
+    .await;
+    fed.issue_member("to-revoke", "GOV/VSAA/old-system");
+    let mut echo = EchoServiceClient::new(fed.gateway_client("to-revoke"));
+    echo.unary(EchoRequest::default())
+        .await
+        .expect("before revocation");
+
+    let ca = Ca::load(&fed.pki).unwrap();
+    let pem = std::fs::read_to_string(fed.pki.join("to-revoke.pem")).unwrap();
+    assert_eq!(ca.revoke(&fed.pki, &pem).unwrap(), 1);
+
+    // The connection already open is refused on its next call once the list is reloaded ...
+    let refused = async {
+        loop {
+            match echo.unary(EchoRequest::default()).await {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(status) => return status,
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("refused after the reload");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    // ... and a new one does not get a session.
+    let refusal = tls_refusal(&fed.gateway.to_string(), &fed.pki, &fed.pki, "to-revoke").await;
+    assert!(refusal.contains("CertificateRevoked"), "{refusal}");
+    // Others are not affected.
+    victim_calls(&fed, VICTIM_ECHO, 5).await;
+    fed.stop().await;
+}

@@ -1,0 +1,283 @@
+//! The accept loop every server runs: TCP connections admitted under explicit limits, TLS
+//! handshakes completed concurrently, and the peer's identity read once.
+//!
+//! An attacker needs no certificate to open connections, so every limit here holds before
+//! anyone is identified:
+//! - `max_connections` open at once in total (handshaking or not), below the process's file
+//!   descriptors, so that running out of descriptors is not how overload shows;
+//! - `max_pending_handshakes` handshakes at once, each within `handshake_timeout`;
+//! - per source address, `max_unidentified_per_source` connections that have not (yet) shown a
+//!   member's or component's certificate, and `handshakes_per_source_per_second` new ones.
+//!
+//! A connection over a limit is closed at once, never queued: a queue would only turn an attack
+//! into latency for everyone. A failed `accept` (out of descriptors) backs off before trying
+//! again instead of spinning.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Limits;
+use crate::tls::{self, Peer, PeerIdentity, ServerTls};
+
+/// Limits of the accept loop (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptLimits {
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once.
+    pub max_pending_handshakes: usize,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Connections from one address without an identified peer (handshaking, or presenting no
+    /// usable certificate).
+    pub max_unidentified_per_source: usize,
+    /// New connections a second from one address (bursts of twice that).
+    pub handshakes_per_source_per_second: u32,
+}
+
+impl From<&Limits> for AcceptLimits {
+    fn from(limits: &Limits) -> Self {
+        Self {
+            handshake_timeout: limits.handshake_timeout_ms,
+            max_pending_handshakes: limits.max_pending_handshakes,
+            max_connections: limits.max_connections,
+            max_unidentified_per_source: limits.max_unidentified_per_source,
+            handshakes_per_source_per_second: limits.handshakes_per_source_per_second,
+        }
+    }
+}
+
+/// A TLS connection whose handshake succeeded, with the peer read once. It holds its place
+/// under the connection limits until it is dropped.
+pub struct MtlsStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Peer,
+    _connection: OwnedSemaphorePermit,
+    _unidentified: Option<SourceSlot>,
+}
+
+impl MtlsStream {
+    /// The peer of this connection.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for MtlsStream {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+/// Connections per source address that have no identified peer.
+#[derive(Default)]
+struct Sources {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One place under a source's count, given back when dropped.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Sources {
+    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .sources
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, yielding connections until
+/// `shutdown` is cancelled. A failed handshake (unknown CA, expired or revoked certificate, no
+/// TLS at all) is logged and dropped; it never stops the loop.
+pub fn accept(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    trust_domain: String,
+    limits: AcceptLimits,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<MtlsStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(limits.max_pending_handshakes.max(1));
+    let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes.max(1)));
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let sources = Arc::new(Sources::default());
+    let per_second =
+        NonZeroU32::new(limits.handshakes_per_source_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = per_second.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+    let rates: Arc<DefaultKeyedRateLimiter<IpAddr>> = Arc::new(RateLimiter::keyed(
+        Quota::per_second(per_second).allow_burst(burst),
+    ));
+    let trust_domain: Arc<str> = trust_domain.into();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(10);
+        let mut forget = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            let (tcp, remote_addr) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = forget.tick() => {
+                    rates.retain_recent();
+                    continue;
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => {
+                        backoff = Duration::from_millis(10);
+                        accepted
+                    }
+                    Err(error) => {
+                        // Out of descriptors and the like: the pending connection stays in
+                        // the backlog; try again after a pause that grows while it lasts.
+                        tracing::warn!(%error, ?backoff, "accept failed");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            let ip = remote_addr.ip();
+            let refused = |why: &str| tracing::debug!(%remote_addr, why, "connection refused");
+            let Ok(connection) = connections.clone().try_acquire_owned() else {
+                refused("max_connections");
+                continue;
+            };
+            if rates.check_key(&ip).is_err() {
+                refused("handshakes_per_source_per_second");
+                continue;
+            }
+            let Some(unidentified) = sources.enter(ip, limits.max_unidentified_per_source) else {
+                refused("max_unidentified_per_source");
+                continue;
+            };
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                refused("max_pending_handshakes");
+                continue;
+            };
+            // gRPC is many small messages; Nagle's algorithm would add delay to each.
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(tls.config());
+            let tx = tx.clone();
+            let trust_domain = trust_domain.clone();
+            tokio::spawn(async move {
+                let accepted =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshake);
+                let stream = match accepted {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote_addr, %error, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote_addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let (identity, cert) =
+                    tls::inspect(stream.get_ref().1.peer_certificates(), &trust_domain);
+                // An identified peer no longer counts against its address: many members may
+                // share one (a municipality's network behind one NAT address).
+                let unidentified = match identity {
+                    PeerIdentity::Spiffe(_) => None,
+                    _ => Some(unidentified),
+                };
+                let peer = Peer {
+                    remote_addr,
+                    identity,
+                    cert,
+                };
+                let _ = tx
+                    .send(Ok(MtlsStream {
+                        inner: stream,
+                        peer,
+                        _connection: connection,
+                        _unidentified: unidentified,
+                    }))
+                    .await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
