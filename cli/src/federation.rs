@@ -31,6 +31,8 @@ pub struct Options {
     pub forms_database: Option<String>,
     /// More routes for the gateway, such as test services.
     pub extra_routes: Vec<(String, Route)>,
+    /// More addresses in the gateway's forms route: replicas started elsewhere.
+    pub forms_replicas: Vec<String>,
     /// Limits of every server.
     pub limits: Limits,
     /// Calls a second each member may make through the gateway, and its burst.
@@ -51,6 +53,7 @@ impl Options {
             listen,
             forms_database: None,
             extra_routes: Vec::new(),
+            forms_replicas: Vec::new(),
             limits: Limits::default(),
             member_rate: (500, 1000),
             member_in_flight: 256,
@@ -66,6 +69,8 @@ pub struct Federation {
     pub gateway: SocketAddr,
     /// The forms service's internal address.
     pub forms: SocketAddr,
+    /// The forms service's database.
+    pub forms_database: String,
     /// The PKI directory.
     pub pki_dir: PathBuf,
     /// Cancel to stop everything.
@@ -130,7 +135,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     let forms = FormsConfig {
         server: server_config(&options, forms_addr, dev::FORMS),
         database: DatabaseConfig {
-            url: forms_database,
+            url: forms_database.clone(),
             max_connections: 8,
         },
         telemetry: TelemetryConfig::default(),
@@ -156,7 +161,9 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     routes.insert(
         FORMS_SERVICE.to_owned(),
         Route {
-            addresses: vec![forms_addr.to_string()],
+            addresses: std::iter::once(forms_addr.to_string())
+                .chain(options.forms_replicas.iter().cloned())
+                .collect(),
             component: dev::FORMS.to_owned(),
         },
     );
@@ -195,6 +202,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     Ok(Federation {
         gateway: gateway_addr,
         forms: forms_addr,
+        forms_database,
         pki_dir,
         shutdown,
         servers,

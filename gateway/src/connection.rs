@@ -100,6 +100,7 @@ impl Connections {
             tokio::pin!(connection);
             let far = accepted + Duration::from_secs(86_400 * 365);
             let expires = expires.unwrap_or(far);
+            let mut first_seen = false;
             let why = loop {
                 // The next moment something may have to be closed.
                 let idle_deadline = if !activity.any_call() {
@@ -117,7 +118,13 @@ impl Connections {
                         return;
                     }
                     () = shutdown.cancelled() => break "shutdown",
-                    () = activity.first_call.notified(), if !admitted => break "refused",
+                    () = activity.first_call.notified(), if !first_seen => {
+                        // From now on the idle timeout applies, not the first-call one.
+                        first_seen = true;
+                        if !admitted {
+                            break "refused";
+                        }
+                    }
                     () = tokio::time::sleep_until(expires) => {
                         tracing::info!(remote = %peer.remote_addr, "certificate expired; connection cut off");
                         return;

@@ -245,9 +245,26 @@ impl Upstream {
     }
 
     /// Sends one call and returns the response as soon as its headers arrive; the body follows
-    /// frame by frame. Calls are spread over the replicas and their connections in turn; a
-    /// replica that cannot be connected to is skipped (nothing was sent to it).
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    /// frame by frame. Calls are spread over the replicas and their connections in turn. A
+    /// replica that cannot be connected to is skipped, and so is a connection found dead before
+    /// the call was written to it (the call is given back and goes to the next one); a call
+    /// already written when its connection fails is not repeated, since the service may have
+    /// acted on it.
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let attempts = self.replicas().len().max(1) * self.per_address.max(1) + 1;
+        for _ in 1..attempts {
+            let mut sender = self.sender().await.map_err(SendError::Connect)?;
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => {
+                        tracing::debug!(service = %self.service, error = %error.error(), "connection lost before sending; trying another");
+                        request = unsent;
+                    }
+                    None => return Err(SendError::Http(error.into_error())),
+                },
+            }
+        }
         let mut sender = self.sender().await.map_err(SendError::Connect)?;
         Ok(sender.send_request(request).await?)
     }

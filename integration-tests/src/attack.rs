@@ -203,7 +203,7 @@ pub struct RawH2 {
     send: h2::client::SendRequest<Bytes>,
     // The connection runs as long as the handle or any call's stream is alive; it is kept so
     // that the task is not detached from the value that owns it.
-    _connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
 }
 
 /// What came of a flood of calls on one connection (see [`RawH2::flood`]).
@@ -242,11 +242,19 @@ pub async fn raw_h2(
         .map_err(io::Error::other)?;
     Ok(RawH2 {
         send,
-        _connection: tokio::spawn(connection),
+        connection: tokio::spawn(connection),
     })
 }
 
 impl RawH2 {
+    /// Waits at most `within` for the server to end the connection (this side keeps it open);
+    /// returns whether it did.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, &mut self.connection)
+            .await
+            .is_ok()
+    }
+
     /// Sends a unary gRPC request to `path` (`/package.Service/Method`) with `message` (an
     /// encoded protobuf message) as its body, and returns the pending response.
     pub async fn start_call(

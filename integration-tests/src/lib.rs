@@ -5,6 +5,7 @@
 pub mod attack;
 pub mod echo;
 pub mod pg;
+pub mod relay;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct TestFederation {
     pub echo: std::net::SocketAddr,
     /// The PKI directory: `ca.pem`, and `<name>.pem`/`<name>.key` per certificate.
     pub pki: PathBuf,
+    /// The forms service's database.
+    pub forms_database: String,
     echo_shutdown: tokio_util::sync::CancellationToken,
     _nowhere: tokio::net::TcpSocket,
     _postgres: Option<pg::Postgres>,
@@ -111,12 +114,46 @@ impl TestFederation {
             forms: fed.forms,
             echo,
             pki,
+            forms_database: fed.forms_database.clone(),
             fed: Some(fed),
             _nowhere: nowhere,
             echo_shutdown,
             _postgres: postgres,
             _dir: dir,
         }
+    }
+
+    /// Starts another replica of the forms service on the same database, stopped when
+    /// `shutdown` is cancelled; returns its address.
+    pub async fn start_forms_replica(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let address = listener.local_addr().expect("address");
+        let config = onestop_forms::FormsConfig {
+            server: onestop_platform::config::ServerConfig::new(
+                address,
+                TlsFiles::in_pki_dir(&self.pki, onestop_platform::pki::dev::FORMS),
+            ),
+            database: onestop_platform::config::DatabaseConfig {
+                url: self.forms_database.clone(),
+                max_connections: 4,
+            },
+            telemetry: Default::default(),
+            forms: onestop_forms::FormsSettings {
+                seed: false,
+                ..Default::default()
+            },
+        };
+        tokio::spawn(async move {
+            if let Err(error) = onestop_forms::serve(&config, listener, shutdown).await {
+                tracing::error!(%error, "forms replica failed");
+            }
+        });
+        address
     }
 
     /// A channel to the gateway authenticated with certificate `name` of the PKI directory.

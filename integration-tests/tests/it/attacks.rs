@@ -146,6 +146,50 @@ async fn connections_without_a_member_cannot_exhaust_the_gateway() {
     fed.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.limits.idle_timeout_ms = Duration::from_millis(300);
+    })
+    .await;
+    let member = attack::client_tls(&fed.pki, Some(VICTIM));
+    let get_form = attack::grpc_message(&GetFormRequest {
+        name: "forms/vsaa-old-age-pension".into(),
+    });
+    // One call, answered in full, then nothing: GOAWAY after the idle timeout.
+    let mut idle = attack::raw_h2(fed.gateway, ATTACKER, member.clone(), 1 << 20)
+        .await
+        .expect("connect");
+    drop(
+        idle.stall("/onestop.forms.v1.FormsService/GetForm", &get_form, 1)
+            .await,
+    );
+    assert!(
+        idle.closed_within(Duration::from_secs(5)).await,
+        "an idle connection stays open"
+    );
+
+    // A connection with a call still running is not idle, however long the call takes.
+    let institution = attack::client_tls(&fed.pki, Some(VICTIM_ECHO));
+    let mut busy = attack::raw_h2(fed.gateway, ATTACKER, institution, 0)
+        .await
+        .expect("connect");
+    let request = attack::grpc_message(&EchoRequest {
+        text: "slow reader".into(),
+        repeat: 4,
+        payload: vec![1u8; 64 * 1024],
+    });
+    let running = busy
+        .stall(&format!("/{}/ServerStream", echo::SERVICE), &request, 1)
+        .await;
+    assert!(
+        !busy.closed_within(Duration::from_millis(900)).await,
+        "a connection with a call in flight was closed as idle"
+    );
+    drop(running);
+    fed.stop().await;
+}
+
 /// The victim of the echo-based attacks: a member allowed to call the echo service.
 const VICTIM_ECHO: &str = "demo-institution";
 
@@ -194,6 +238,89 @@ async fn anonymous_clients_are_limited_before_anyone_is_identified() {
     );
     // Members from another address are not affected.
     victim_calls(&fed, VICTIM_ECHO, 10).await;
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_stream_messages_and_anonymous_calls_leave_other_members_alone() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    // A member asks reflection as fast as it can on eight streams ...
+    let answers = Arc::new(AtomicUsize::new(0));
+    let mut attackers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let channel = fed.gateway_client(VICTIM_ECHO);
+        let answers = answers.clone();
+        attackers.spawn(async move {
+            let questions = (0..100_000).map(|_| ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            });
+            let Ok(stream) = ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter(questions))
+                .await
+            else {
+                return;
+            };
+            let mut stream = stream.into_inner();
+            while let Ok(Some(_)) = stream.message().await {
+                answers.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    // ... while an anonymous client opens connection after connection and floods each.
+    let anonymous = attack::client_tls(&fed.pki, None);
+    let anonymous_calls = Arc::new(AtomicUsize::new(0));
+    {
+        let anonymous_calls = anonymous_calls.clone();
+        let gateway = fed.gateway;
+        attackers.spawn(async move {
+            for _ in 0..100_000 {
+                let Ok(mut raw) =
+                    attack::raw_h2(gateway, ATTACKER, anonymous.clone(), 65_535).await
+                else {
+                    continue;
+                };
+                let outcome = raw
+                    .flood("/onestop.forms.v1.FormsService/GetForm", &[], 50)
+                    .await;
+                anonymous_calls.fetch_add(outcome.answered, Ordering::Relaxed);
+            }
+        });
+    }
+    let started = Instant::now();
+    let mut forms = FormsServiceClient::new(fed.gateway_client(VICTIM));
+    let mut latencies = Vec::new();
+    for i in 0..1000 {
+        let call = Instant::now();
+        forms
+            .get_form(GetFormRequest {
+                name: "forms/vsaa-old-age-pension".into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("victim call {i}: {status:?}"));
+        latencies.push(call.elapsed());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    attackers.abort_all();
+    let (p50, p99) = percentiles(latencies);
+    let answered = answers.load(Ordering::Relaxed) as f64 / elapsed;
+    let anonymous = anonymous_calls.load(Ordering::Relaxed) as f64 / elapsed;
+    eprintln!(
+        "victim during the stream-message and anonymous floods: p50 {p50:.2} ms, p99 {p99:.2} ms; \
+         the flooding member got {answered:.0} stream answers/s (rate 500/s, burst 1000), \
+         anonymous calls answered {anonymous:.0}/s"
+    );
+    assert!(p99 < 1000.0, "the victim waited {p99:.0} ms at p99");
+    // Over the test's few seconds, the burst and the rate are all the flooding member gets.
+    assert!(
+        answered <= 500.0 + 1000.0 / elapsed + 50.0,
+        "{answered:.0} answers/s"
+    );
     fed.stop().await;
 }
 

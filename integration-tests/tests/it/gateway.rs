@@ -174,6 +174,31 @@ async fn only_the_gateway_may_name_a_caller_to_a_service() {
     let status = direct.get_form(get_form()).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(crate::reason(&status), "NOT_THROUGH_GATEWAY");
+    // Not even for health or reflection: the service answers no member directly.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(fed.forms_client(CENTRE));
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(crate::reason(&status), "NOT_THROUGH_GATEWAY", "{status:?}");
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            fed.forms_client(CENTRE),
+        );
+    let status = reflection
+        .server_reflection_info(tokio_stream::iter([
+            tonic_reflection::pb::v1::ServerReflectionRequest::default(),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(crate::reason(&status), "NOT_THROUGH_GATEWAY", "{status:?}");
+    // A platform component may ask (the gateway watches each service's health).
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(fed.forms_client("gateway"));
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("platform components may check health");
 
     // Through the gateway, a claim of the caller's own is replaced by the verified identity.
     let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
@@ -438,3 +463,72 @@ async fn a_message_over_the_size_limit_is_refused_and_harms_nothing() {
         .expect("the same connection still serves");
     fed.stop().await;
 }
+
+/// Two replicas of the forms service behind one route; one dies (its host vanishes) while
+/// calls are running. Calls go on on the other, and at most those in flight on the dead one
+/// at that moment fail.
+async fn calls_continue_when_a_replica_dies(backend: Backend) {
+    use onestop_integration_tests::relay::Relay;
+    let relay = Relay::bind().await.unwrap();
+    let address = relay.address.to_string();
+    let fed = TestFederation::start_with(backend, |options| {
+        options.forms_replicas.push(address);
+    })
+    .await;
+    let replica = tokio_util::sync::CancellationToken::new();
+    relay.point_to(fed.start_forms_replica(replica.clone()).await);
+
+    const WORKERS: usize = 4;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = |calls: std::sync::Arc<std::sync::atomic::AtomicUsize>, count: usize| {
+        let channel = fed.gateway_client(CENTRE);
+        tokio::spawn(async move {
+            let mut forms = FormsServiceClient::new(channel);
+            let mut failed = Vec::new();
+            for _ in 0..count {
+                match forms.get_form(get_form()).await {
+                    Ok(_) => {}
+                    Err(status) => failed.push(status),
+                }
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            failed
+        })
+    };
+    let workers: Vec<_> = (0..WORKERS).map(|_| load(calls.clone(), 400)).collect();
+    // Kill the relayed replica once it has carried calls and the load is well under way.
+    let killed = async {
+        while relay.relayed() == 0 || calls.load(std::sync::atomic::Ordering::Relaxed) < 400 {
+            tokio::task::yield_now().await;
+        }
+        relay.kill();
+    };
+    tokio::time::timeout(Duration::from_secs(30), killed)
+        .await
+        .expect("the second replica took calls");
+    let mut failed = Vec::new();
+    for worker in workers {
+        failed.extend(worker.await.unwrap());
+    }
+    assert!(
+        failed.len() <= WORKERS,
+        "{} calls failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    for status in &failed {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    // Afterwards, every call is served by the replica left.
+    let mut forms = FormsServiceClient::new(fed.gateway_client(CENTRE));
+    for _ in 0..50 {
+        forms
+            .get_form(get_form())
+            .await
+            .expect("served by the other replica");
+    }
+    replica.cancel();
+    fed.stop().await;
+}
+
+crate::on_both_backends!(calls_continue_when_a_replica_dies);
