@@ -175,7 +175,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         upstream: UpstreamConfig {
             tls: TlsFiles::in_pki_dir(&pki_dir, dev::GATEWAY),
             server_name: "localhost".into(),
-            connections_per_address: 2,
+            connections_per_address: 4,
             resolve_interval_ms: 30_000,
         },
         routes,

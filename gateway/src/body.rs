@@ -130,6 +130,47 @@ pub enum MeterError {
     TooLarge(usize, usize),
 }
 
+/// Where a reader of gRPC's length-prefixed messages is in the byte stream.
+#[derive(Default)]
+struct Framing {
+    /// Bytes of the current message's 5-byte prefix seen so far.
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the current message's payload still to come.
+    remaining: usize,
+}
+
+impl Framing {
+    /// Reads one chunk: returns how many messages start in it, or the declared length of the
+    /// first message longer than `max`.
+    fn scan(&mut self, mut data: &[u8], max: usize) -> Result<u64, usize> {
+        let mut started = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(data.len());
+                self.remaining -= take;
+                data = &data[take..];
+                continue;
+            }
+            let take = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+            self.prefix_len += take;
+            data = &data[take..];
+            if self.prefix_len == 5 {
+                self.prefix_len = 0;
+                let [_, a, b, c, d] = self.prefix;
+                let length = u32::from_be_bytes([a, b, c, d]) as usize;
+                if length > max {
+                    return Err(length);
+                }
+                self.remaining = length;
+                started += 1;
+            }
+        }
+        Ok(started)
+    }
+}
+
 /// A request body whose gRPC messages are counted (every message after the first takes a token
 /// from the member's rate; the first was paid for by the call) and bounded in size.
 pub struct Metered {
@@ -137,11 +178,7 @@ pub struct Metered {
     rates: Arc<MemberRates>,
     institution: Arc<str>,
     max_message: usize,
-    /// Bytes of the current message's 5-byte prefix seen so far.
-    prefix: [u8; 5],
-    prefix_len: usize,
-    /// Bytes of the current message's payload still to come.
-    remaining: usize,
+    framing: Framing,
     messages: u64,
     /// Tokens owed for messages in `held`, and the frame held until they are paid.
     owed: u64,
@@ -162,9 +199,7 @@ impl Metered {
             rates,
             institution,
             max_message,
-            prefix: [0; 5],
-            prefix_len: 0,
-            remaining: 0,
+            framing: Framing::default(),
             messages: 0,
             owed: 0,
             held: None,
@@ -172,34 +207,15 @@ impl Metered {
         }
     }
 
-    /// Walks the gRPC framing of one chunk: counts the messages that start in it and checks
-    /// each declared length.
-    fn scan(&mut self, mut data: &[u8]) -> Result<(), MeterError> {
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let take = self.remaining.min(data.len());
-                self.remaining -= take;
-                data = &data[take..];
-                continue;
-            }
-            let take = (5 - self.prefix_len).min(data.len());
-            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
-            self.prefix_len += take;
-            data = &data[take..];
-            if self.prefix_len == 5 {
-                self.prefix_len = 0;
-                let [_, a, b, c, d] = self.prefix;
-                let length = u32::from_be_bytes([a, b, c, d]) as usize;
-                if length > self.max_message {
-                    return Err(MeterError::TooLarge(length, self.max_message));
-                }
-                self.remaining = length;
-                self.messages += 1;
-                if self.messages > 1 {
-                    self.owed += 1;
-                }
-            }
-        }
+    /// Counts the messages that start in a chunk; all but the call's first are owed.
+    fn count(&mut self, data: &[u8]) -> Result<(), MeterError> {
+        let started = self
+            .framing
+            .scan(data, self.max_message)
+            .map_err(|length| MeterError::TooLarge(length, self.max_message))?;
+        let paid = u64::from(self.messages == 0 && started > 0);
+        self.messages += started;
+        self.owed += started - paid;
         Ok(())
     }
 }
@@ -238,7 +254,7 @@ impl HttpBody for Metered {
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
-                        this.scan(data)?;
+                        this.count(data)?;
                     }
                     this.held = Some(frame);
                 }
@@ -254,5 +270,38 @@ impl HttpBody for Metered {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Framing;
+
+    fn message(length: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8];
+        bytes.extend_from_slice(&u32::try_from(length).unwrap().to_be_bytes());
+        bytes.extend(std::iter::repeat_n(7u8, length));
+        bytes
+    }
+
+    #[test]
+    fn messages_are_counted_across_any_split_into_frames() {
+        let stream: Vec<u8> = [message(3), message(0), message(300), message(1)].concat();
+        for chunk in [1, 2, 4, 5, 6, 7, 64, stream.len()] {
+            let mut framing = Framing::default();
+            let started: u64 = stream
+                .chunks(chunk)
+                .map(|part| framing.scan(part, 1000).unwrap())
+                .sum();
+            assert_eq!(started, 4, "in chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_caught_by_its_prefix() {
+        let mut framing = Framing::default();
+        assert_eq!(framing.scan(&message(10)[..5], 9), Err(10));
+        let mut framing = Framing::default();
+        assert_eq!(framing.scan(&message(9), 9), Ok(1));
     }
 }

@@ -89,7 +89,7 @@ fn default_server_name() -> String {
     "localhost".to_owned()
 }
 fn default_connections_per_address() -> usize {
-    2
+    4
 }
 fn default_resolve_interval() -> u64 {
     30_000

@@ -170,6 +170,10 @@ fn parse_crls(pem: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, 
     let crls = CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("revocation list: {e}"))?;
+    // An empty file would silently revoke nothing: a list must be there, even if it is empty.
+    if crls.is_empty() {
+        return Err("no X509 CRL found".into());
+    }
     for crl in &crls {
         x509_parser::parse_x509_crl(crl).map_err(|e| format!("revocation list: {e}"))?;
     }
@@ -526,4 +530,59 @@ pub fn inspect(
         _ => unidentified("the certificate carries more than one spiffe:// identity".into()),
     };
     (identity, Some(facts))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pki::{self, Ca, IssueRequest};
+
+    #[test]
+    fn a_revoked_certificate_is_known_after_a_reload() {
+        crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("onestop.lv").unwrap();
+        ca.save(dir.path()).unwrap();
+        ca.write_crl(dir.path(), &[]).unwrap();
+        let id = SpiffeId::parse("spiffe://onestop.lv/platform/forms").unwrap();
+        let server = IssueRequest::new("forms", Some(id), Duration::from_secs(3600));
+        ca.issue(&server.serving_localhost())
+            .unwrap()
+            .save(dir.path(), "forms")
+            .unwrap();
+        let member = SpiffeId::parse("spiffe://onestop.lv/member/GOV/VSAA/pensions").unwrap();
+        let issued = ca
+            .issue(&IssueRequest::new(
+                "m",
+                Some(member),
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        issued.save(dir.path(), "m").unwrap();
+
+        let tls = ServerTls::load(
+            &TlsFiles::in_pki_dir(dir.path(), "forms"),
+            ClientAuth::Required,
+        )
+        .unwrap();
+        let serial = pki::serial_of(&issued.cert_pem).unwrap();
+        assert!(!tls.is_revoked(&serial));
+        assert!(!tls.reload_if_changed().unwrap(), "nothing changed yet");
+
+        assert_eq!(ca.revoke(dir.path(), &issued.cert_pem).unwrap(), 1);
+        assert_eq!(
+            ca.revoke(dir.path(), &issued.cert_pem).unwrap(),
+            1,
+            "listed once"
+        );
+        assert!(tls.reload_if_changed().unwrap());
+        assert!(tls.is_revoked(&serial));
+
+        // A list that cannot be parsed leaves the previous one in force.
+        std::fs::write(dir.path().join(pki::CRL_FILE), "garbage").unwrap();
+        assert!(tls.reload_if_changed().is_err());
+        assert!(tls.is_revoked(&serial));
+    }
 }
