@@ -15,10 +15,15 @@ pub fn init(dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
             dir.display()
         );
     }
-    Ca::generate(trust_domain)?.save(dir)?;
+    let ca = Ca::generate(trust_domain)?;
+    ca.save(dir)?;
+    // An empty revocation list from the start, so that servers can be pointed at it before
+    // anything is revoked.
+    ca.write_crl(dir, &[])?;
     Ok(format!(
-        "made a CA for trust domain {trust_domain} in {}",
-        dir.display()
+        "made a CA for trust domain {trust_domain} in {} (revocation list: {})",
+        dir.display(),
+        onestop_platform::pki::CRL_FILE
     ))
 }
 

@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
@@ -22,13 +23,61 @@ use tonic_health::pb::health_client::HealthClient;
 
 struct Running {
     child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
+    /// Everything the process prints after its address, read as it comes so that the pipe
+    /// never fills up and blocks the process; the task ends when the process closes it.
+    output: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
     channel: Channel,
+    gateway: String,
+}
+
+impl Running {
+    fn printed(&self, needle: &str) -> bool {
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(needle))
+    }
+}
+
+/// Keeps reading a process's output into a shared list.
+fn keep_reading(
+    mut lines: Lines<BufReader<ChildStdout>>,
+) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let output = output.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                output.lock().unwrap().push(line);
+            }
+        })
+    };
+    (output, reader)
 }
 
 /// Starts `onestop up` on a free port and waits until forms serves through the gateway.
 async fn up(data: &Path) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_onestop"))
+    up_with_open_files(data, None).await
+}
+
+/// Starts `onestop up` with at most `open_files` file descriptors, when given.
+async fn up_with_open_files(data: &Path, open_files: Option<u32>) -> Running {
+    let binary = env!("CARGO_BIN_EXE_onestop");
+    let mut command = match open_files {
+        // prlimit sets the limit and then becomes the program (same process).
+        Some(limit) => {
+            let mut command = Command::new("prlimit");
+            command
+                .arg(format!("--nofile={limit}:{limit}"))
+                .arg("--")
+                .arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("RUST_LOG", "warn")
@@ -49,6 +98,7 @@ async fn up(data: &Path) -> Running {
     })
     .await
     .expect("onestop printed its address within 60 s");
+    // (The lines reader below takes over from here.)
 
     // The printed command names the demo certificate; use it.
     let pki = data.join("pki");
@@ -75,11 +125,28 @@ async fn up(data: &Path) -> Running {
     })
     .await
     .expect("forms is serving through the gateway");
+    let (output, reader) = keep_reading(lines);
     Running {
         child,
-        lines,
+        output,
+        reader,
         channel,
+        gateway,
     }
+}
+
+/// CPU seconds a process has used so far (user and system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
 }
 
 fn signal(child: &Child, name: &str) {
@@ -145,9 +212,102 @@ async fn up_serves_keeps_what_it_acknowledged_and_stops_on_sigterm() {
         .expect("onestop stopped within 30 s of SIGTERM")
         .unwrap();
     assert!(status.success(), "onestop exited with {status}");
-    let mut rest = Vec::new();
-    while let Some(line) = second.lines.next_line().await.unwrap() {
-        rest.push(line);
-    }
+    second.reader.await.unwrap();
+    let rest = second.output.lock().unwrap().clone();
     assert!(rest.iter().any(|l| l == "onestop stopped."), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_gateway_backs_off_and_recovers() {
+    let data = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let running = up_with_open_files(data.path(), Some(128)).await;
+    let pid = running.child.id().unwrap();
+    let gateway: std::net::SocketAddr = running.gateway.parse().unwrap();
+
+    // Connections that never start TLS, from enough addresses that the per-address limit does
+    // not stop them before the process runs out of descriptors.
+    let mut connecting = tokio::task::JoinSet::new();
+    for source in 2..=40u8 {
+        for _ in 0..12 {
+            connecting.spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                socket
+                    .bind(std::net::SocketAddr::from(([127, 0, 0, source], 0)))
+                    .ok()?;
+                // Once the listen backlog is full too, the kernel drops further attempts.
+                tokio::time::timeout(Duration::from_secs(2), socket.connect(gateway))
+                    .await
+                    .ok()?
+                    .ok()
+            });
+        }
+    }
+    let mut held = Vec::new();
+    while let Some(connected) = connecting.join_next().await {
+        held.extend(connected.unwrap());
+    }
+    assert!(
+        held.len() > 150,
+        "only {} connections were made",
+        held.len()
+    );
+
+    // Out of descriptors, accept fails; the gateway pauses between tries instead of spinning.
+    let failing = async {
+        while !running.printed("Too many open files") {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), failing)
+        .await
+        .expect("the process ran out of descriptors");
+    let before = cpu_seconds(pid);
+    let window = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    for _ in 0..10 {
+        ticker.tick().await;
+    }
+    let used = cpu_seconds(pid) - before;
+    let wall = window.elapsed().as_secs_f64();
+    eprintln!("out of descriptors: {used:.2} s of CPU in {wall:.2} s");
+    assert!(
+        used < 0.5 * wall,
+        "{used:.2} s of CPU in {wall:.2} s: spinning"
+    );
+
+    // The attack ends; new connections are accepted again.
+    drop(held);
+    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(
+        &data.path().join("pki"),
+        "demo-centre",
+    ))
+    .unwrap();
+    let config = tls::client_config(&material, None).unwrap();
+    let recovered = async {
+        loop {
+            let channel = onestop_platform::client::channel(
+                &running.gateway,
+                "localhost",
+                config.clone(),
+                Duration::from_secs(30),
+            )
+            .unwrap();
+            let mut forms = FormsServiceClient::new(channel);
+            let answer = forms
+                .get_form(GetFormRequest {
+                    name: "forms/vsaa-old-age-pension".into(),
+                })
+                .await;
+            if answer.is_ok() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), recovered)
+        .await
+        .expect("a member connects again once descriptors are free");
+    eprintln!("recovered after {:?}", started.elapsed());
+    drop(running);
 }

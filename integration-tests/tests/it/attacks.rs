@@ -602,6 +602,18 @@ async fn a_revoked_certificate_is_refused_after_a_reload() {
     })
     .await;
     fed.issue_member("to-revoke", "GOV/VSAA/old-system");
+    // A platform component's certificate, checked by the services themselves.
+    let component = SpiffeId::parse("spiffe://onestop.lv/platform/retired").unwrap();
+    fed.issue(
+        "retired",
+        &IssueRequest::new("retired", Some(component), Duration::from_secs(3600)),
+    );
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(fed.forms_client("retired"));
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("a component may ask a service");
     let mut echo = EchoServiceClient::new(fed.gateway_client("to-revoke"));
     echo.unary(EchoRequest::default())
         .await
@@ -610,6 +622,8 @@ async fn a_revoked_certificate_is_refused_after_a_reload() {
     let ca = Ca::load(&fed.pki).unwrap();
     let pem = std::fs::read_to_string(fed.pki.join("to-revoke.pem")).unwrap();
     assert_eq!(ca.revoke(&fed.pki, &pem).unwrap(), 1);
+    let pem = std::fs::read_to_string(fed.pki.join("retired.pem")).unwrap();
+    assert_eq!(ca.revoke(&fed.pki, &pem).unwrap(), 2);
 
     // The connection already open is refused on its next call once the list is reloaded ...
     let refused = async {
@@ -628,6 +642,23 @@ async fn a_revoked_certificate_is_refused_after_a_reload() {
     // ... and a new one does not get a session.
     let refusal = tls_refusal(&fed.gateway.to_string(), &fed.pki, &fed.pki, "to-revoke").await;
     assert!(refusal.contains("CertificateRevoked"), "{refusal}");
+    // The service refuses the revoked component the same way.
+    let refused = async {
+        loop {
+            match health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+            {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(status) => return status,
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("the service refuses it after its reload");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
     // Others are not affected.
     victim_calls(&fed, VICTIM_ECHO, 5).await;
     fed.stop().await;
