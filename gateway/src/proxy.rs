@@ -170,7 +170,9 @@ impl Gateway {
         let method = echo(path.trim_start_matches('/')).into_owned();
         let span = telemetry::server_span(request.headers(), &method);
         let trace_id = telemetry::trace_id_header(&span);
-        let (response, permit) = self.route(&caller, &method, request).instrument(span).await;
+        // Boxed: the routing future is large, and hyper moves the call's future into place.
+        let (response, permit) =
+            Box::pin(self.route(&caller, &method, request).instrument(span)).await;
         let mut response = response.map(|body| Body::new(Guarded::new(body, call, permit)));
         if let Some(trace_id) = trace_id {
             response.headers_mut().insert(TRACE_ID_HEADER, trace_id);

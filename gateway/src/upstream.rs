@@ -44,6 +44,10 @@ pub const CALL_WINDOW: u32 = 256 * 1024;
 /// The flow-control window of one upstream connection: the largest HTTP/2 allows, far more than
 /// every call in flight can hold with [`CALL_WINDOW`] each.
 pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Calls in flight on one connection past which the next call goes to another connection of the
+/// same replica.
+const SPILL_OVER: usize = 128;
+
 /// The largest header block (response headers or trailers) accepted from a service. Services
 /// bound what their errors quote far below this, so a status never gets lost on the way.
 pub const MAX_RESPONSE_HEADERS: u32 = 64 * 1024;
@@ -107,6 +111,8 @@ struct Replica {
 
 #[derive(Default)]
 struct Connection {
+    /// Calls in flight on it (until their responses end).
+    in_flight: Arc<AtomicUsize>,
     /// The live connection's handle; cloning it is cheap.
     current: Mutex<Option<SendRequest<Body>>>,
     /// Held while the connection is being made, so that a burst of calls makes one, not many.
@@ -250,57 +256,66 @@ impl Upstream {
     /// the call was written to it (the call is given back and goes to the next one); a call
     /// already written when its connection fails is not repeated, since the service may have
     /// acted on it.
-    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Answer>, SendError> {
         let attempts = self.replicas().len().max(1) * self.per_address.max(1) + 1;
-        for _ in 1..attempts {
-            let mut sender = self.sender().await.map_err(SendError::Connect)?;
+        let mut attempt = 1;
+        loop {
+            let (mut sender, in_flight) = self.sender().await.map_err(SendError::Connect)?;
+            let counted = InFlight::enter(in_flight);
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    return Ok(response.map(|body| Answer {
+                        body,
+                        _counted: counted,
+                    }));
+                }
                 Err(mut error) => match error.take_message() {
-                    Some(unsent) => {
+                    Some(unsent) if attempt < attempts => {
                         tracing::debug!(service = %self.service, error = %error.error(), "connection lost before sending; trying another");
                         request = unsent;
+                        attempt += 1;
                     }
-                    None => return Err(SendError::Http(error.into_error())),
+                    _ => return Err(SendError::Http(error.into_error())),
                 },
             }
         }
-        let mut sender = self.sender().await.map_err(SendError::Connect)?;
-        Ok(sender.send_request(request).await?)
     }
 
-    async fn sender(&self) -> std::io::Result<SendRequest<Body>> {
-        let replicas = self.replicas();
-        if replicas.is_empty() {
+    /// A connection for the next call: replicas take turns (a replica that failed lately
+    /// comes last); within a replica, the first connection that is not busy is used, so that at
+    /// low load calls share one connection and its writes, and the others take the overflow.
+    async fn sender(&self) -> std::io::Result<(SendRequest<Body>, Arc<AtomicUsize>)> {
+        if self.replicas().is_empty() {
             self.resolve().await;
         }
         let replicas = self.replicas();
-        let slots = replicas.len() * self.per_address.max(1);
-        if slots == 0 {
+        if replicas.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("no address of {} resolves", self.service),
             ));
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % replicas.len();
         let now = Instant::now();
+        let turn = replicas[start..].iter().chain(&replicas[..start]);
+        let (up, down): (Vec<_>, Vec<_>) = turn.partition(|replica| !replica.is_down(now));
         let mut last_error = None;
-        let mut tried_down = false;
-        for step in 0..slots {
-            let index = start.wrapping_add(step) % slots;
-            let replica = &replicas[index % replicas.len()];
-            let connection =
-                &replica.connections[(index / replicas.len()) % replica.connections.len()];
-            if let Some(sender) = connection.live() {
-                return Ok(sender);
-            }
-            // A replica known to be down is tried only when every other one failed too.
-            if replica.is_down(now) && (step + 1 < slots || tried_down) {
-                tried_down = true;
+        for replica in up.into_iter().chain(down) {
+            let connection = replica
+                .connections
+                .iter()
+                .find(|connection| connection.in_flight.load(Ordering::Relaxed) < SPILL_OVER)
+                .or_else(|| {
+                    replica
+                        .connections
+                        .iter()
+                        .min_by_key(|connection| connection.in_flight.load(Ordering::Relaxed))
+                });
+            let Some(connection) = connection else {
                 continue;
-            }
+            };
             match self.connect_slot(replica, connection).await {
-                Ok(sender) => return Ok(sender),
+                Ok(sender) => return Ok((sender, connection.in_flight.clone())),
                 Err(error) => {
                     tracing::warn!(service = %self.service, address = %replica.address, %error, "replica unreachable");
                     replica.failed();
@@ -321,6 +336,9 @@ impl Upstream {
         replica: &Replica,
         connection: &Connection,
     ) -> std::io::Result<SendRequest<Body>> {
+        if let Some(sender) = connection.live() {
+            return Ok(sender);
+        }
         let _connecting = connection.connecting.lock().await;
         // Another call may have connected while this one waited.
         if let Some(sender) = connection.live() {
@@ -417,14 +435,56 @@ impl Upstream {
     }
 }
 
+/// One call counted among its connection's calls in flight.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A service's answer, counted on its connection until it has been read or dropped.
+pub struct Answer {
+    body: Incoming,
+    _counted: InFlight,
+}
+
+impl http_body::Body for Answer {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The upstream as a tonic transport, for the gateway's own calls to it (health).
 #[derive(Clone)]
 struct Client(Arc<Upstream>);
 
 impl tower::Service<Request<Body>> for Client {
-    type Response = Response<Incoming>;
+    type Response = Response<Answer>;
     type Error = SendError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Answer>, SendError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         Poll::Ready(Ok(()))

@@ -469,17 +469,8 @@ async fn what_callers_send_is_echoed_in_bounds() {
     assert!(text < 4096, "{text} bytes came back");
 
     // A long method name is not written out whole either (it would be in logs too).
-    let mut grpc = tonic::client::Grpc::new(fed.gateway_client(VICTIM));
-    grpc.ready().await.unwrap();
     let path = format!("/onestop.forms.v1.FormsService/{}", "M".repeat(10_000));
-    let status = grpc
-        .unary::<_, (), _>(
-            tonic::Request::new(()),
-            path.parse().unwrap(),
-            tonic_prost::ProstCodec::<(), ()>::default(),
-        )
-        .await
-        .unwrap_err();
+    let status = crate::refusal_of_path(fed.gateway_client(VICTIM), &path).await;
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert!(status.message().len() < 400, "{}", status.message().len());
     fed.stop().await;
@@ -566,17 +557,7 @@ async fn no_session_is_resumed_and_expired_certificates_lose_their_connection() 
         .expect("while valid");
     // Certificates count time in whole seconds.
     let expiry = std::time::SystemTime::from(short.not_after.replace_nanosecond(0).unwrap());
-    let refused = async {
-        loop {
-            match echo.unary(EchoRequest::default()).await {
-                Ok(_) => tokio::task::yield_now().await,
-                Err(status) => return status,
-            }
-        }
-    };
-    let status = tokio::time::timeout(Duration::from_secs(10), refused)
-        .await
-        .expect("the expired certificate is refused");
+    let status = crate::first_refusal!(echo.unary(EchoRequest::default()));
     assert!(
         std::time::SystemTime::now() >= expiry,
         "refused before expiry: {status:?}"
@@ -626,37 +607,15 @@ async fn a_revoked_certificate_is_refused_after_a_reload() {
     assert_eq!(ca.revoke(&fed.pki, &pem).unwrap(), 2);
 
     // The connection already open is refused on its next call once the list is reloaded ...
-    let refused = async {
-        loop {
-            match echo.unary(EchoRequest::default()).await {
-                Ok(_) => tokio::task::yield_now().await,
-                Err(status) => return status,
-            }
-        }
-    };
-    let status = tokio::time::timeout(Duration::from_secs(10), refused)
-        .await
-        .expect("refused after the reload");
+    let status = crate::first_refusal!(echo.unary(EchoRequest::default()));
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("revoked"), "{status:?}");
     // ... and a new one does not get a session.
     let refusal = tls_refusal(&fed.gateway.to_string(), &fed.pki, &fed.pki, "to-revoke").await;
     assert!(refusal.contains("CertificateRevoked"), "{refusal}");
     // The service refuses the revoked component the same way.
-    let refused = async {
-        loop {
-            match health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-            {
-                Ok(_) => tokio::task::yield_now().await,
-                Err(status) => return status,
-            }
-        }
-    };
-    let status = tokio::time::timeout(Duration::from_secs(10), refused)
-        .await
-        .expect("the service refuses it after its reload");
+    let status =
+        crate::first_refusal!(health.check(tonic_health::pb::HealthCheckRequest::default()));
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("revoked"), "{status:?}");
     // Others are not affected.

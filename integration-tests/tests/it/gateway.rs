@@ -299,31 +299,16 @@ async fn unknown_services_and_unreachable_ones_are_told_apart() {
     onestop_integration_tests::await_serving(channel.clone(), "onestop.forms.v1.FormsService")
         .await;
 
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let status = grpc
-        .unary::<_, (), _>(
-            tonic::Request::new(()),
-            "/onestop.nothing.v1.NothingService/Nothing"
-                .parse()
-                .unwrap(),
-            tonic_prost::ProstCodec::<(), ()>::default(),
-        )
-        .await
-        .unwrap_err();
+    let status = crate::refusal_of_path(
+        channel.clone(),
+        "/onestop.nothing.v1.NothingService/Nothing",
+    )
+    .await;
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
 
     // A routed service that is down.
     let path = format!("/{}/Call", onestop_integration_tests::UNREACHABLE_SERVICE);
-    grpc.ready().await.unwrap();
-    let status = grpc
-        .unary::<_, (), _>(
-            tonic::Request::new(()),
-            path.parse().unwrap(),
-            tonic_prost::ProstCodec::<(), ()>::default(),
-        )
-        .await
-        .unwrap_err();
+    let status = crate::refusal_of_path(channel, &path).await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(crate::reason(&status), "UPSTREAM_UNAVAILABLE");
     fed.stop().await;

@@ -47,3 +47,34 @@ pub fn reason(status: &tonic::Status) -> String {
         .map(|info| info.reason)
         .unwrap_or_default()
 }
+
+/// Calls `path` with an empty message, expecting a refusal, and returns it.
+pub async fn refusal_of_path(channel: tonic::transport::Channel, path: &str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary::<_, (), _>(
+        tonic::Request::new(()),
+        path.parse().unwrap(),
+        tonic_prost::ProstCodec::<(), ()>::default(),
+    )
+    .await
+    .expect_err("the call is refused")
+}
+
+/// Repeats a call until it fails, for at most 10 s, and returns the failure: for what takes
+/// effect after a moment (a reload, an expiry).
+#[macro_export]
+macro_rules! first_refusal {
+    ($call:expr) => {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match $call.await {
+                    Ok(_) => tokio::task::yield_now().await,
+                    Err(status) => break status,
+                }
+            }
+        })
+        .await
+        .expect("refused within 10 s")
+    };
+}
