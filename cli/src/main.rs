@@ -43,7 +43,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
     },
-    /// Run one service from a configuration file (ONESTOP_<SECTION>_<KEY> variables override).
+    /// Run one service from a configuration file (ONESTOP__<SECTION>__<KEY> variables override,
+    /// `__` between levels: ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS).
     Serve {
         /// `forms` or `gateway`.
         service: Service,
@@ -258,6 +259,13 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let telemetry = onestop_platform::telemetry::init(telemetry, name)?;
+    let ignored = config::ignored(&config::process_env());
+    if !ignored.is_empty() {
+        tracing::info!(
+            ?ignored,
+            "variables that start with ONESTOP_ but not ONESTOP__ are not configuration overrides"
+        );
+    }
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

@@ -25,14 +25,26 @@ fn example_configurations_parse() {
     onestop_gateway::policy::Policy::load(&example("policy.toml")).unwrap();
 
     // An override from the environment wins over the file, and a misspelt key is an error.
-    let env = HashMap::from([(
-        "ONESTOP_DATABASE_URL".to_owned(),
-        "sqlite://x.db".to_owned(),
-    )]);
+    let env = HashMap::from([
+        (
+            "ONESTOP__DATABASE__URL".to_owned(),
+            "sqlite://x.db".to_owned(),
+        ),
+        (
+            "ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS".to_owned(),
+            "77".to_owned(),
+        ),
+        // A Kubernetes service link for a Service named onestop-forms: not ours.
+        (
+            "ONESTOP_FORMS_SERVICE_HOST".to_owned(),
+            "10.0.0.1".to_owned(),
+        ),
+    ]);
     let forms: onestop_forms::FormsConfig =
         onestop_platform::config::load(Some(&example("forms.toml")), &env).unwrap();
     assert_eq!(forms.database.url, "sqlite://x.db");
-    let env = HashMap::from([("ONESTOP_DATABASE_ULR".to_owned(), "x".to_owned())]);
+    assert_eq!(forms.server.limits.max_connections, 77);
+    let env = HashMap::from([("ONESTOP__DATABASE__ULR".to_owned(), "x".to_owned())]);
     let error = onestop_platform::config::load::<onestop_forms::FormsConfig>(
         Some(&example("forms.toml")),
         &env,

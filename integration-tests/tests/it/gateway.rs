@@ -442,6 +442,7 @@ async fn a_message_over_the_size_limit_is_refused_and_harms_nothing() {
     };
     let status = forms.validate_form_data(huge).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(crate::reason(&status), "MESSAGE_TOO_LARGE");
     forms
         .get_form(get_form())
         .await
@@ -517,3 +518,40 @@ async fn calls_continue_when_a_replica_dies(backend: Backend) {
 }
 
 crate::on_both_backends!(calls_continue_when_a_replica_dies);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_errors_come_in_the_platform_shape() {
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    // Bytes that are no protobuf message at all: the caller's mistake, not the service's.
+    let config = onestop_integration_tests::attack::client_tls(&fed.pki, Some(INSTITUTION));
+    let mut raw = onestop_integration_tests::attack::raw_h2(
+        fed.gateway,
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        config,
+        1 << 20,
+    )
+    .await
+    .unwrap();
+    let answer = raw
+        .start_call(
+            "/onestop.forms.v1.FormsService/GetForm",
+            &[0xff, 0xff, 0xff, 0xff, 0x0f],
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let status = tonic::Status::from_header_map(answer.headers()).expect("a trailers-only status");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(crate::reason(&status), "MALFORMED_MESSAGE");
+
+    // A method the service does not have, though the policy lets the member call the service.
+    let status = crate::refusal_of_path(
+        fed.gateway_client(INSTITUTION),
+        "/onestop.forms.v1.FormsService/NoSuchMethod",
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(crate::reason(&status), "UNKNOWN_METHOD");
+    fed.stop().await;
+}

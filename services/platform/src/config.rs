@@ -1,4 +1,12 @@
-//! Typed configuration: a TOML file plus `ONESTOP_<SECTION>_<KEY>` environment overrides.
+//! Typed configuration: a TOML file plus environment overrides.
+//!
+//! An override names the key's path with `__` between the levels, after the prefix `ONESTOP__`:
+//! `ONESTOP__DATABASE__URL` sets `url` of `[database]`, and
+//! `ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS` sets `max_connections` of `[server.limits]`.
+//! Single underscores stay within a name. The double underscore after the prefix keeps the
+//! variables Kubernetes makes for Services (`ONESTOP_GATEWAY_SERVICE_HOST` for a Service named
+//! `onestop-gateway`) apart from ours: variables that start with `ONESTOP_` but not `ONESTOP__`
+//! are not overrides, and [`ignored`] lists them so that a process can say so in its log.
 //!
 //! Every configuration struct denies unknown fields, so a misspelt key is an error that names
 //! the key, not a silently ignored setting. The environment is passed in as a map so that tests
@@ -52,13 +60,14 @@ pub enum ConfigError {
 }
 
 /// The prefix of environment overrides.
-pub const ENV_PREFIX: &str = "ONESTOP_";
+pub const ENV_PREFIX: &str = "ONESTOP__";
 
-/// Loads a configuration from an optional TOML file and environment overrides.
-///
-/// `ONESTOP_DATABASE_URL=...` sets key `url` of section `[database]`; the section is the first
-/// word after the prefix and the key the rest, lower-cased. A value is read as TOML (number,
-/// boolean, array) when it parses as such and as a string otherwise.
+/// What separates the levels of a key's path in an override.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Loads a configuration from an optional TOML file and environment overrides (see the module
+/// docs). A value is read as TOML (number, boolean, array) when it parses as such and as a
+/// string otherwise.
 pub fn load<T: DeserializeOwned>(
     path: Option<&Path>,
     env: &HashMap<String, String>,
@@ -93,6 +102,18 @@ pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()
 }
 
+/// Variables that look like ours but are not overrides (`ONESTOP_` without the second
+/// underscore), such as Kubernetes service links, sorted: a process mentions them in its log.
+pub fn ignored(env: &HashMap<String, String>) -> Vec<String> {
+    let mut names: Vec<String> = env
+        .keys()
+        .filter(|name| name.starts_with("ONESTOP_") && !name.starts_with(ENV_PREFIX))
+        .cloned()
+        .collect();
+    names.sort();
+    names
+}
+
 fn apply_overrides(
     table: &mut toml::Table,
     env: &HashMap<String, String>,
@@ -100,26 +121,33 @@ fn apply_overrides(
     // Sorted, so that errors are reported in a stable order.
     let overrides: BTreeMap<_, _> = env
         .iter()
-        .filter_map(|(name, value)| Some((name, name.strip_prefix(ENV_PREFIX)?, value)))
-        .map(|(name, rest, value)| (name.clone(), (rest.to_ascii_lowercase(), value)))
+        .filter_map(|(name, value)| Some((name, (name.strip_prefix(ENV_PREFIX)?, value))))
         .collect();
     for (name, (rest, value)) in overrides {
-        let Some((section, key)) = rest.split_once('_') else {
+        let path: Vec<String> = rest
+            .split(ENV_SEPARATOR)
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
             return Err(ConfigError::Override {
-                name,
-                message: "expected ONESTOP_<SECTION>_<KEY>".into(),
+                name: name.clone(),
+                message: "expected ONESTOP__<SECTION>__<KEY>, levels separated by `__`".into(),
             });
+        }
+        let Some((key, sections)) = path.split_last() else {
+            continue;
         };
-        let entry = table
-            .entry(section.to_owned())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(section_table) = entry.as_table_mut() else {
-            return Err(ConfigError::Override {
-                name,
-                message: format!("`{section}` is not a section"),
-            });
-        };
-        section_table.insert(key.to_owned(), parse_value(value));
+        let mut current = &mut *table;
+        for (depth, section) in sections.iter().enumerate() {
+            let entry = current
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            current = entry.as_table_mut().ok_or_else(|| ConfigError::Override {
+                name: name.clone(),
+                message: format!("`{}` is not a section", sections[..=depth].join(".")),
+            })?;
+        }
+        current.insert(key.clone(), parse_value(value));
     }
     Ok(())
 }
@@ -301,6 +329,17 @@ mod tests {
         database: DatabaseConfig,
         #[serde(default)]
         limits: Limits,
+        #[serde(default)]
+        server: Option<Nested>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nested {
+        #[serde(default)]
+        limits: Limits,
+        #[serde(default)]
+        trust_domain: Option<String>,
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -318,8 +357,8 @@ mod tests {
         let sample: Sample = load(
             Some(&path),
             &env(&[
-                ("ONESTOP_DATABASE_URL", "postgres://x/y"),
-                ("ONESTOP_LIMITS_MAX_MESSAGE_BYTES", "1000"),
+                ("ONESTOP__DATABASE__URL", "postgres://x/y"),
+                ("ONESTOP__LIMITS__MAX_MESSAGE_BYTES", "1000"),
                 ("OTHER", "ignored"),
             ]),
         )
@@ -337,8 +376,60 @@ mod tests {
         let error = load::<Sample>(Some(&path), &HashMap::new()).unwrap_err();
         assert!(error.to_string().contains("ulr"), "{error}");
 
-        let error = load::<Sample>(Some(&path), &env(&[("ONESTOP_DATABASE", "x")])).unwrap_err();
-        assert!(error.to_string().contains("ONESTOP_DATABASE"), "{error}");
+        // A section given a value.
+        let error = load::<Sample>(Some(&path), &env(&[("ONESTOP__DATABASE", "x")])).unwrap_err();
+        assert!(error.to_string().contains("DatabaseConfig"), "{error}");
+        let error =
+            load::<Sample>(Some(&path), &env(&[("ONESTOP__DATABASE____URL", "x")])).unwrap_err();
+        assert!(
+            error.to_string().contains("ONESTOP__DATABASE____URL"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn nested_keys_are_overridden_level_by_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[database]\nurl = \"x\"\n[server]\ntrust_domain = \"a.lv\"\n[server.limits]\nmax_connections = 5\n",
+        )
+        .unwrap();
+        let sample: Sample = load(
+            Some(&path),
+            &env(&[
+                ("ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS", "7"),
+                ("ONESTOP__SERVER__LIMITS__IDLE_TIMEOUT_MS", "1500"),
+                ("ONESTOP__SERVER__TRUST_DOMAIN", "b.lv"),
+            ]),
+        )
+        .unwrap();
+        let server = sample.server.unwrap();
+        assert_eq!(server.limits.max_connections, 7);
+        assert_eq!(server.limits.idle_timeout_ms, Duration::from_millis(1500));
+        assert_eq!(server.trust_domain.as_deref(), Some("b.lv"));
+        // A level that is a value, not a section, is named.
+        let error =
+            load::<Sample>(Some(&path), &env(&[("ONESTOP__DATABASE__URL__X", "1")])).unwrap_err();
+        assert!(error.to_string().contains("database.url"), "{error}");
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[database]\nurl = \"x\"\n").unwrap();
+        let links = env(&[
+            ("ONESTOP_GATEWAY_SERVICE_HOST", "10.0.0.1"),
+            ("ONESTOP_GATEWAY_PORT", "tcp://10.0.0.1:7443"),
+        ]);
+        let sample: Sample = load(Some(&path), &links).unwrap();
+        assert_eq!(sample.database.url, "x");
+        assert_eq!(
+            ignored(&links),
+            ["ONESTOP_GATEWAY_PORT", "ONESTOP_GATEWAY_SERVICE_HOST"]
+        );
     }
 
     #[test]

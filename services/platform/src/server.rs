@@ -10,6 +10,7 @@ use crate::accept::{self, AcceptLimits};
 use crate::caller::AuthenticateLayer;
 use crate::config::ServerConfig;
 use crate::identity::SpiffeId;
+use crate::status::ShapeErrorsLayer;
 use crate::telemetry::TraceLayer;
 use crate::tls::{self, ClientAuth, ServerTls};
 
@@ -120,6 +121,9 @@ pub async fn serve(
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
         // Every call in its own span, a child of the caller's trace; the trace id goes back.
         .layer(TraceLayer)
+        // What the transport answers on its own (a message that does not decode, no such
+        // method, overload) in the same shape as the services' errors.
+        .layer(ShapeErrorsLayer)
         // Who calls, for every method (health and reflection too): only platform components
         // and the gateway, speaking for a member, get through.
         .layer(AuthenticateLayer::new(gateway, tls))

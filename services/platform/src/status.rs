@@ -8,6 +8,9 @@
 //! the HTTP/2 header limits of the peers that forward it.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
@@ -35,6 +38,18 @@ pub enum Reason {
     NotThroughGateway,
     /// A request field is malformed.
     InvalidField,
+    /// A request message is not valid protobuf for its method.
+    MalformedMessage,
+    /// A message is larger than the server accepts.
+    MessageTooLarge,
+    /// The server has no such method.
+    UnknownMethod,
+    /// The server is at capacity.
+    Overloaded,
+    /// The call took longer than its deadline.
+    DeadlineExceeded,
+    /// An error of the transport, not of the service's own making.
+    Transport,
 }
 
 impl Reason {
@@ -45,6 +60,12 @@ impl Reason {
             Reason::CallerClaimRefused => "CALLER_CLAIM_REFUSED",
             Reason::NotThroughGateway => "NOT_THROUGH_GATEWAY",
             Reason::InvalidField => "INVALID_FIELD",
+            Reason::MalformedMessage => "MALFORMED_MESSAGE",
+            Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Reason::UnknownMethod => "UNKNOWN_METHOD",
+            Reason::Overloaded => "OVERLOADED",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Reason::Transport => "TRANSPORT",
         }
     }
 }
@@ -101,6 +122,105 @@ pub fn with_details(
     Status::with_error_details(code, message, details)
 }
 
+/// A status the transport made (tonic's codec, router, limits) rather than a service, reshaped
+/// as the platform's: a malformed message is the caller's mistake (`INVALID_ARGUMENT`, not
+/// `INTERNAL`), and every status carries `ErrorInfo` with a stable reason. A status that already
+/// has details is a service's own and is left as it is.
+pub fn reshape(status: &Status) -> Option<Status> {
+    if status.code() == Code::Ok || !status.details().is_empty() {
+        return None;
+    }
+    let message = status.message();
+    let (code, reason, message) = match status.code() {
+        Code::Internal if message.contains("decode") => (
+            Code::InvalidArgument,
+            Reason::MalformedMessage,
+            format!("the request is not a valid message for this method: {message}"),
+        ),
+        Code::OutOfRange => (
+            Code::OutOfRange,
+            Reason::MessageTooLarge,
+            message.to_owned(),
+        ),
+        Code::Unimplemented => (
+            Code::Unimplemented,
+            Reason::UnknownMethod,
+            "this server has no such method".to_owned(),
+        ),
+        Code::ResourceExhausted | Code::Unavailable => (
+            status.code(),
+            Reason::Overloaded,
+            "the server is at capacity; retry shortly".to_owned(),
+        ),
+        Code::DeadlineExceeded | Code::Cancelled => (
+            status.code(),
+            Reason::DeadlineExceeded,
+            "the call did not finish within its deadline".to_owned(),
+        ),
+        code => (code, Reason::Transport, message.to_owned()),
+    };
+    Some(error(code, reason, message, Vec::new()))
+}
+
+/// A tower layer that [`reshape`]s the statuses a server's transport answers with on its own
+/// (trailers-only responses without details).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShapeErrorsLayer;
+
+impl<S> tower::Layer<S> for ShapeErrorsLayer {
+    type Service = ShapeErrors<S>;
+
+    fn layer(&self, inner: S) -> ShapeErrors<S> {
+        ShapeErrors { inner }
+    }
+}
+
+/// The service of [`ShapeErrorsLayer`].
+#[derive(Clone, Debug)]
+pub struct ShapeErrors<S> {
+    inner: S,
+}
+
+impl<S, Req> tower::Service<Req> for ShapeErrors<S>
+where
+    S: tower::Service<Req, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            // Only a trailers-only answer has its status in the headers; a streamed answer's
+            // status comes at the end and is the service's own.
+            let reshaped = Status::from_header_map(response.headers())
+                .as_ref()
+                .and_then(reshape);
+            Ok(match reshaped {
+                Some(status) => {
+                    let mut shaped = status.into_http::<tonic::body::Body>();
+                    // Keep what the server said besides the status (trace id, for instance).
+                    for (name, value) in response.headers() {
+                        if !name.as_str().starts_with("grpc-") {
+                            shaped.headers_mut().insert(name.clone(), value.clone());
+                        }
+                    }
+                    shaped
+                }
+                None => response,
+            })
+        })
+    }
+}
+
 /// Keeps at most [`MAX_VIOLATIONS`] violations within [`MAX_VIOLATION_BYTES`], each part cut to
 /// a sensible length; what does not fit is counted in one last violation.
 fn bound_violations(violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
@@ -150,6 +270,26 @@ mod tests {
         assert!(quoted.len() < 200, "{}", quoted.len());
         assert!(quoted.ends_with("(19872 more characters)"), "{quoted}");
         assert_eq!(echo("a\nb"), "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn transport_statuses_get_the_platform_shape() {
+        let decode = Status::internal("failed to decode Protobuf message: invalid wire type");
+        let shaped = reshape(&decode).unwrap();
+        assert_eq!(shaped.code(), Code::InvalidArgument);
+        assert_eq!(
+            shaped.get_details_error_info().unwrap().reason,
+            "MALFORMED_MESSAGE"
+        );
+        let unknown = reshape(&Status::unimplemented("")).unwrap();
+        assert_eq!(
+            unknown.get_details_error_info().unwrap().reason,
+            "UNKNOWN_METHOD"
+        );
+        // A service's own status, with its details, is left alone.
+        let own = error(Code::NotFound, Reason::InvalidField, "x".into(), Vec::new());
+        assert!(reshape(&own).is_none());
+        assert!(reshape(&Status::ok("")).is_none());
     }
 
     #[test]
