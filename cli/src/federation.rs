@@ -1,12 +1,12 @@
 //! The whole federation in one process on one machine: the development PKI, the access policy,
-//! every implemented service on an internal port and the gateway in front. `onestop up` runs it;
-//! the tests and benchmarks start it the same way.
+//! every registered service (see [`crate::services`]) on an internal port and the gateway in
+//! front. `onestop up` runs it; the tests and benchmarks start it the same way.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use onestop_forms::{FormsConfig, FormsSettings};
 use onestop_gateway::{GatewayConfig, GatewaySettings, Route, UpstreamConfig};
 use onestop_platform::config::{
     DatabaseConfig, Limits, ServerConfig, TelemetryConfig, default_trust_domain,
@@ -17,8 +17,18 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// The e-forms service's gRPC name.
-pub const FORMS_SERVICE: &str = onestop_proto::forms::v1::forms_service_server::SERVICE_NAME;
+use crate::services::{self, Local, Service};
+
+/// The gateway's component name: its certificate and identity.
+pub const GATEWAY: &str = "gateway";
+/// A demo institution's system: the State Social Insurance Agency's pensions subsystem.
+pub const DEMO_INSTITUTION: &str = "demo-institution";
+/// The member id of the demo institution.
+pub const DEMO_INSTITUTION_MEMBER: &str = "GOV/VSAA/pensions";
+/// A demo service centre's system.
+pub const DEMO_CENTRE: &str = "demo-centre";
+/// The member id of the demo centre.
+pub const DEMO_CENTRE_MEMBER: &str = "MUN/GULBENE/kac";
 
 /// How to start the federation.
 #[derive(Clone, Debug)]
@@ -27,12 +37,15 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// The gateway's external address (port 0 picks a free one).
     pub listen: SocketAddr,
-    /// The forms database; `None` means SQLite in the data directory.
-    pub forms_database: Option<String>,
+    /// The services to run ([`services::all`] by default).
+    pub services: Vec<Service>,
+    /// Databases by service name; a service not named gets SQLite `<data dir>/<name>.db`.
+    pub databases: BTreeMap<String, String>,
     /// More routes for the gateway, such as test services.
     pub extra_routes: Vec<(String, Route)>,
-    /// More addresses in the gateway's forms route: replicas started elsewhere.
-    pub forms_replicas: Vec<String>,
+    /// More addresses for a service's routes (service name, `host:port`): replicas started
+    /// elsewhere.
+    pub replicas: Vec<(String, String)>,
     /// Limits of every server.
     pub limits: Limits,
     /// Calls a second each member may make through the gateway, and its burst.
@@ -51,9 +64,10 @@ impl Options {
         Self {
             data_dir: data_dir.to_owned(),
             listen,
-            forms_database: None,
+            services: services::all(),
+            databases: BTreeMap::new(),
             extra_routes: Vec::new(),
-            forms_replicas: Vec::new(),
+            replicas: Vec::new(),
             limits: Limits::default(),
             member_rate: (500, 1000),
             member_in_flight: 256,
@@ -61,16 +75,35 @@ impl Options {
             reload_interval: std::time::Duration::from_secs(10),
         }
     }
+
+    fn server_config(&self, listen: SocketAddr, name: &str) -> ServerConfig {
+        let mut config = ServerConfig::new(listen, TlsFiles::in_pki_dir(&self.pki_dir(), name));
+        config.limits = self.limits;
+        config.reload_interval_ms = self.reload_interval;
+        config
+    }
+
+    fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join("pki")
+    }
+
+    /// The database of a service.
+    pub fn database(&self, service: &str) -> String {
+        self.databases.get(service).cloned().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.data_dir.join(format!("{service}.db")).display()
+            )
+        })
+    }
 }
 
 /// A running federation.
 pub struct Federation {
     /// The gateway's bound address.
     pub gateway: SocketAddr,
-    /// The forms service's internal address.
-    pub forms: SocketAddr,
-    /// The forms service's database.
-    pub forms_database: String,
+    /// Each service's internal address, by name.
+    pub services: BTreeMap<&'static str, SocketAddr>,
     /// The PKI directory.
     pub pki_dir: PathBuf,
     /// Cancel to stop everything.
@@ -78,102 +111,104 @@ pub struct Federation {
     servers: JoinSet<(&'static str, anyhow::Result<()>)>,
 }
 
-/// The access policy written on first start: the demo institution manages and uses forms, the
-/// demo centre reads forms and validates applications.
-const DEFAULT_POLICY: &str = r#"# Access rights through the gateway: member (CLASS/CODE or CLASS/CODE/SUBSYSTEM) -> methods.
-# Anything not allowed here is denied. See the gateway's documentation for the pattern rules.
-
-[[allow]]
-member = "GOV/VSAA"
-methods = ["onestop.forms.v1.FormsService/*"]
-
-[[allow]]
-member = "MUN/GULBENE/kac"
-methods = [
-  "onestop.forms.v1.FormsService/Get*",
-  "onestop.forms.v1.FormsService/List*",
-  "onestop.forms.v1.FormsService/ValidateFormData",
-]
-"#;
-
-/// The policy file of a data directory, written with the defaults when missing.
-pub fn ensure_policy(data_dir: &Path) -> anyhow::Result<PathBuf> {
+/// The policy file of a data directory, written when missing with the header and each
+/// service's default rights.
+pub fn ensure_policy(data_dir: &Path, services: &[Service]) -> anyhow::Result<PathBuf> {
     let path = data_dir.join("policy.toml");
     if !path.exists() {
-        std::fs::write(&path, DEFAULT_POLICY)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let mut text = String::from(
+            "# Access rights through the gateway: member (CLASS/CODE or CLASS/CODE/SUBSYSTEM) -> methods.\n\
+             # Anything not allowed here is denied. See the gateway's documentation for the pattern rules.\n",
+        );
+        for service in services {
+            text.push('\n');
+            text.push_str(service.default_policy);
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(path)
 }
 
-fn server_config(options: &Options, listen: SocketAddr, name: &str) -> ServerConfig {
-    let mut config = ServerConfig::new(
-        listen,
-        TlsFiles::in_pki_dir(&options.data_dir.join("pki"), name),
-    );
-    config.limits = options.limits;
-    config.reload_interval_ms = options.reload_interval;
-    config
+/// Makes the development PKI: the gateway's and every service's certificate, and the demo
+/// members'.
+pub fn ensure_pki(dir: &Path, services: &[Service]) -> anyhow::Result<()> {
+    let components: Vec<&str> = std::iter::once(GATEWAY)
+        .chain(services.iter().map(|service| service.name))
+        .collect();
+    dev::ensure(
+        dir,
+        &default_trust_domain(),
+        &components,
+        &[
+            (DEMO_INSTITUTION, DEMO_INSTITUTION_MEMBER),
+            (DEMO_CENTRE, DEMO_CENTRE_MEMBER),
+        ],
+    )
+    .context("making the development PKI")?;
+    Ok(())
 }
 
 /// Starts the federation and returns once every listener is bound.
 pub async fn start(options: Options) -> anyhow::Result<Federation> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating {}", options.data_dir.display()))?;
-    let pki_dir = options.data_dir.join("pki");
-    dev::ensure(&pki_dir, &default_trust_domain()).context("making the development PKI")?;
-    let policy = ensure_policy(&options.data_dir)?;
+    let pki_dir = options.pki_dir();
+    ensure_pki(&pki_dir, &options.services)?;
+    let policy = ensure_policy(&options.data_dir, &options.services)?;
     let shutdown = CancellationToken::new();
     let mut servers = JoinSet::new();
 
-    let forms_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let forms_addr = forms_listener.local_addr()?;
-    let forms_database = options
-        .forms_database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", options.data_dir.join("forms.db").display()));
-    let forms = FormsConfig {
-        server: server_config(&options, forms_addr, dev::FORMS),
-        database: DatabaseConfig {
-            url: forms_database.clone(),
-            max_connections: 8,
-        },
-        telemetry: TelemetryConfig::default(),
-        forms: FormsSettings::default(),
-    };
-    // Open the store (and seed it) before the gateway starts, so that a failure is reported
-    // at once and the first call finds the forms.
-    let registry = onestop_forms::open_registry(&forms).await?;
-    {
-        let shutdown = shutdown.clone();
-        servers.spawn(async move {
-            let result =
-                onestop_forms::serve_registry(&forms, registry, forms_listener, shutdown).await;
-            ("forms", result.map_err(anyhow::Error::from))
+    let mut routes = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
+    for service in &options.services {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let prepared = (service.local)(Local {
+            server: options.server_config(address, service.name),
+            database: DatabaseConfig {
+                url: options.database(service.name),
+                max_connections: 8,
+            },
         });
+        // Each service opens its store before the gateway starts, so that a failure is
+        // reported at once and the first call finds it ready.
+        let serving = prepared
+            .start(listener, shutdown.clone())
+            .await
+            .with_context(|| format!("starting {}", service.name))?;
+        let name = service.name;
+        servers.spawn(async move { (name, serving.await) });
+        let mut route_addresses = vec![address.to_string()];
+        route_addresses.extend(
+            options
+                .replicas
+                .iter()
+                .filter(|(of, _)| of == service.name)
+                .map(|(_, address)| address.clone()),
+        );
+        for grpc_service in service.grpc_services {
+            routes.insert(
+                (*grpc_service).to_owned(),
+                Route {
+                    addresses: route_addresses.clone(),
+                    component: service.name.to_owned(),
+                },
+            );
+        }
+        addresses.insert(service.name, address);
+    }
+    for (service, route) in &options.extra_routes {
+        routes.insert(service.clone(), route.clone());
     }
 
     let gateway_listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("binding the gateway to {}", options.listen))?;
     let gateway_addr = gateway_listener.local_addr()?;
-    let mut routes = std::collections::BTreeMap::new();
-    routes.insert(
-        FORMS_SERVICE.to_owned(),
-        Route {
-            addresses: std::iter::once(forms_addr.to_string())
-                .chain(options.forms_replicas.iter().cloned())
-                .collect(),
-            component: dev::FORMS.to_owned(),
-        },
-    );
-    for (service, route) in &options.extra_routes {
-        routes.insert(service.clone(), route.clone());
-    }
     let gateway = GatewayConfig {
-        server: server_config(&options, gateway_addr, dev::GATEWAY),
+        server: options.server_config(gateway_addr, GATEWAY),
         upstream: UpstreamConfig {
-            tls: TlsFiles::in_pki_dir(&pki_dir, dev::GATEWAY),
+            tls: TlsFiles::in_pki_dir(&pki_dir, GATEWAY),
             server_name: "localhost".into(),
             connections_per_address: 4,
             resolve_interval_ms: 30_000,
@@ -201,8 +236,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     }
     Ok(Federation {
         gateway: gateway_addr,
-        forms: forms_addr,
-        forms_database,
+        services: addresses,
         pki_dir,
         shutdown,
         servers,

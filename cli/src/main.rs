@@ -15,8 +15,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use onestop_cli::federation::{self, Options};
 use onestop_cli::pki::{self, Subject};
+use onestop_cli::services;
 use onestop_platform::config::{self, TelemetryConfig, default_trust_domain};
-use onestop_platform::pki::dev;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -46,8 +46,8 @@ enum Command {
     /// Run one service from a configuration file (ONESTOP__<SECTION>__<KEY> variables override,
     /// `__` between levels: ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS).
     Serve {
-        /// `forms` or `gateway`.
-        service: Service,
+        /// `gateway`, or a service: `forms`.
+        service: String,
         /// The TOML configuration file.
         #[arg(long)]
         config: PathBuf,
@@ -57,12 +57,6 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Service {
-    Forms,
-    Gateway,
 }
 
 #[derive(Subcommand)]
@@ -189,10 +183,15 @@ async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
     let fed = federation::start(Options::new(&data_dir, listen)).await?;
     let pki = fed.pki_dir.display().to_string();
     let port = fed.gateway.port();
+    let internal: String = fed
+        .services
+        .iter()
+        .map(|(name, address)| format!("{:<9}{address} (internal)\n", format!("{name}:")))
+        .collect();
     say(&format!(
         "onestop is up.\n\
          gateway: {gateway} (mutual TLS; CA {pki}/ca.pem)\n\
-         forms:   {forms} (internal)\n\
+         {internal}\
          data:    {data}\n\n\
          Validate an application through the gateway as the demo institution ({member}):\n\n\
          buf curl --protocol grpc --cacert {pki}/ca.pem \\\n  \
@@ -201,10 +200,9 @@ async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
            https://localhost:{port}/onestop.forms.v1.FormsService/ValidateFormData\n\n\
          Stop with Ctrl-C (or SIGTERM).",
         gateway = fed.gateway,
-        forms = fed.forms,
         data = data_dir.display(),
-        member = dev::DEMO_INSTITUTION_MEMBER,
-        cert = dev::DEMO_INSTITUTION,
+        member = federation::DEMO_INSTITUTION_MEMBER,
+        cert = federation::DEMO_INSTITUTION,
     ));
     cancel_on_signal(fed.shutdown.clone());
     let result = fed.wait().await;
@@ -214,36 +212,37 @@ async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(service: Service, path: PathBuf) -> anyhow::Result<()> {
+async fn serve(name: String, path: PathBuf) -> anyhow::Result<()> {
     let env: HashMap<String, String> = config::process_env();
-    match service {
-        Service::Forms => {
-            let config: onestop_forms::FormsConfig = config::load(Some(&path), &env)?;
-            let (telemetry, listen) = (&config.telemetry, config.server.listen);
-            run_server(
-                "onestop-forms",
-                telemetry,
-                listen,
-                |listener, shutdown| async {
-                    Ok(onestop_forms::serve(&config, listener, shutdown).await?)
-                },
-            )
-            .await
-        }
-        Service::Gateway => {
-            let config: onestop_gateway::GatewayConfig = config::load(Some(&path), &env)?;
-            let (telemetry, listen) = (&config.telemetry, config.server.listen);
-            run_server(
-                "onestop-gateway",
-                telemetry,
-                listen,
-                |listener, shutdown| async {
-                    Ok(onestop_gateway::serve(&config, listener, shutdown).await?)
-                },
-            )
-            .await
-        }
+    if name == federation::GATEWAY {
+        let config: onestop_gateway::GatewayConfig = config::load(Some(&path), &env)?;
+        let (telemetry, listen) = (&config.telemetry, config.server.listen);
+        return run_server(
+            "onestop-gateway",
+            telemetry,
+            listen,
+            |listener, shutdown| async {
+                Ok(onestop_gateway::serve(&config, listener, shutdown).await?)
+            },
+        )
+        .await;
     }
+    let Some(service) = services::find(&name) else {
+        let known: Vec<&str> = services::all().iter().map(|service| service.name).collect();
+        anyhow::bail!(
+            "no service `{name}`: `gateway` or one of {}",
+            known.join(", ")
+        );
+    };
+    let prepared = (service.from_file)(&path, &env)?;
+    let (telemetry, listen) = (prepared.telemetry.clone(), prepared.listen);
+    run_server(
+        &format!("onestop-{name}"),
+        &telemetry,
+        listen,
+        |listener, shutdown| async move { prepared.start(listener, shutdown).await?.await },
+    )
+    .await
 }
 
 /// Runs one server: telemetry, the bound listener, the signal that stops it, and the flush of

@@ -1,20 +1,13 @@
-//! The test-only echo service, served like any platform service (mutual TLS, caller
-//! authentication), so that every kind of call can be sent through the gateway.
+//! The test-only echo service, registered and served like any platform service (mutual TLS,
+//! caller authentication), so that every kind of call can be sent through the gateway.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::Stream;
+use onestop_cli::services::{Prepared, Service, Serving};
 use onestop_platform::caller::Caller;
-use onestop_platform::config::{ServerConfig, default_trust_domain};
-use onestop_platform::identity::SpiffeId;
-use onestop_platform::pki::{Ca, IssueRequest};
-use onestop_platform::tls::TlsFiles;
-use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The generated code of `onestop.testing.v1`.
@@ -112,27 +105,45 @@ impl EchoService for Echo {
     }
 }
 
-/// Issues the echo service's certificate into the PKI directory and serves it on a free port.
-pub async fn start(pki_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
-    let trust_domain = default_trust_domain();
-    let ca = Ca::load(pki_dir)?;
-    let identity = SpiffeId::platform(&trust_domain, "echo");
-    ca.issue(
-        &IssueRequest::new("echo", Some(identity), Duration::from_secs(86_400)).serving_localhost(),
-    )?
-    .save(pki_dir, "echo")?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let mut config = ServerConfig::new(address, TlsFiles::in_pki_dir(pki_dir, "echo"));
-    config.drain_timeout_ms = Duration::from_secs(5);
-    let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(EchoServiceServer::new(Echo));
-    tokio::spawn(async move {
-        if let Err(error) =
-            onestop_platform::server::serve(&config, routes, &[SERVICE], listener, shutdown).await
-        {
-            tracing::error!(%error, "echo service failed");
-        }
-    });
-    Ok(address)
-}
+/// The echo service, registered like any platform service: the test federation runs it, routes
+/// it and issues its certificate through this registration alone.
+pub const REGISTRATION: Service = Service {
+    name: "echo",
+    grpc_services: &[SERVICE],
+    default_policy: r#"# The test echo service, for two members.
+[[allow]]
+member = "GOV/VSAA"
+methods = ["onestop.testing.v1.EchoService/*"]
+
+[[allow]]
+member = "GOV/NVA"
+methods = ["onestop.testing.v1.EchoService/*"]
+"#,
+    from_file: |_, _| anyhow::bail!("the echo service runs in tests only"),
+    local: |local| {
+        let mut config = local.server;
+        config.drain_timeout_ms = Duration::from_secs(5);
+        Prepared::new(
+            config.listen,
+            Default::default(),
+            move |listener, shutdown| {
+                Box::pin(async move {
+                    let mut routes = tonic::service::RoutesBuilder::default();
+                    routes.add_service(EchoServiceServer::new(Echo));
+                    let serving: Serving = Box::pin(async move {
+                        onestop_platform::server::serve(
+                            &config,
+                            routes,
+                            &[SERVICE],
+                            listener,
+                            shutdown,
+                        )
+                        .await?;
+                        Ok(())
+                    });
+                    Ok(serving)
+                })
+            },
+        )
+    },
+};

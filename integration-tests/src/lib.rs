@@ -43,7 +43,6 @@ pub struct TestFederation {
     pub pki: PathBuf,
     /// The forms service's database.
     pub forms_database: String,
-    echo_shutdown: tokio_util::sync::CancellationToken,
     _nowhere: tokio::net::TcpSocket,
     _postgres: Option<pg::Postgres>,
     _dir: tempfile::TempDir,
@@ -69,22 +68,12 @@ impl TestFederation {
                     .expect("a throwaway PostgreSQL"),
             ),
         };
-        // The echo service needs the PKI before the gateway routes to it.
-        let pki = dir.path().join("pki");
-        onestop_platform::pki::dev::ensure(&pki, "onestop.lv").expect("development PKI");
-        let echo_shutdown = tokio_util::sync::CancellationToken::new();
-        let echo = echo::start(&pki, echo_shutdown.clone())
-            .await
-            .expect("echo service");
         let mut options = Options::new(dir.path(), "127.0.0.1:0".parse().expect("address"));
-        options.forms_database = postgres.as_ref().map(|pg| pg.url.clone());
-        options.extra_routes.push((
-            echo::SERVICE.to_owned(),
-            Route {
-                addresses: vec![echo.to_string()],
-                component: "echo".into(),
-            },
-        ));
+        // The echo service joins through its registration, like any service.
+        options.services.push(echo::REGISTRATION);
+        if let Some(pg) = &postgres {
+            options.databases.insert("forms".into(), pg.url.clone());
+        }
         // A route to a port held but never listened on, to see an upstream that is down.
         let nowhere = tokio::net::TcpSocket::new_v4().expect("socket");
         nowhere
@@ -98,26 +87,24 @@ impl TestFederation {
             },
         ));
         adjust(&mut options);
-        // The test services are callable by the demo institution.
-        let policy = federation::ensure_policy(dir.path()).expect("policy");
+        // The demo institution may call every test service.
+        let policy = federation::ensure_policy(dir.path(), &options.services).expect("policy");
         let mut text = std::fs::read_to_string(&policy).expect("policy");
-        text.push_str(&format!(
-            "\n[[allow]]\nmember = \"GOV/VSAA\"\nmethods = [\"{}/*\", \"{UNREACHABLE_SERVICE}/*\"]\n\n\
-             [[allow]]\nmember = \"GOV/NVA\"\nmethods = [\"onestop.forms.v1.FormsService/*\", \"{}/*\"]\n",
-            echo::SERVICE,
-            echo::SERVICE
-        ));
+        text.push_str(
+            "\n[[allow]]\nmember = \"GOV/VSAA\"\nmethods = [\"onestop.testing.v1.*\"]\n\n\
+             [[allow]]\nmember = \"GOV/NVA\"\nmethods = [\"onestop.forms.v1.FormsService/*\"]\n",
+        );
         std::fs::write(&policy, text).expect("policy");
+        let forms_database = options.database("forms");
         let fed = federation::start(options).await.expect("federation starts");
         Self {
             gateway: fed.gateway,
-            forms: fed.forms,
-            echo,
-            pki,
-            forms_database: fed.forms_database.clone(),
+            forms: fed.services["forms"],
+            echo: fed.services["echo"],
+            pki: fed.pki_dir.clone(),
+            forms_database,
             fed: Some(fed),
             _nowhere: nowhere,
-            echo_shutdown,
             _postgres: postgres,
             _dir: dir,
         }
@@ -136,7 +123,7 @@ impl TestFederation {
         let config = onestop_forms::FormsConfig {
             server: onestop_platform::config::ServerConfig::new(
                 address,
-                TlsFiles::in_pki_dir(&self.pki, onestop_platform::pki::dev::FORMS),
+                TlsFiles::in_pki_dir(&self.pki, "forms"),
             ),
             database: onestop_platform::config::DatabaseConfig {
                 url: self.forms_database.clone(),
@@ -187,7 +174,6 @@ impl TestFederation {
 
     /// Stops every server and checks that they stopped cleanly.
     pub async fn stop(mut self) {
-        self.echo_shutdown.cancel();
         if let Some(fed) = self.fed.take() {
             fed.stop().await.expect("the federation stops cleanly");
         }
@@ -196,7 +182,6 @@ impl TestFederation {
 
 impl Drop for TestFederation {
     fn drop(&mut self) {
-        self.echo_shutdown.cancel();
         if let Some(fed) = &self.fed {
             fed.shutdown.cancel();
         }

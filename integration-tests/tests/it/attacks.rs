@@ -478,20 +478,33 @@ async fn what_callers_send_is_echoed_in_bounds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_forwards_only_to_the_component_a_route_names() {
-    // The echo route claims to be served by the forms component; the echo service's
+    // A route claims the forms component, but its address leads to the echo service (through a
+    // relay, since the echo service's port is known only once it runs); the echo service's
     // certificate says otherwise, so nothing is sent to it.
+    let relay = onestop_integration_tests::relay::Relay::bind()
+        .await
+        .unwrap();
+    let impostor = "onestop.testing.v1.ImpostorService";
+    let address = relay.address.to_string();
     let fed = TestFederation::start_with(Backend::Sqlite, |options| {
-        for (service, route) in &mut options.extra_routes {
-            if service == echo::SERVICE {
-                route.component = "forms".into();
-            }
-        }
+        options.extra_routes.push((
+            impostor.to_owned(),
+            onestop_gateway::Route {
+                addresses: vec![address],
+                component: "forms".into(),
+            },
+        ));
     })
     .await;
-    let mut echo = EchoServiceClient::new(fed.gateway_client(VICTIM_ECHO));
-    let status = echo.unary(EchoRequest::default()).await.unwrap_err();
+    relay.point_to(fed.echo);
+    let status = crate::refusal_of_path(
+        fed.gateway_client(VICTIM_ECHO),
+        &format!("/{impostor}/Unary"),
+    )
+    .await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(crate::reason(&status), "UPSTREAM_UNAVAILABLE");
+    assert!(relay.relayed() > 0, "the gateway did try the address");
     // The route whose certificate matches still works.
     let mut forms = FormsServiceClient::new(fed.gateway_client(VICTIM));
     forms

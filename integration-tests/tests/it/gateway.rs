@@ -458,7 +458,7 @@ async fn calls_continue_when_a_replica_dies(backend: Backend) {
     let relay = Relay::bind().await.unwrap();
     let address = relay.address.to_string();
     let fed = TestFederation::start_with(backend, |options| {
-        options.forms_replicas.push(address);
+        options.replicas.push(("forms".into(), address));
     })
     .await;
     let replica = tokio_util::sync::CancellationToken::new();
@@ -553,5 +553,31 @@ async fn transport_errors_come_in_the_platform_shape() {
     .await;
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert_eq!(crate::reason(&status), "UNKNOWN_METHOD");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_joins_through_its_registration_alone() {
+    // The echo service is not named anywhere but in its registration, which the test adds to
+    // the federation's services: it gets a certificate, a route, access rights and health.
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    let pem = std::fs::read_to_string(fed.pki.join("echo.pem")).unwrap();
+    let summary = onestop_platform::pki::summarize(&pem).unwrap();
+    assert_eq!(summary.uris, ["spiffe://onestop.lv/platform/echo"]);
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(INSTITUTION),
+        onestop_integration_tests::echo::SERVICE,
+    )
+    .await;
+    let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
+    let answer = echo
+        .unary(EchoRequest {
+            text: "registered".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("routed and allowed by its registration")
+        .into_inner();
+    assert_eq!(answer.text, "registered");
     fed.stop().await;
 }

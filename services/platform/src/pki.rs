@@ -370,7 +370,8 @@ fn write_file(path: &Path, content: &str, secret: bool) -> Result<(), PkiError> 
         .map_err(io)
 }
 
-/// The file names of a development federation's certificates in its PKI directory.
+/// A development PKI: the CA and the certificates a one-machine federation needs. Which
+/// components and members those are is the caller's to say.
 pub mod dev {
     use std::path::Path;
     use std::time::Duration;
@@ -378,22 +379,16 @@ pub mod dev {
     use super::{Ca, IssueRequest, PkiError};
     use crate::identity::{Member, SpiffeId};
 
-    /// The gateway: server certificate towards members, client certificate towards services.
-    pub const GATEWAY: &str = "gateway";
-    /// The e-forms service.
-    pub const FORMS: &str = "forms";
-    /// A demo institution's system: the State Social Insurance Agency's pensions subsystem.
-    pub const DEMO_INSTITUTION: &str = "demo-institution";
-    /// A demo service centre's system.
-    pub const DEMO_CENTRE: &str = "demo-centre";
-    /// The member id of the demo institution.
-    pub const DEMO_INSTITUTION_MEMBER: &str = "GOV/VSAA/pensions";
-    /// The member id of the demo centre.
-    pub const DEMO_CENTRE_MEMBER: &str = "MUN/GULBENE/kac";
-
-    /// Makes the development CA (unless the directory has one) and every certificate a
-    /// one-machine federation needs that is missing. Returns whether anything was made.
-    pub fn ensure(dir: &Path, trust_domain: &str) -> Result<bool, PkiError> {
+    /// Makes the development CA and its (empty) revocation list unless the directory has them,
+    /// and every certificate that is missing: one per platform component (`<name>.pem`, identity
+    /// `spiffe://<domain>/platform/<name>`, serving localhost), and one per member system
+    /// (`(file name, CLASS/CODE/SUBSYSTEM)`). Returns whether anything was made.
+    pub fn ensure(
+        dir: &Path,
+        trust_domain: &str,
+        components: &[&str],
+        members: &[(&str, &str)],
+    ) -> Result<bool, PkiError> {
         let ca = if dir.join("ca.pem").exists() {
             Ca::load(dir)?
         } else {
@@ -415,17 +410,14 @@ pub mod dev {
             }
             Ok(())
         };
-        for component in [GATEWAY, FORMS] {
+        for component in components {
             let identity = SpiffeId::platform(trust_domain, component);
             issue(
                 component,
                 IssueRequest::new(component, Some(identity), year).serving_localhost(),
             )?;
         }
-        for (name, member) in [
-            (DEMO_INSTITUTION, DEMO_INSTITUTION_MEMBER),
-            (DEMO_CENTRE, DEMO_CENTRE_MEMBER),
-        ] {
+        for (name, member) in members {
             let member = Member::parse(member).map_err(|e| PkiError::Invalid(e.to_string()))?;
             let identity = SpiffeId::member(trust_domain, member);
             issue(name, IssueRequest::new(name, Some(identity), year))?;
