@@ -277,6 +277,7 @@ pub async fn serve(
         max_header_bytes: limits.max_header_list_bytes as usize,
         tls: tls.clone(),
         local: local.routes(),
+        shutdown: shutdown.clone(),
     });
     forget_idle_members(gateway.clone(), shutdown.clone());
 

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use onestop_platform::caller::CALLER_HEADER;
 use onestop_platform::identity::{Member, Principal};
 use onestop_platform::status::{self as platform_status, echo};
+use onestop_platform::streams::UntilShutdown;
 use onestop_platform::telemetry::{self, TRACE_ID_HEADER};
 use onestop_platform::tls::{PeerCert, PeerIdentity, ServerTls};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -68,6 +69,8 @@ pub struct Gateway {
     pub tls: Arc<ServerTls>,
     /// Health and reflection, answered locally.
     pub local: Routes,
+    /// Cancelled on shutdown: streams still open end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Who is on the other end of one connection, worked out once when it is accepted.
@@ -173,7 +176,13 @@ impl Gateway {
         // Boxed: the routing future is large, and hyper moves the call's future into place.
         let (response, permit) =
             Box::pin(self.route(&caller, &method, request).instrument(span)).await;
-        let mut response = response.map(|body| Body::new(Guarded::new(body, call, permit)));
+        let shutdown = self.shutdown.clone();
+        let mut response = response.map(|body| {
+            Body::new(UntilShutdown::new(
+                Guarded::new(body, call, permit),
+                shutdown,
+            ))
+        });
         if let Some(trace_id) = trace_id {
             response.headers_mut().insert(TRACE_ID_HEADER, trace_id);
         }

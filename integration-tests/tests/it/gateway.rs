@@ -581,3 +581,50 @@ async fn a_service_joins_through_its_registration_alone() {
     assert_eq!(answer.text, "registered");
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_end_promptly_on_shutdown() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let fed = TestFederation::start(Backend::Sqlite).await;
+    // A watch on the service itself and one through the gateway, both with a first answer.
+    let mut direct = HealthClient::new(fed.forms_client("gateway"))
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    direct.message().await.unwrap().expect("a first status");
+    let mut through = HealthClient::new(fed.gateway_client(CENTRE))
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    through.message().await.unwrap().expect("a first status");
+
+    // The drain allows 10 s; open streams must not take it.
+    let started = std::time::Instant::now();
+    fed.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    for stream in [&mut direct, &mut through] {
+        let ended = async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(status) => return Some(status.code()),
+                }
+            }
+        };
+        let code = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the stream ended");
+        assert!(
+            matches!(
+                code,
+                None | Some(Code::Unavailable | Code::Unknown | Code::Cancelled)
+            ),
+            "{code:?}"
+        );
+    }
+}

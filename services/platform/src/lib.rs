@@ -4,7 +4,7 @@
 //!
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
 //! (certificates, rustls) → [`accept`] (admitting connections) → [`caller`] (who calls a service) → [`server`]
-//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`db`], [`paging`] and [`status`] beside them.
+//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`db`], [`paging`], [`status`] and [`streams`] beside them.
 
 pub mod accept;
 pub mod caller;
@@ -16,6 +16,7 @@ pub mod paging;
 pub mod pki;
 pub mod server;
 pub mod status;
+pub mod streams;
 pub mod telemetry;
 pub mod tls;
 

@@ -11,6 +11,7 @@ use crate::caller::AuthenticateLayer;
 use crate::config::ServerConfig;
 use crate::identity::SpiffeId;
 use crate::status::ShapeErrorsLayer;
+use crate::streams::UntilShutdownLayer;
 use crate::telemetry::TraceLayer;
 use crate::tls::{self, ClientAuth, ServerTls};
 
@@ -121,6 +122,8 @@ pub async fn serve(
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
         // Every call in its own span, a child of the caller's trace; the trace id goes back.
         .layer(TraceLayer)
+        // On shutdown, streams still open (a health watch, an inbox) end at once.
+        .layer(UntilShutdownLayer::new(shutdown.clone()))
         // What the transport answers on its own (a message that does not decode, no such
         // method, overload) in the same shape as the services' errors.
         .layer(ShapeErrorsLayer)
