@@ -56,6 +56,8 @@ pub struct Options {
     pub streams: (usize, usize),
     /// How often every server re-reads the revocation list.
     pub reload_interval: std::time::Duration,
+    /// Where to serve the process's metrics, liveness and readiness, if anywhere.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Options {
@@ -73,6 +75,7 @@ impl Options {
             member_in_flight: 256,
             streams: (1024, 32),
             reload_interval: std::time::Duration::from_secs(10),
+            admin: None,
         }
     }
 
@@ -106,6 +109,8 @@ pub struct Federation {
     pub services: BTreeMap<&'static str, SocketAddr>,
     /// The PKI directory.
     pub pki_dir: PathBuf,
+    /// The admin listener's address, if there is one.
+    pub admin: Option<SocketAddr>,
     /// Cancel to stop everything.
     pub shutdown: CancellationToken,
     servers: JoinSet<(&'static str, anyhow::Result<()>)>,
@@ -157,6 +162,21 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     let policy = ensure_policy(&options.data_dir, &options.services)?;
     let shutdown = CancellationToken::new();
     let mut servers = JoinSet::new();
+    // One admin listener for the process: every server in it reports into the same registry.
+    let admin = match options.admin {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding the admin listener to {address}"))?;
+            let bound = listener.local_addr()?;
+            tokio::spawn(onestop_platform::metrics::serve_admin(
+                listener,
+                shutdown.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
 
     let mut routes = BTreeMap::new();
     let mut addresses = BTreeMap::new();
@@ -226,6 +246,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             max_connections_per_member: 64,
         },
         telemetry: TelemetryConfig::default(),
+        admin: Default::default(),
     };
     {
         let shutdown = shutdown.clone();
@@ -238,6 +259,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         gateway: gateway_addr,
         services: addresses,
         pki_dir,
+        admin,
         shutdown,
         servers,
     })

@@ -42,6 +42,18 @@ enum Command {
         /// The gateway's address.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
+        /// Serve metrics, liveness and readiness (`/metrics`, `/healthz`, `/readyz`) here.
+        #[arg(long, env = "ONESTOP__ADMIN__LISTEN")]
+        admin: Option<SocketAddr>,
+        /// Export traces over OTLP/gRPC to this collector, such as `http://127.0.0.1:4317`.
+        #[arg(long, env = "ONESTOP__TELEMETRY__OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
+        /// Which logs to write, such as `info,onestop_gateway=debug` (`RUST_LOG` wins).
+        #[arg(long, env = "ONESTOP__TELEMETRY__LOG_FILTER")]
+        log_filter: Option<String>,
+        /// Write logs as JSON lines.
+        #[arg(long, env = "ONESTOP__TELEMETRY__LOG_JSON")]
+        log_json: bool,
     },
     /// Run one service from a configuration file (ONESTOP__<SECTION>__<KEY> variables override,
     /// `__` between levels: ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS).
@@ -158,7 +170,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             say(out.trim_end());
             Ok(())
         }
-        Command::Up { data_dir, listen } => runtime()?.block_on(up(data_dir, listen)),
+        Command::Up {
+            data_dir,
+            listen,
+            admin,
+            otlp_endpoint,
+            log_filter,
+            log_json,
+        } => {
+            let telemetry = TelemetryConfig {
+                otlp_endpoint,
+                log_filter,
+                log_json,
+            };
+            runtime()?.block_on(up(data_dir, listen, admin, telemetry))
+        }
         Command::Serve { service, config } => runtime()?.block_on(serve(service, config)),
     }
 }
@@ -178,9 +204,16 @@ fn cancel_on_signal(shutdown: CancellationToken) {
     });
 }
 
-async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
-    let telemetry = onestop_platform::telemetry::init(&TelemetryConfig::default(), "onestop")?;
-    let fed = federation::start(Options::new(&data_dir, listen)).await?;
+async fn up(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    telemetry: TelemetryConfig,
+) -> anyhow::Result<()> {
+    let telemetry = onestop_platform::telemetry::init(&telemetry, "onestop")?;
+    let mut options = Options::new(&data_dir, listen);
+    options.admin = admin;
+    let fed = federation::start(options).await?;
     let pki = fed.pki_dir.display().to_string();
     let port = fed.gateway.port();
     let internal: String = fed
@@ -191,7 +224,7 @@ async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
     say(&format!(
         "onestop is up.\n\
          gateway: {gateway} (mutual TLS; CA {pki}/ca.pem)\n\
-         {internal}\
+         {internal}{admin}\
          data:    {data}\n\n\
          Validate an application through the gateway as the demo institution ({member}):\n\n\
          buf curl --protocol grpc --cacert {pki}/ca.pem \\\n  \
@@ -200,6 +233,10 @@ async fn up(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
            https://localhost:{port}/onestop.forms.v1.FormsService/ValidateFormData\n\n\
          Stop with Ctrl-C (or SIGTERM).",
         gateway = fed.gateway,
+        admin = fed
+            .admin
+            .map(|address| format!("admin:   http://{address}/metrics, /healthz, /readyz\n"))
+            .unwrap_or_default(),
         data = data_dir.display(),
         member = federation::DEMO_INSTITUTION_MEMBER,
         cert = federation::DEMO_INSTITUTION,
@@ -221,6 +258,7 @@ async fn serve(name: String, path: PathBuf) -> anyhow::Result<()> {
             "onestop-gateway",
             telemetry,
             listen,
+            config.admin.listen,
             |listener, shutdown| async {
                 Ok(onestop_gateway::serve(&config, listener, shutdown).await?)
             },
@@ -235,11 +273,12 @@ async fn serve(name: String, path: PathBuf) -> anyhow::Result<()> {
         );
     };
     let prepared = (service.from_file)(&path, &env)?;
-    let (telemetry, listen) = (prepared.telemetry.clone(), prepared.listen);
+    let (telemetry, listen, admin) = (prepared.telemetry.clone(), prepared.listen, prepared.admin);
     run_server(
         &format!("onestop-{name}"),
         &telemetry,
         listen,
+        admin,
         |listener, shutdown| async move { prepared.start(listener, shutdown).await?.await },
     )
     .await
@@ -251,6 +290,7 @@ async fn run_server<F, Fut>(
     name: &str,
     telemetry: &TelemetryConfig,
     listen: SocketAddr,
+    admin: Option<SocketAddr>,
     serve: F,
 ) -> anyhow::Result<()>
 where
@@ -270,6 +310,15 @@ where
         .with_context(|| format!("binding {listen}"))?;
     tracing::info!(address = %listen, "{name} listening");
     let shutdown = CancellationToken::new();
+    if let Some(admin) = admin {
+        let listener = TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("binding the admin listener to {admin}"))?;
+        tokio::spawn(onestop_platform::metrics::serve_admin(
+            listener,
+            shutdown.clone(),
+        ));
+    }
     cancel_on_signal(shutdown.clone());
     let result = serve(listener, shutdown).await;
     telemetry.shutdown();

@@ -39,6 +39,8 @@ pub struct Prepared {
     pub listen: SocketAddr,
     /// Its logs and traces.
     pub telemetry: TelemetryConfig,
+    /// Where its admin listener (metrics, liveness, readiness) listens, if anywhere.
+    pub admin: Option<SocketAddr>,
     start: Box<dyn FnOnce(TcpListener, CancellationToken) -> Starting + Send>,
 }
 
@@ -52,8 +54,15 @@ impl Prepared {
         Self {
             listen,
             telemetry,
+            admin: None,
             start: Box::new(start),
         }
+    }
+
+    /// With an admin listener on `admin`.
+    pub fn with_admin(mut self, admin: Option<SocketAddr>) -> Self {
+        self.admin = admin;
+        self
     }
 
     /// Opens what the service needs and returns it ready to serve on `listener`.
@@ -122,12 +131,14 @@ methods = [
             server: local.server,
             database: local.database,
             telemetry: TelemetryConfig::default(),
+            admin: Default::default(),
             forms: FormsSettings::default(),
         })
     },
 };
 
 fn forms(config: FormsConfig) -> Prepared {
+    let admin = config.admin.listen;
     Prepared::new(
         config.server.listen,
         config.telemetry.clone(),
@@ -144,4 +155,5 @@ fn forms(config: FormsConfig) -> Prepared {
             })
         },
     )
+    .with_admin(admin)
 }

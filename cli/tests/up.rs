@@ -41,7 +41,7 @@ impl Running {
     }
 }
 
-/// Keeps reading a process's output into a shared list.
+/// Keeps reading a process's standard output into a shared list.
 fn keep_reading(
     mut lines: Lines<BufReader<ChildStdout>>,
 ) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
@@ -82,6 +82,7 @@ async fn up_with_open_files(data: &Path, open_files: Option<u32>) -> Running {
         .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("onestop starts");
@@ -126,6 +127,17 @@ async fn up_with_open_files(data: &Path, open_files: Option<u32>) -> Running {
     .await
     .expect("forms is serving through the gateway");
     let (output, reader) = keep_reading(lines);
+    // The logs, on standard error, into the same list.
+    let errors = BufReader::new(child.stderr.take().unwrap()).lines();
+    {
+        let output = output.clone();
+        tokio::spawn(async move {
+            let mut errors = errors;
+            while let Ok(Some(line)) = errors.next_line().await {
+                output.lock().unwrap().push(line);
+            }
+        });
+    }
     Running {
         child,
         output,

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use http::HeaderValue;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::{Bytes, Incoming};
+use onestop_platform::metrics::CallRecord;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
@@ -81,21 +83,55 @@ impl Drop for CallGuard {
 }
 
 /// A response body that holds the call's places (in the connection's activity and in the
-/// member's and the gateway's budgets) until the call has finished.
+/// member's and the gateway's budgets) until the call has finished, notes its status from the
+/// trailers, and when it ends counts it and writes the call's one log line.
 pub struct Guarded<B> {
     body: B,
     _call: CallGuard,
     _permit: Option<BudgetPermit>,
+    record: CallRecord,
+    member: Arc<str>,
+    trace_id: Option<HeaderValue>,
 }
 
 impl<B> Guarded<B> {
     /// Wraps `body`, holding `call` and `permit` for as long as it lives.
-    pub fn new(body: B, call: CallGuard, permit: Option<BudgetPermit>) -> Self {
+    pub fn new(
+        body: B,
+        call: CallGuard,
+        permit: Option<BudgetPermit>,
+        record: CallRecord,
+        member: Arc<str>,
+        trace_id: Option<HeaderValue>,
+    ) -> Self {
         Self {
             body,
             _call: call,
             _permit: permit,
+            record,
+            member,
+            trace_id,
         }
+    }
+}
+
+impl<B> Drop for Guarded<B> {
+    fn drop(&mut self) {
+        let (service, method, code, took) = self.record.describe();
+        let trace_id = self
+            .trace_id
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            target: "onestop_gateway::call",
+            member = %self.member,
+            method = %format_args!("{service}/{method}"),
+            status = code,
+            duration_ms = took.as_secs_f64() * 1000.0,
+            trace_id,
+            "call"
+        );
     }
 }
 
@@ -107,7 +143,14 @@ impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(trailers) = frame.trailers_ref()
+        {
+            this.record.code_from(trailers);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -241,6 +284,12 @@ impl HttpBody for Metered {
                     match this.rates.check(&this.institution) {
                         Ok(()) => this.owed -= 1,
                         Err(wait) => {
+                            crate::metrics::gateway()
+                                .delayed_messages
+                                .get_or_create(&crate::metrics::Member {
+                                    member: this.institution.to_string(),
+                                })
+                                .inc();
                             this.wait = Some(Box::pin(tokio::time::sleep(wait)));
                             break;
                         }

@@ -11,6 +11,7 @@
 pub mod body;
 pub mod connection;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod upstream;
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onestop_platform::accept::{self, AcceptLimits};
-use onestop_platform::config::{ServerConfig, TelemetryConfig};
+use onestop_platform::config::{AdminConfig, ServerConfig, TelemetryConfig};
 use onestop_platform::identity::SpiffeId;
 use onestop_platform::tls::{self, ClientAuth, ServerTls, TlsFiles, TlsMaterial};
 use prost::Message;
@@ -53,6 +54,9 @@ pub struct GatewayConfig {
     /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Metrics, liveness and readiness.
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// One route: where a gRPC service runs, and who must answer there.
@@ -290,6 +294,8 @@ pub async fn serve(
         accepting.clone(),
     );
     let connections = Connections::new(&limits);
+    let ready = onestop_platform::metrics::Readiness::process().part("gateway");
+    ready.store(true, std::sync::atomic::Ordering::Release);
     let mut running = JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -305,6 +311,7 @@ pub async fn serve(
         running.spawn(connections.serve(gateway.clone(), stream, shutdown.clone()));
     }
     accepting.cancel();
+    ready.store(false, std::sync::atomic::Ordering::Release);
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;

@@ -81,6 +81,8 @@ pub struct Caller {
 
 struct Admitted {
     member: Member,
+    /// The member system, for logs.
+    name: Arc<str>,
     /// The member institution, the key of its rate.
     institution: Arc<str>,
     /// The verified identity, as the `x-onestop-caller` value services receive.
@@ -97,6 +99,23 @@ impl Caller {
     /// connection place); a connection that may not is closed after its first refusal.
     pub fn is_admitted(&self) -> bool {
         self.admitted.is_ok()
+    }
+
+    /// The member institution for metrics (`CLASS/CODE`, a bounded set), `none` for a peer
+    /// that names none.
+    pub fn label(&self) -> Arc<str> {
+        match &self.admitted {
+            Ok(admitted) => admitted.institution.clone(),
+            Err(_) => Arc::from("none"),
+        }
+    }
+
+    /// The member system for logs (`CLASS/CODE/SUBSYSTEM`), `none` for a peer that names none.
+    pub fn name(&self) -> Arc<str> {
+        match &self.admitted {
+            Ok(admitted) => admitted.name.clone(),
+            Err(_) => Arc::from("none"),
+        }
     }
 
     /// The connection's certificate.
@@ -135,6 +154,7 @@ impl Caller {
                     )
                 })?;
             Ok(Admitted {
+                name: member.to_string().into(),
                 calls: gateway.calls.of(&institution),
                 streams: gateway.streams.of(&institution),
                 institution,
@@ -171,22 +191,39 @@ impl Gateway {
         let call = activity.begin();
         let path = request.uri().path();
         let method = echo(path.trim_start_matches('/')).into_owned();
+        let mut record = crate::metrics::gateway().calls.start(path);
+        let known = self.knows(path);
         let span = telemetry::server_span(request.headers(), &method);
         let trace_id = telemetry::trace_id_header(&span);
         // Boxed: the routing future is large, and hyper moves the call's future into place.
         let (response, permit) =
             Box::pin(self.route(&caller, &method, request).instrument(span)).await;
+        record.code_from(response.headers());
+        if !known {
+            // The caller's own words: not a label.
+            record.unknown_method();
+        }
+        let member = caller.name();
         let shutdown = self.shutdown.clone();
+        let trace = trace_id.clone();
         let mut response = response.map(|body| {
-            Body::new(UntilShutdown::new(
-                Guarded::new(body, call, permit),
-                shutdown,
-            ))
+            let guarded = Guarded::new(body, call, permit, record, member, trace);
+            Body::new(UntilShutdown::new(guarded, shutdown))
         });
         if let Some(trace_id) = trace_id {
             response.headers_mut().insert(TRACE_ID_HEADER, trace_id);
         }
         response
+    }
+
+    /// Whether a path names a service the gateway serves or routes (so that it may be a label).
+    fn knows(&self, path: &str) -> bool {
+        let service = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .map_or("", |(service, _)| service);
+        path.len() <= MAX_PATH
+            && (LOCAL_SERVICES.contains(&service) || self.upstreams.contains_key(service))
     }
 
     async fn route(
@@ -195,7 +232,16 @@ impl Gateway {
         method: &str,
         mut request: Request<Incoming>,
     ) -> (Response<Body>, Option<limits::BudgetPermit>) {
-        let refused = |code, reason, message| (refuse(code, reason, message), None);
+        let refused = |code, reason: &str, message| {
+            crate::metrics::gateway()
+                .refusals
+                .get_or_create(&crate::metrics::Refusal {
+                    reason: reason.to_owned(),
+                    member: caller.label().to_string(),
+                })
+                .inc();
+            (refuse(code, reason, message), None)
+        };
         // 1. Who is calling: a member named by a valid certificate of this trust domain, that
         //    is still valid and not revoked (a session outlives neither).
         let admitted = match &caller.admitted {

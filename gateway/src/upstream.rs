@@ -366,10 +366,17 @@ impl Upstream {
             .await
             .map_err(std::io::Error::other)?;
         let service = self.service.clone();
+        let open = crate::metrics::gateway()
+            .upstream_connections
+            .get_or_create_owned(&crate::metrics::Upstream {
+                service: service.clone(),
+            });
+        open.inc();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::info!(%service, %address, %error, "upstream connection closed");
             }
+            open.dec();
         });
         Ok(sender)
     }

@@ -43,6 +43,8 @@ pub struct TestFederation {
     pub pki: PathBuf,
     /// The forms service's database.
     pub forms_database: String,
+    /// The admin listener, when the test asked for one.
+    pub admin: Option<std::net::SocketAddr>,
     _nowhere: tokio::net::TcpSocket,
     _postgres: Option<pg::Postgres>,
     _dir: tempfile::TempDir,
@@ -103,6 +105,7 @@ impl TestFederation {
             echo: fed.services["echo"],
             pki: fed.pki_dir.clone(),
             forms_database,
+            admin: fed.admin,
             fed: Some(fed),
             _nowhere: nowhere,
             _postgres: postgres,
@@ -130,6 +133,7 @@ impl TestFederation {
                 max_connections: 4,
             },
             telemetry: Default::default(),
+            admin: Default::default(),
             forms: onestop_forms::FormsSettings {
                 seed: false,
                 ..Default::default()
@@ -249,6 +253,33 @@ pub async fn tls_refusal(address: &str, trusted_pki: &Path, cert_pki: &Path, nam
         // The server talks HTTP/2 only after accepting the certificate.
         Ok(_) => panic!("the server accepted certificate {name}"),
     }
+}
+
+/// `GET path` on a plain HTTP listener (the admin listener): the status code and the body.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("admin listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// The value of one sample in Prometheus text (`name{labels} value`), 0 when absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Waits (with the health service's own `Watch`, no polling) until `service` is SERVING.

@@ -628,3 +628,51 @@ async fn open_streams_end_promptly_on_shutdown() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_calls_are_made() {
+    use onestop_integration_tests::{http_get, sample};
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.admin = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = fed.admin.expect("an admin listener");
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    let served = r#"onestop_server_calls_total{service="onestop.forms.v1.FormsService",method="GetForm",code="OK"}"#;
+    let forwarded = r#"onestop_gateway_calls_total{service="onestop.forms.v1.FormsService",method="GetForm",code="OK"}"#;
+    let denied = r#"onestop_gateway_refusals_total{reason="ACCESS_DENIED",member="MUN/GULBENE"}"#;
+    let (_, before) = http_get(admin, "/metrics").await;
+
+    let mut centre = FormsServiceClient::new(fed.gateway_client(CENTRE));
+    centre.get_form(get_form()).await.expect("a call");
+    centre
+        .create_form(CreateFormRequest {
+            request_id: "m1".into(),
+            form_id: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the centre may not create forms");
+
+    // Other tests in this process count too: the figures must have grown, at least by ours.
+    let (_, after) = http_get(admin, "/metrics").await;
+    for series in [served, forwarded, denied] {
+        assert!(
+            sample(&after, series) >= sample(&before, series) + 1.0,
+            "{series} did not move:\n{after}"
+        );
+    }
+    assert!(
+        after.contains("onestop_gateway_call_duration_seconds_bucket"),
+        "{after}"
+    );
+    assert!(
+        after.contains("onestop_gateway_upstream_connections"),
+        "{after}"
+    );
+    assert_eq!(http_get(admin, "/nothing").await.0, 404);
+    fed.stop().await;
+}

@@ -19,7 +19,7 @@ pub mod store;
 
 use std::sync::Arc;
 
-use onestop_platform::config::{DatabaseConfig, ServerConfig, TelemetryConfig};
+use onestop_platform::config::{AdminConfig, DatabaseConfig, ServerConfig, TelemetryConfig};
 use onestop_platform::identity::Member;
 use onestop_proto::forms::v1::forms_service_server::{FormsServiceServer, SERVICE_NAME};
 use serde::Deserialize;
@@ -40,6 +40,9 @@ pub struct FormsConfig {
     /// Logs and traces.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Metrics, liveness and readiness.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Service settings.
     #[serde(default)]
     pub forms: FormsSettings,

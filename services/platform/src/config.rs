@@ -293,6 +293,15 @@ pub struct TelemetryConfig {
     pub log_json: bool,
 }
 
+/// The `[admin]` section: the admin listener (`/metrics`, `/healthz`, `/readyz`, plain HTTP),
+/// for the cluster's internal network only.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens; none when unset.
+    pub listen: Option<SocketAddr>,
+}
+
 /// The `[database]` section.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,6 +10,7 @@ use crate::accept::{self, AcceptLimits};
 use crate::caller::AuthenticateLayer;
 use crate::config::ServerConfig;
 use crate::identity::SpiffeId;
+use crate::metrics::{Readiness, RecordCallsLayer};
 use crate::status::ShapeErrorsLayer;
 use crate::streams::UntilShutdownLayer;
 use crate::telemetry::TraceLayer;
@@ -122,6 +123,8 @@ pub async fn serve(
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
         // Every call in its own span, a child of the caller's trace; the trace id goes back.
         .layer(TraceLayer)
+        // Every call counted and timed, by service, method and code.
+        .layer(RecordCallsLayer)
         // On shutdown, streams still open (a health watch, an inbox) end at once.
         .layer(UntilShutdownLayer::new(shutdown.clone()))
         // What the transport answers on its own (a message that does not decode, no such
@@ -132,12 +135,16 @@ pub async fn serve(
         .layer(AuthenticateLayer::new(gateway, tls))
         .add_routes(routes.routes());
 
+    // Ready for calls from now until shutdown (the process's `/readyz`).
+    let ready = Readiness::process().part(served.first().copied().unwrap_or("server"));
+    ready.store(true, std::sync::atomic::Ordering::Release);
     let stopping = {
         let reporter = reporter.clone();
         let served: Vec<String> = with_whole.iter().map(|s| (*s).to_owned()).collect();
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
+            ready.store(false, std::sync::atomic::Ordering::Release);
             for name in &served {
                 reporter
                     .set_service_status(name, ServingStatus::NotServing)

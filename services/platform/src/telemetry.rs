@@ -85,13 +85,26 @@ pub fn init(config: &TelemetryConfig, service_name: &str) -> Result<Telemetry, T
         .with_tracer(tracer)
         .with_filter(LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(otel);
+    // Logs go to standard error, so that what a command prints for people (standard output)
+    // stays apart; colour codes only when a person is watching.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let installed = if config.log_json {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_filter(filter))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_filter(filter))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(terminal)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .try_init()
     };
     installed.map_err(|_| TelemetryError::AlreadyInitialised)?;
