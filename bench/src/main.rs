@@ -1,15 +1,17 @@
 //! Benchmarks that print figures (never timed tests):
 //!
-//! 1. Gateway overhead: the same unary call (the test echo service, no storage behind it) made
-//!    straight to the service and through the gateway, both over mutual TLS, with 32 calls in
-//!    flight on one HTTP/2 connection; throughput, p50 and p99 of each and the difference.
-//! 2. Form validation: validations a second, p50 and p99 for each seed form's valid example,
-//!    and for a document of about 20 KB.
+//! 1. The forms path against the proxies ([`proxies`]): `ValidateFormData` straight to the forms
+//!    service, through the gateway, through nginx and through HAProxy, each a separate process,
+//!    mutual TLS on every leg, in alternating rounds; throughput, p50, p99 and CPU per call.
+//! 2. Form validation in process: validations a second, p50 and p99 for each seed form's valid
+//!    and invalid example, and for a valid document of about 20 KB.
 //!
-//! Run with `cargo run --release -p onestop-bench [-- SECONDS [gateway|validation]]` (default
-//! 5 s per measurement, both parts).
-//! Servers and the load generator share this process, its runtime and the machine's two cores,
-//! as on a single-machine installation; figures vary by some 10% from run to run.
+//! Run with `cargo build --release --bin onestop -p onestop-bench && target/release/onestop-bench
+//! [SECONDS [proxies|validation [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
+//! nginx and HAProxy come from `scripts/install-proxies`; a path whose proxy is missing is left
+//! out. Everything shares the machine's two cores; figures vary by some 10% from run to run.
+
+mod proxies;
 
 /// mimalloc: the services allocate many small, short-lived objects per call (JSON values,
 /// HTTP/2 frames), which the system allocator serves markedly slower.
@@ -20,128 +22,10 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use onestop_integration_tests::echo::pb::EchoRequest;
-use onestop_integration_tests::echo::pb::echo_service_client::EchoServiceClient;
-use onestop_integration_tests::{Backend, TestFederation};
 use serde_json::Value;
-use tonic::transport::Channel;
-
-const IN_FLIGHT: usize = 32;
-
-struct Figures {
-    calls_per_second: f64,
-    p50_us: u64,
-    p99_us: u64,
-    /// CPU time of the whole process (load generator, gateway, service) per call.
-    cpu_us_per_call: f64,
-}
-
-/// CPU time this process has used so far, from /proc (user + system), in microseconds. Steadier
-/// than throughput on a shared machine: it does not depend on what else gets the cores.
-fn cpu_time_us() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; 100 ticks a
-    // second on Linux.
-    (ticks(11) + ticks(12)) * 10_000.0
-}
 
 fn say(text: &str) {
     let _ = writeln!(std::io::stdout(), "{text}");
-}
-
-async fn load(channel: Channel, duration: Duration) -> anyhow::Result<Figures> {
-    // Warm up: connections, TLS sessions, caches.
-    let mut warm = EchoServiceClient::new(channel.clone());
-    for _ in 0..200 {
-        warm.unary(EchoRequest {
-            text: "warm".into(),
-            ..Default::default()
-        })
-        .await?;
-    }
-    let start = Instant::now();
-    let cpu_start = cpu_time_us();
-    let mut workers = Vec::new();
-    for _ in 0..IN_FLIGHT {
-        let mut client = EchoServiceClient::new(channel.clone());
-        workers.push(tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new(3)?;
-            while start.elapsed() < duration {
-                let began = Instant::now();
-                client
-                    .unary(EchoRequest {
-                        text: "application 2026-000123".into(),
-                        ..Default::default()
-                    })
-                    .await?;
-                histogram.record(u64::try_from(began.elapsed().as_micros())?)?;
-            }
-            anyhow::Ok(histogram)
-        }));
-    }
-    let mut all = Histogram::<u64>::new(3)?;
-    for worker in workers {
-        all.add(worker.await??)?;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let cpu = cpu_time_us() - cpu_start;
-    Ok(Figures {
-        calls_per_second: all.len() as f64 / elapsed,
-        p50_us: all.value_at_quantile(0.50),
-        p99_us: all.value_at_quantile(0.99),
-        cpu_us_per_call: cpu / all.len() as f64,
-    })
-}
-
-fn print(label: &str, f: &Figures) {
-    say(&format!(
-        "{label:<16} {:>9.0} calls/s   p50 {:>6} µs   p99 {:>6} µs   CPU {:>5.1} µs/call",
-        f.calls_per_second, f.p50_us, f.p99_us, f.cpu_us_per_call
-    ));
-}
-
-async fn gateway_overhead(seconds: u64) -> anyhow::Result<()> {
-    // The member rate would otherwise be what is measured.
-    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
-        options.member_rate = (10_000_000, 10_000_000);
-    })
-    .await;
-    let duration = Duration::from_secs(seconds);
-    say(&format!(
-        "Unary echo over mTLS, {IN_FLIGHT} calls in flight, {seconds} s each:"
-    ));
-    // Straight to the service as a platform component: members may only come through the
-    // gateway.
-    let direct = load(
-        onestop_integration_tests::mtls_channel(&fed.echo.to_string(), &fed.pki, "gateway"),
-        duration,
-    )
-    .await?;
-    print("direct", &direct);
-    let gateway = load(fed.gateway_client("demo-institution"), duration).await?;
-    print("through gateway", &gateway);
-    say(&format!(
-        "gateway adds      p50 {:+} µs, p99 {:+} µs, CPU {:+.1} µs/call; keeps {:.0}% of the direct throughput",
-        i128::from(gateway.p50_us) - i128::from(direct.p50_us),
-        i128::from(gateway.p99_us) - i128::from(direct.p99_us),
-        gateway.cpu_us_per_call - direct.cpu_us_per_call,
-        100.0 * gateway.calls_per_second / direct.calls_per_second
-    ));
-    fed.stop().await;
-    Ok(())
 }
 
 /// Grows the largest array of a valid example by repeating its items until the document is
@@ -162,10 +46,21 @@ fn validation(seconds: u64) -> anyhow::Result<()> {
         "\nForm validation (compiled once), {seconds} s each:"
     ));
     let mut cases = Vec::new();
+    let mut invalid = Vec::new();
     for form in onestop_forms::seed::seed_forms()? {
         let path = format!("{seed_dir}/examples/{}.valid.json", form.form_id);
         let example: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         cases.push((form.form_id.clone(), form.schema.clone(), example));
+        // The first invalid case of each form: an application with something to correct.
+        let path = format!("{seed_dir}/examples/{}.invalid.json", form.form_id);
+        let wrong: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        if let Some(data) = wrong.get(0).and_then(|case| case.get("data")) {
+            invalid.push((
+                format!("{} (invalid)", form.form_id),
+                form.schema.clone(),
+                data.clone(),
+            ));
+        }
     }
     // A 20 KB pension application: a long working life with many insurance periods.
     let (_, schema, example) = cases
@@ -178,7 +73,9 @@ fn validation(seconds: u64) -> anyhow::Result<()> {
         schema,
         grow(example, "/insurance_periods", 20 * 1024),
     ));
-    for (label, schema, document) in cases {
+    let valid = cases.len();
+    cases.extend(invalid);
+    for (index, (label, schema, document)) in cases.into_iter().enumerate() {
         let compiled = onestop_forms::schema::CompiledSchema::compile(&schema)
             .map_err(|v| anyhow::anyhow!("{}", v.en))?;
         let text = document.to_string();
@@ -197,7 +94,10 @@ fn validation(seconds: u64) -> anyhow::Result<()> {
             let checked_at = Instant::now();
             parse.record(u64::try_from((parsed_at - began).as_nanos())?)?;
             check.record(u64::try_from((checked_at - parsed_at).as_nanos())?)?;
-            anyhow::ensure!(violations.is_empty(), "{label}: example is invalid");
+            anyhow::ensure!(
+                violations.is_empty() == (index < valid),
+                "{label}: the example's validity is not what it should be"
+            );
             drop(parsed);
         }
         let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -222,10 +122,15 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(5);
     let only = std::env::args().nth(2);
+    let rounds: u32 = std::env::args()
+        .nth(3)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3);
     if only.as_deref() != Some("validation") {
-        gateway_overhead(seconds).await?;
+        proxies::compare(seconds, rounds).await?;
     }
-    if only.as_deref() != Some("gateway") {
+    if only.as_deref() != Some("proxies") {
         validation(seconds)?;
     }
     Ok(())
