@@ -1,6 +1,7 @@
 //! The e-forms service through the gateway, on SQLite and on PostgreSQL: the seed forms accept
 //! their valid examples and reject the invalid ones at the exact fields, versions follow the
-//! breaking-version rule, retries do nothing twice, and hostile documents are refused cleanly.
+//! breaking-version rule, retries do nothing twice, hostile documents are refused cleanly, and
+//! page tokens work only for the listing that issued them.
 
 use onestop_integration_tests::{Backend, TestFederation};
 use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
@@ -19,6 +20,9 @@ on_both_backends!(
     hostile_documents_are_refused_cleanly,
     deprecated_versions_accept_no_new_data,
     forms_are_listed_in_pages,
+    page_tokens_work_only_for_the_listing_that_issued_them,
+    formats_are_known_and_enforced,
+    fields_beside_a_schema_for_extra_fields_follow_the_breaking_version_rule,
 );
 
 const SEED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../services/forms/seed");
@@ -418,31 +422,17 @@ async fn deprecated_versions_accept_no_new_data(backend: Backend) {
 async fn forms_are_listed_in_pages(backend: Backend) {
     let fed = TestFederation::start(backend).await;
     let mut forms = client(&fed, "demo-centre");
-    let mut names = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = forms
-            .list_forms(ListFormsRequest {
-                page_size: 2,
-                page_token: token.clone(),
-                owner: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.forms.len() <= 2);
-        names.extend(page.forms.into_iter().map(|f| f.name));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
     let mut expected: Vec<String> = onestop_forms::seed::SEED_FILES
         .iter()
         .map(|(id, _)| format!("forms/{id}"))
         .collect();
     expected.sort();
-    assert_eq!(names, expected);
+    // The five seed forms: pages of 2, 2 and 1; one page of 5, which is the last and says so.
+    for (size, pages) in [(2, 3), (5, 1), (4, 2), (100, 1)] {
+        let (names, calls) = list_all_forms(&mut forms, size).await;
+        assert_eq!(names, expected, "pages of {size}");
+        assert_eq!(calls, pages, "pages of {size}");
+    }
 
     let vsaa_only = forms
         .list_forms(ListFormsRequest {
@@ -466,5 +456,189 @@ async fn forms_are_listed_in_pages(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    fed.stop().await;
+}
+
+/// Every form, listed in pages of `size`, and how many calls that took.
+async fn list_all_forms(
+    forms: &mut FormsServiceClient<Channel>,
+    size: i32,
+) -> (Vec<String>, usize) {
+    let (mut names, mut calls, mut token) = (Vec::new(), 0, String::new());
+    loop {
+        let page = forms
+            .list_forms(ListFormsRequest {
+                page_size: size,
+                page_token: token.clone(),
+                owner: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        calls += 1;
+        assert!(page.forms.len() <= size as usize);
+        names.extend(page.forms.into_iter().map(|f| f.name));
+        if page.next_page_token.is_empty() {
+            return (names, calls);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Asserts that a status refuses the request's `page_token`.
+fn assert_page_token_refused(status: &tonic::Status) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> = violations(status).into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, ["page_token"], "{status:?}");
+}
+
+async fn page_tokens_work_only_for_the_listing_that_issued_them(backend: Backend) {
+    let fed = TestFederation::start(backend).await;
+    let mut forms = client(&fed, "demo-centre");
+    let list = |page_token: &str, owner: Option<&str>| ListFormsRequest {
+        page_size: 2,
+        page_token: page_token.to_owned(),
+        owner: owner.map(|code| MemberId {
+            member_class: "GOV".into(),
+            member_code: code.into(),
+            subsystem: String::new(),
+        }),
+    };
+    let token = forms
+        .list_forms(list("", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    assert!(!token.is_empty());
+    forms.list_forms(list(&token, None)).await.unwrap();
+
+    // The same token with another filter, or for another listing.
+    let status = forms
+        .list_forms(list(&token, Some("VSAA")))
+        .await
+        .unwrap_err();
+    assert_page_token_refused(&status);
+    let status = forms
+        .list_form_versions(ListFormVersionsRequest {
+            parent: "forms/pmlp-residence-declaration".into(),
+            page_size: 1,
+            page_token: token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_page_token_refused(&status);
+
+    // Altered, or made up: the old layout was the last form id in base64.
+    let mut altered = token.clone().into_bytes();
+    altered[3] = if altered[3] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    let status = forms.list_forms(list(&altered, None)).await.unwrap_err();
+    assert_page_token_refused(&status);
+    // base64url("nva-unemployed-registration")
+    let forged = "bnZhLXVuZW1wbG95ZWQtcmVnaXN0cmF0aW9u";
+    let status = forms.list_forms(list(forged, None)).await.unwrap_err();
+    assert_page_token_refused(&status);
+    fed.stop().await;
+}
+
+async fn formats_are_known_and_enforced(backend: Backend) {
+    let fed = TestFederation::start(backend).await;
+    let mut vsaa = client(&fed, "demo-institution");
+    let mut schema = schema_v1();
+    schema["properties"]["email"] = json!({"type": "string", "format": "emial"});
+    let mut request = create_request("typo-form", "typo");
+    request.schema_json = schema.to_string();
+    let status = vsaa.create_form(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "INVALID_SCHEMA");
+    let found = violations(&status);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field, "schema_json/properties/email/format");
+    assert!(found[0].description.contains("`emial`"), "{found:?}");
+
+    schema["properties"]["email"] = json!({"type": "string", "format": "idn-email"});
+    schema["properties"]["website"] = json!({"type": "string", "format": "idn-hostname"});
+    let mut request = create_request("idn-form", "idn");
+    request.schema_json = schema.to_string();
+    vsaa.create_form(request).await.unwrap();
+    // A version may not bring an unknown format either.
+    let mut typo = schema.clone();
+    typo["properties"]["website"]["format"] = json!("hostnme");
+    let status = vsaa
+        .publish_form_version(publish("idn-form", "typo-2", &typo, true))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violations(&status)[0].field,
+        "schema_json/properties/website/format"
+    );
+
+    let version = "forms/idn-form/versions/latest";
+    let good = json!({"name": "Jānis", "email": "jānis@piemērs.lv", "website": "piemērs.lv"});
+    vsaa.validate_form_data(validate(version, &good))
+        .await
+        .unwrap();
+    let bad =
+        json!({"name": "Jānis", "email": "Jānis <jānis@piemērs.lv>", "website": "-piemērs.lv"});
+    let status = vsaa
+        .validate_form_data(validate(version, &bad))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "INVALID_FORM_DATA");
+    let fields: Vec<(String, String)> = violations(&status)
+        .into_iter()
+        .map(|v| (v.field, v.reason))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("/email".to_owned(), "FORMAT".to_owned()),
+            ("/website".to_owned(), "FORMAT".to_owned())
+        ]
+    );
+    fed.stop().await;
+}
+
+async fn fields_beside_a_schema_for_extra_fields_follow_the_breaking_version_rule(
+    backend: Backend,
+) {
+    let fed = TestFederation::start(backend).await;
+    let mut vsaa = client(&fed, "demo-institution");
+    // Extra fields are accepted as short texts.
+    let mut open = schema_v1();
+    open["additionalProperties"] = json!({"type": "string", "maxLength": 50});
+    let mut request = create_request("open-form", "open");
+    request.schema_json = open.to_string();
+    vsaa.create_form(request).await.unwrap();
+
+    // `children` (an integer) would fall to the rule for extra fields, which takes only text.
+    let mut removed = open.clone();
+    removed["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("children");
+    let status = vsaa
+        .publish_form_version(publish("open-form", "removed", &removed, false))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "BREAKING_VERSION", "{status:?}");
+    let mut fields: Vec<String> = violations(&status).into_iter().map(|v| v.field).collect();
+    fields.dedup();
+    assert_eq!(fields, ["/children"]);
+
+    // A new field shorter than any extra text was allowed to be narrows; a looser one does not.
+    let mut added = open.clone();
+    added["properties"]["note"] = json!({"type": "string", "maxLength": 10});
+    let status = vsaa
+        .publish_form_version(publish("open-form", "added", &added, false))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "BREAKING_VERSION", "{status:?}");
+    assert_eq!(violations(&status)[0].field, "/note");
+    added["properties"]["note"] = json!({"type": ["string", "null"], "maxLength": 100});
+    vsaa.publish_form_version(publish("open-form", "added-wider", &added, false))
+        .await
+        .unwrap();
     fed.stop().await;
 }

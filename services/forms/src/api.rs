@@ -45,10 +45,6 @@ fn page_size(requested: i32) -> Result<u32, FormsError> {
     paging::page_size(requested).map_err(|m| invalid("page_size", m))
 }
 
-fn page_token(token: &str) -> Result<Option<String>, FormsError> {
-    paging::decode_token(token).map_err(|m| invalid("page_token", m))
-}
-
 #[tonic::async_trait]
 impl pb::forms_service_server::FormsService for FormsApi {
     async fn create_form(
@@ -95,12 +91,14 @@ impl pb::forms_service_server::FormsService for FormsApi {
         Caller::of(&request)?;
         let r = request.into_inner();
         let size = page_size(r.page_size)?;
-        let after = page_token(&r.page_token)?;
         let owner = r.owner.map(|o| member("owner", Some(o))).transpose()?;
-        let (forms, next) = self.registry.forms(after, owner.as_ref(), size).await?;
+        let (forms, next) = self
+            .registry
+            .forms(&r.page_token, owner.as_ref(), size)
+            .await?;
         Ok(Response::new(pb::ListFormsResponse {
             forms: forms.iter().map(form_pb).collect(),
-            next_page_token: next.map(|k| paging::encode_token(&k)).unwrap_or_default(),
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 
@@ -147,11 +145,10 @@ impl pb::forms_service_server::FormsService for FormsApi {
         let r = request.into_inner();
         let id = model::parse_form_name(&r.parent).map_err(|m| invalid("parent", m))?;
         let size = page_size(r.page_size)?;
-        let after = page_token(&r.page_token)?;
-        let (versions, next) = self.registry.versions(&id, after, size).await?;
+        let (versions, next) = self.registry.versions(&id, &r.page_token, size).await?;
         Ok(Response::new(pb::ListFormVersionsResponse {
             versions: versions.into_iter().map(version_pb).collect(),
-            next_page_token: next.map(|k| paging::encode_token(&k)).unwrap_or_default(),
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 

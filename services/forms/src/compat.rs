@@ -1,15 +1,17 @@
 //! Whether a new version of a form schema may reject data the previous version accepted.
 //!
 //! The check walks both schemas side by side and reports every change that narrows what is
-//! accepted: a removed field (where extra fields are refused), a newly required field, a
-//! narrowed type, enumeration, length, count or range, extra fields newly refused or
-//! constrained, and a new field constrained where any field was accepted. Every other keyword
-//! (`pattern`, `format`, `allOf`, `anyOf`, `oneOf`, `not`, `if`/`then`/`else`,
-//! `dependentRequired`, ...) counts as narrowing whenever it is added or changed: the check may
-//! call a harmless change breaking, never the reverse, and a publisher who knows better declares
-//! the version breaking.
+//! accepted: a newly required field, a narrowed type, enumeration, length, count or range, extra
+//! fields newly refused or constrained, and a field named in one version only, compared with
+//! what governs unnamed fields in the other (removing a number field where extra fields must be
+//! text narrows, as does adding a field stricter than extra fields were; `true` compares as the
+//! schema without keywords). Every other keyword (`pattern`, `format`, `allOf`, `anyOf`,
+//! `oneOf`, `not`, `if`/`then`/`else`, `dependentRequired`, ...) counts as narrowing whenever it
+//! is added or changed: the check may call a harmless change breaking, never the reverse, and a
+//! publisher who knows better declares the version breaking.
 
 use std::collections::BTreeSet;
+use std::sync::LazyLock;
 
 use serde_json::{Map, Value};
 
@@ -138,11 +140,15 @@ impl<'a> Walk<'a> {
         self.budget -= 1;
         let old = resolve(self.old_root, old);
         let new = resolve(self.new_root, new);
+        // `false` accepted nothing, so nothing can narrow it; `false` now refuses everything.
+        if old == &Value::Bool(false) {
+            return;
+        }
+        if new == &Value::Bool(false) {
+            self.report(pointer, "no value is accepted any more".into());
+            return;
+        }
         let (Some(old_map), Some(new_map)) = (as_schema(old), as_schema(new)) else {
-            // `true`/`false` schemas: only `false` where there was something else narrows.
-            if new == &Value::Bool(false) && old != &Value::Bool(false) {
-                self.report(pointer, "no value is accepted any more".into());
-            }
             return;
         };
 
@@ -197,48 +203,49 @@ impl<'a> Walk<'a> {
                 "fields not named in the form are refused now".into(),
             );
         }
+        // A field named on one side only is governed on the other by what governs the fields
+        // it does not name.
         let properties =
             |map: &'a Map<String, Value>| map.get("properties").and_then(Value::as_object);
-        let new_props = properties(new_map);
-        let old_props = properties(old_map);
-        for (name, old_prop) in old_props.into_iter().flatten() {
-            match new_props.and_then(|props| props.get(name)) {
-                Some(new_prop) => {
-                    self.compare(old_prop, new_prop, &child(pointer, name), depth + 1)
+        let (old_props, new_props) = (properties(old_map), properties(new_map));
+        let names: BTreeSet<&'a String> = old_props
+            .into_iter()
+            .chain(new_props)
+            .flat_map(|props| props.keys())
+            .collect();
+        for name in names {
+            let at = child(pointer, name);
+            match (
+                old_props.and_then(|props| props.get(name)),
+                new_props.and_then(|props| props.get(name)),
+            ) {
+                (Some(before), Some(after)) => self.compare(before, after, &at, depth + 1),
+                (Some(before), None) => {
+                    for after in unnamed(new_map) {
+                        if after == &Value::Bool(false) {
+                            self.report(&at, "the field was removed".into());
+                        } else {
+                            self.compare(before, after, &at, depth + 1);
+                        }
+                    }
                 }
-                None if refuses_extra(new_map) => {
-                    self.report(&child(pointer, name), "the field was removed".into());
+                (None, Some(after)) => {
+                    for before in unnamed(old_map) {
+                        self.compare(before, after, &at, depth + 1);
+                    }
                 }
-                None => {}
+                (None, None) => {}
             }
         }
-        // What an object accepted beyond its named fields: anything, when not said.
-        let any = &ANY;
-        let old_extra = old_map.get("additionalProperties").unwrap_or(any);
-        if old_extra == any {
-            // A field new to an object that accepted any field constrains what was free.
-            for (name, new_prop) in new_props.into_iter().flatten() {
-                let known = old_props.is_some_and(|props| props.contains_key(name));
-                if !known && new_prop != any && new_prop != &Value::Object(Map::new()) {
-                    self.report(
-                        &child(pointer, name),
-                        "a field that was free is constrained now".into(),
-                    );
-                }
-            }
-        }
-        if let Some(new_extra) = new_map
-            .get("additionalProperties")
-            .filter(|e| e.is_object())
-        {
-            if old_extra.is_object() {
-                self.compare(old_extra, new_extra, &child(pointer, "*"), depth + 1);
-            } else if old_extra == any {
-                self.report(
-                    &child(pointer, "*"),
-                    "extra fields are constrained now".into(),
-                );
-            }
+        // Fields named on neither side. Refusing them all was reported above.
+        let extra = |map: &'a Map<String, Value>| map.get("additionalProperties").unwrap_or(&ANY);
+        if !refuses_extra(new_map) {
+            self.compare(
+                extra(old_map),
+                extra(new_map),
+                &child(pointer, "*"),
+                depth + 1,
+            );
         }
 
         // Arrays.
@@ -332,8 +339,28 @@ fn has_reference(value: &Value) -> bool {
     }
 }
 
+/// A schema's keywords; `true` (anything) has none.
 fn as_schema(value: &Value) -> Option<&Map<String, Value>> {
-    value.as_object()
+    match value {
+        Value::Bool(true) => Some(&*NO_KEYWORDS),
+        other => other.as_object(),
+    }
+}
+
+/// The keywords of the schema that accepts anything.
+static NO_KEYWORDS: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
+
+/// Every schema that may govern a field an object schema does not name: `additionalProperties`
+/// (anything, when absent), each of `patternProperties` (whose patterns this check does not
+/// match, so each is assumed to apply) and `unevaluatedProperties`. Comparing with each of them
+/// may call a harmless change narrowing, never miss one.
+fn unnamed(map: &Map<String, Value>) -> Vec<&Value> {
+    let mut governing = vec![map.get("additionalProperties").unwrap_or(&ANY)];
+    if let Some(patterns) = map.get("patternProperties").and_then(Value::as_object) {
+        governing.extend(patterns.values());
+    }
+    governing.extend(map.get("unevaluatedProperties"));
+    governing
 }
 
 /// The types a schema names, or `None` when it names none (any type).
@@ -459,5 +486,95 @@ mod tests {
             changes(|s| s["properties"]["kind"]["minContains"] = json!(1)),
             ["/kind"]
         );
+    }
+
+    /// An object whose unnamed fields must be strings.
+    fn open_object() -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "count": {"type": "integer"},
+                "note": {"type": "string", "maxLength": 10}
+            },
+            "additionalProperties": {"type": "string"}
+        })
+    }
+
+    fn open_changes(edit: impl FnOnce(&mut Value)) -> Vec<String> {
+        let mut new = open_object();
+        edit(&mut new);
+        let mut found: Vec<String> = narrowings(&open_object(), &new)
+            .into_iter()
+            .map(|n| n.pointer)
+            .collect();
+        found.dedup();
+        found
+    }
+
+    #[test]
+    fn fields_removed_or_added_beside_a_schema_for_extra_fields_are_compared_with_it() {
+        // `count` falls to the extra-field schema, which refuses the integers it took.
+        assert_eq!(
+            open_changes(|s| {
+                s["properties"].as_object_mut().unwrap().remove("count");
+            }),
+            ["/count"]
+        );
+        // `note` was a short string; any string is accepted now.
+        assert!(
+            open_changes(|s| {
+                s["properties"].as_object_mut().unwrap().remove("note");
+            })
+            .is_empty()
+        );
+        // A new field narrows what any string was accepted as, or does not.
+        assert_eq!(
+            open_changes(|s| s["properties"]["code"] = json!({"type": "string", "maxLength": 5})),
+            ["/code"]
+        );
+        assert!(
+            open_changes(|s| s["properties"]["code"] = json!({"type": ["string", "null"]}))
+                .is_empty()
+        );
+        // The extra-field schema itself is compared, and refusing extra fields is found.
+        assert_eq!(
+            open_changes(|s| s["additionalProperties"] = json!({"type": "string", "maxLength": 3})),
+            ["/*"]
+        );
+        assert!(open_changes(|s| s["additionalProperties"] = json!(true)).is_empty());
+        assert_eq!(
+            open_changes(|s| s["additionalProperties"] = json!(false)),
+            [""]
+        );
+        // A field that was not named and is refused by a pattern's schema now is found too.
+        let mut patterned = open_object();
+        patterned["properties"]
+            .as_object_mut()
+            .unwrap()
+            .remove("count");
+        patterned["additionalProperties"] = json!(true);
+        patterned["patternProperties"] = json!({"^c": {"type": "string"}});
+        let found: Vec<String> = narrowings(&open_object(), &patterned)
+            .into_iter()
+            .map(|n| n.pointer)
+            .collect();
+        assert!(found.contains(&"/count".to_owned()), "{found:?}");
+    }
+
+    #[test]
+    fn a_schema_that_accepted_anything_is_compared_like_an_empty_one() {
+        let old = json!({"type": "array", "items": true});
+        let new = json!({"type": "array", "items": {"type": "string"}});
+        assert_eq!(
+            narrowings(&old, &new)
+                .into_iter()
+                .map(|n| n.pointer)
+                .collect::<Vec<_>>(),
+            ["/-"]
+        );
+        assert!(narrowings(&new, &old).is_empty());
+        let old = json!({"properties": {"a": false}});
+        let new = json!({"properties": {"a": {"type": "string"}}});
+        assert!(narrowings(&old, &new).is_empty());
     }
 }

@@ -82,6 +82,9 @@ pub enum FormsError {
     /// Another change to the same form won the race.
     #[error("{0} was changed at the same time by another request; read it again and retry")]
     Concurrent(String),
+    /// The breaking-change check failed on a schema (a bug in the check, such as a panic).
+    #[error("the breaking-change check failed: {0}")]
+    CompatibilityCheck(String),
     /// The store failed.
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
@@ -108,6 +111,7 @@ impl FormsError {
             FormsError::Deprecated { .. } => "FORM_VERSION_DEPRECATED",
             FormsError::RequestIdReused { .. } => "REQUEST_ID_REUSED",
             FormsError::Concurrent(_) => "CONCURRENT_CHANGE",
+            FormsError::CompatibilityCheck(_) => "COMPATIBILITY_CHECK_FAILED",
             FormsError::Store(_) => "STORAGE_FAILURE",
             FormsError::Internal(_) => "INTERNAL",
         }
@@ -126,7 +130,9 @@ impl FormsError {
             FormsError::Breaking { .. } | FormsError::Deprecated { .. } => Code::FailedPrecondition,
             FormsError::Concurrent(_) => Code::Aborted,
             FormsError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            FormsError::Store(_) | FormsError::Internal(_) => Code::Internal,
+            FormsError::CompatibilityCheck(_) | FormsError::Store(_) | FormsError::Internal(_) => {
+                Code::Internal
+            }
         }
     }
 
@@ -179,6 +185,14 @@ impl From<FormsError> for Status {
             FormsError::Store(cause) => {
                 tracing::error!(error = %cause, "forms store failed");
                 "the form store failed; the request may be retried".to_owned()
+            }
+            // Retrying cannot help: the same schemas fail the same way. Declaring the version
+            // breaking skips the check, which the publisher may do knowingly.
+            FormsError::CompatibilityCheck(cause) => {
+                tracing::error!(error = %cause, "the breaking-change check failed");
+                "the check for breaking changes failed on this schema (a fault of the forms \
+                 service, which is logged); publish with `breaking` set to skip the check"
+                    .to_owned()
             }
             FormsError::Internal(cause) => {
                 tracing::error!(error = %cause, "forms failed");

@@ -76,6 +76,9 @@ pub enum ServeError {
     /// The database could not be opened.
     #[error(transparent)]
     Database(#[from] onestop_platform::db::DbError),
+    /// The registry could not be opened over its store.
+    #[error("opening the forms registry: {0}")]
+    Registry(#[source] error::FormsError),
     /// A seed form could not be created.
     #[error("seed form {form}: {error}")]
     Seed {
@@ -100,7 +103,11 @@ pub async fn open_registry(config: &FormsConfig) -> Result<Arc<Registry>, ServeE
         })
         .collect::<Result<Vec<_>, _>>()?;
     let db = onestop_platform::db::open(&config.database, &store::MIGRATIONS).await?;
-    let registry = Arc::new(Registry::new(store::Store::new(db), operators));
+    let registry = Arc::new(
+        Registry::open(store::Store::new(db), operators)
+            .await
+            .map_err(ServeError::Registry)?,
+    );
     if config.forms.seed {
         let forms = seed::seed_forms().map_err(|e| ServeError::Seed {
             form: "(parse)".into(),

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use onestop_platform::identity::{Member, Principal, SpiffeId};
+use onestop_platform::paging::{PageTokens, Query};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::compat;
+use crate::compat::{self, Narrowing};
 use crate::error::FormsError;
 use crate::model::{
     self, Field, Form, FormVersion, Localized, VersionRef, check_fields, check_form_id,
@@ -55,12 +56,8 @@ pub const MAX_CACHED_SCHEMAS: usize = 10_000;
 /// largest reply.
 pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
-/// The key after which the next page starts, when this page is full.
-fn next_key<T>(page: &[T], size: u32, key: impl Fn(&T) -> String) -> Option<String> {
-    (page.len() == size as usize)
-        .then(|| page.last().map(key))
-        .flatten()
-}
+/// The name under which the store keeps the secret that signs page tokens.
+pub const PAGE_TOKEN_SECRET: &str = "page_token_key";
 
 fn invalid(field: &str, message: String) -> FormsError {
     FormsError::InvalidField {
@@ -69,13 +66,28 @@ fn invalid(field: &str, message: String) -> FormsError {
     }
 }
 
-/// A page of results and the key after which the next starts.
+/// A page of results and the token of the next page, if there is one.
 pub type Page<T> = (Vec<T>, Option<String>);
+
+/// What the page tokens of `ListForms` are bound to: the owner filter, by institution (the
+/// only part of it that chooses forms).
+fn forms_query(owner: Option<&Member>) -> Query {
+    let owner = owner
+        .map(|o| o.institution().to_string())
+        .unwrap_or_default();
+    Query::new("ListForms").with("owner", &owner)
+}
+
+/// What the page tokens of `ListFormVersions` are bound to: the form.
+fn versions_query(form_id: &str) -> Query {
+    Query::new("ListFormVersions").with("parent", form_id)
+}
 
 /// Forms and their versions, with compiled schemas cached per version.
 pub struct Registry {
     store: Store,
     operators: Vec<Member>,
+    tokens: PageTokens,
     /// Versions are immutable, so a compiled schema never goes stale; only versions validated
     /// against are cached, at most [`MAX_CACHED_SCHEMAS`].
     compiled: RwLock<HashMap<(String, u32), CompiledSchema>>,
@@ -83,12 +95,49 @@ pub struct Registry {
 
 impl Registry {
     /// A registry over a store; members of the `operators` institutions may manage every form.
-    pub fn new(store: Store, operators: Vec<Member>) -> Self {
-        Self {
+    /// Page tokens are signed with the secret the store keeps (made on the first start), so
+    /// that every replica and every restart accepts them.
+    pub async fn open(store: Store, operators: Vec<Member>) -> Result<Self, FormsError> {
+        let fresh = PageTokens::new_secret()
+            .map_err(|e| FormsError::Internal(format!("page tokens: {e}")))?;
+        let secret = store.shared_secret(PAGE_TOKEN_SECRET, &fresh).await?;
+        let tokens = PageTokens::new(&secret).map_err(|e| {
+            FormsError::Store(StoreError::Corrupt(format!("{PAGE_TOKEN_SECRET}: {e}")))
+        })?;
+        Ok(Self {
             store,
             operators,
+            tokens,
             compiled: RwLock::new(HashMap::new()),
-        }
+        })
+    }
+
+    /// The key after which the page a token asks for starts.
+    fn resume(&self, query: &Query, page_token: &str) -> Result<Option<String>, FormsError> {
+        self.tokens
+            .resume(query, page_token)
+            .map_err(|m| invalid("page_token", m))
+    }
+
+    /// Ends a page of at most `size` items, fetched with one item more to tell whether another
+    /// page follows, and issues the token of that page.
+    fn page<T>(
+        &self,
+        query: &Query,
+        mut items: Vec<T>,
+        size: usize,
+        key: impl Fn(&T) -> String,
+    ) -> Page<T> {
+        let more = items.len() > size;
+        items.truncate(size);
+        let next = more
+            .then(|| {
+                items
+                    .last()
+                    .map(|last| self.tokens.issue(query, &key(last)))
+            })
+            .flatten();
+        (items, next)
     }
 
     fn may_manage(&self, caller: &SpiffeId, owner: &Member) -> bool {
@@ -172,7 +221,7 @@ impl Registry {
         invalid_text("description", &new.description, false)?;
         invalid_fields(&new.fields)?;
         // Compiling proves the schema usable; it is cached when data is first validated.
-        compile_apart(new.schema_json.clone()).await?;
+        compile_new_apart(new.schema_json.clone()).await?;
         let form = Form {
             id: new.id.clone(),
             owner,
@@ -243,7 +292,7 @@ impl Registry {
                 ),
             ));
         }
-        let (schema, _) = compile_apart(new.schema_json.clone()).await?;
+        let (schema, _) = compile_new_apart(new.schema_json.clone()).await?;
         let previous = self
             .version(form_id, VersionRef::Number(form.latest_version))
             .await?;
@@ -251,12 +300,7 @@ impl Registry {
             let old = schema::parse_json(&previous.schema_json, usize::MAX).map_err(|error| {
                 FormsError::Store(StoreError::Corrupt(format!("stored schema: {error}")))
             })?;
-            // Comparing large schemas is CPU work: keep it off the threads that serve calls.
-            let narrowings = tokio::task::spawn_blocking(move || compat::narrowings(&old, &schema))
-                .await
-                .map_err(|e| {
-                    FormsError::Store(StoreError::Corrupt(format!("comparison failed: {e}")))
-                })?;
+            let narrowings = check_apart(move || compat::narrowings(&old, &schema)).await?;
             if !narrowings.is_empty() {
                 return Err(FormsError::Breaking {
                     previous: previous.version,
@@ -348,19 +392,24 @@ impl Registry {
             .ok_or_else(|| FormsError::NotFound(format!("forms/{form_id}")))
     }
 
-    /// A page of forms.
+    /// A page of forms, after the one `page_token` names (the first page when it is empty).
     pub async fn forms(
         &self,
-        after: Option<String>,
+        page_token: &str,
         owner: Option<&Member>,
         size: u32,
     ) -> Result<Page<Form>, FormsError> {
+        let query = forms_query(owner);
+        let after = self.resume(&query, page_token)?;
         let forms = self
             .store
-            .forms(after.as_deref().unwrap_or(""), owner, size)
+            .forms(
+                after.as_deref().unwrap_or(""),
+                owner,
+                size.saturating_add(1),
+            )
             .await?;
-        let next = next_key(&forms, size, |f| f.id.clone());
-        Ok((forms, next))
+        Ok(self.page(&query, forms, size as usize, |f| f.id.clone()))
     }
 
     /// One version, or the newest active one.
@@ -395,33 +444,39 @@ impl Registry {
         self.version(&form_id, which).await
     }
 
-    /// A page of versions.
+    /// A page of versions, after the one `page_token` names (the first page when it is empty).
     pub async fn versions(
         &self,
         form_id: &str,
-        after: Option<String>,
+        page_token: &str,
         size: u32,
     ) -> Result<Page<FormVersion>, FormsError> {
-        let after = match after {
-            Some(token) => token
-                .parse::<u32>()
-                .map_err(|_| invalid("page_token", "not a token this service issued".into()))?,
+        let query = versions_query(form_id);
+        let after = match self.resume(&query, page_token)? {
+            // The token is ours, so its key is a version number; anything else is a bug.
+            Some(key) => key.parse::<u32>().map_err(|_| {
+                FormsError::Internal(format!("a page token of {form_id} carries `{key}`"))
+            })?,
             None => 0,
         };
         self.form(form_id).await?;
-        let mut versions = self.store.versions(form_id, after, size).await?;
-        // Schemas may be large: a page ends early rather than outgrow a reply.
+        let versions = self
+            .store
+            .versions(form_id, after, size.saturating_add(1))
+            .await?;
+        // Schemas may be large: a page ends early rather than outgrow a reply, and always
+        // holds at least one version so that paging moves on.
         let mut bytes = 0;
-        if let Some(end) = versions.iter().position(|v| {
-            bytes += v.schema_json.len();
-            bytes > MAX_PAGE_BYTES
-        }) {
-            versions.truncate(end.max(1));
-            let next = versions.last().map(|v| v.version.to_string());
-            return Ok((versions, next));
-        }
-        let next = next_key(&versions, size, |v| v.version.to_string());
-        Ok((versions, next))
+        let fits = versions
+            .iter()
+            .position(|v| {
+                bytes += v.schema_json.len();
+                bytes > MAX_PAGE_BYTES
+            })
+            .map_or(size as usize, |end| end.max(1));
+        Ok(self.page(&query, versions, fits.min(size as usize), |v| {
+            v.version.to_string()
+        }))
     }
 
     /// Validates a JSON document against a version that accepts data.
@@ -480,21 +535,40 @@ impl Registry {
     }
 }
 
-/// Compiles a schema on a blocking thread: a large one takes milliseconds of CPU.
-async fn compile_apart(schema_json: String) -> Result<(Value, CompiledSchema), FormsError> {
-    tokio::task::spawn_blocking(move || compile(&schema_json))
+/// Compiles a submitted schema on a blocking thread: a large one takes milliseconds of CPU.
+async fn compile_new_apart(schema_json: String) -> Result<(Value, CompiledSchema), FormsError> {
+    tokio::task::spawn_blocking(move || compile_with(&schema_json, CompiledSchema::compile_new))
         .await
         .map_err(|e| FormsError::Internal(format!("schema compilation: {e}")))?
 }
 
+/// Runs the breaking-change check on a blocking thread: comparing large schemas is CPU work
+/// that must not hold the threads serving calls. A check that panics is a fault of the check,
+/// reported as such.
+async fn check_apart(
+    check: impl FnOnce() -> Vec<Narrowing> + Send + 'static,
+) -> Result<Vec<Narrowing>, FormsError> {
+    tokio::task::spawn_blocking(check)
+        .await
+        .map_err(|e| FormsError::CompatibilityCheck(e.to_string()))
+}
+
+/// Compiles the schema of a stored version.
 fn compile(schema_json: &str) -> Result<(Value, CompiledSchema), FormsError> {
+    compile_with(schema_json, CompiledSchema::compile)
+}
+
+fn compile_with(
+    schema_json: &str,
+    compile: fn(&Value) -> Result<CompiledSchema, schema::Violation>,
+) -> Result<(Value, CompiledSchema), FormsError> {
     let schema = schema::parse_json(schema_json, schema::MAX_SCHEMA_BYTES).map_err(|error| {
         FormsError::InvalidJson {
             field: "schema_json",
             error,
         }
     })?;
-    let compiled = CompiledSchema::compile(&schema).map_err(FormsError::InvalidSchema)?;
+    let compiled = compile(&schema).map_err(FormsError::InvalidSchema)?;
     Ok((schema, compiled))
 }
 
@@ -531,5 +605,212 @@ impl Registry {
         self.create(&caller, &format!("seed:{}", seed.form_id), new, now)
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use onestop_platform::config::DatabaseConfig;
+    use serde_json::json;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    async fn open_on(file: &Path) -> Registry {
+        let config = DatabaseConfig {
+            url: format!("sqlite://{}", file.display()),
+            max_connections: 2,
+        };
+        let db = onestop_platform::db::open(&config, &crate::store::MIGRATIONS)
+            .await
+            .unwrap();
+        Registry::open(Store::new(db), Vec::new()).await.unwrap()
+    }
+
+    fn vsaa() -> SpiffeId {
+        SpiffeId::member("onestop.lv", Member::parse("GOV/VSAA/pensions").unwrap())
+    }
+
+    fn text(en: &str) -> Localized {
+        Localized {
+            lv: en.to_owned(),
+            en: en.to_owned(),
+        }
+    }
+
+    async fn create(registry: &Registry, id: &str, schema: &Value) -> Result<(), FormsError> {
+        let new = NewForm {
+            id: id.to_owned(),
+            owner: Member::parse("GOV/VSAA").unwrap(),
+            title: text("A form"),
+            description: Localized::default(),
+            schema_json: schema.to_string(),
+            fields: Vec::new(),
+        };
+        registry
+            .create(
+                &vsaa(),
+                &format!("create-{id}"),
+                new,
+                OffsetDateTime::now_utc(),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish(registry: &Registry, id: &str, n: u32) {
+        let new = NewVersion {
+            schema_json: json!({"type": "object", "title": format!("v{n}")}).to_string(),
+            fields: Vec::new(),
+            breaking: false,
+            title: None,
+        };
+        registry
+            .publish(
+                &vsaa(),
+                &format!("publish-{id}-{n}"),
+                id,
+                new,
+                OffsetDateTime::now_utc(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Every id on every page, and how many pages there were.
+    async fn all_forms(registry: &Registry, size: u32) -> (Vec<String>, usize) {
+        let (mut ids, mut pages, mut token) = (Vec::new(), 0, String::new());
+        loop {
+            let (forms, next) = registry.forms(&token, None, size).await.unwrap();
+            pages += 1;
+            ids.extend(forms.into_iter().map(|f| f.id));
+            match next {
+                Some(next) => token = next,
+                None => return (ids, pages),
+            }
+        }
+    }
+
+    fn field_of(error: FormsError) -> String {
+        match error {
+            FormsError::InvalidField { field, .. } => field,
+            other => panic!("not an invalid field: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_page_carries_no_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = open_on(&dir.path().join("forms.db")).await;
+        for id in ["form-a", "form-b", "form-c", "form-d"] {
+            create(&registry, id, &json!({"type": "object"}))
+                .await
+                .unwrap();
+        }
+        let every = ["form-a", "form-b", "form-c", "form-d"];
+        // A full last page, a short one, a page larger than the list.
+        assert_eq!(
+            all_forms(&registry, 2).await,
+            (every.map(String::from).into(), 2)
+        );
+        assert_eq!(
+            all_forms(&registry, 3).await,
+            (every.map(String::from).into(), 2)
+        );
+        assert_eq!(
+            all_forms(&registry, 4).await,
+            (every.map(String::from).into(), 1)
+        );
+        assert_eq!(
+            all_forms(&registry, 50).await,
+            (every.map(String::from).into(), 1)
+        );
+
+        for n in 2..=4 {
+            publish(&registry, "form-a", n).await;
+        }
+        let (first, next) = registry.versions("form-a", "", 2).await.unwrap();
+        assert_eq!(first.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+        let (last, next) = registry
+            .versions("form-a", &next.unwrap(), 2)
+            .await
+            .unwrap();
+        assert_eq!(last.iter().map(|v| v.version).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(next, None);
+    }
+
+    #[tokio::test]
+    async fn page_tokens_are_bound_to_their_query_and_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("forms.db");
+        let registry = open_on(&file).await;
+        for id in ["form-a", "form-b", "form-c"] {
+            create(&registry, id, &json!({"type": "object"}))
+                .await
+                .unwrap();
+        }
+        publish(&registry, "form-a", 2).await;
+        let (_, token) = registry.forms("", None, 1).await.unwrap();
+        let token = token.unwrap();
+
+        // Another filter, another method, another form's versions: refused.
+        let vsaa = Member::parse("GOV/VSAA").unwrap();
+        let error = registry.forms(&token, Some(&vsaa), 1).await.unwrap_err();
+        assert_eq!(field_of(error), "page_token");
+        let error = registry.versions("form-a", &token, 1).await.unwrap_err();
+        assert_eq!(field_of(error), "page_token");
+        let (_, a_token) = registry.versions("form-a", "", 1).await.unwrap();
+        let error = registry
+            .versions("form-b", &a_token.unwrap(), 1)
+            .await
+            .unwrap_err();
+        assert_eq!(field_of(error), "page_token");
+        let status = tonic::Status::from(registry.forms("Zm9ybS1h", None, 1).await.unwrap_err());
+        assert_eq!(status.code(), Code::InvalidArgument);
+
+        // A restarted process, or another replica on the same database, reads the token.
+        let replica = open_on(&file).await;
+        let (forms, _) = replica.forms(&token, None, 1).await.unwrap();
+        assert_eq!(forms[0].id, "form-b");
+        // Another database (another installation) does not.
+        let elsewhere = open_on(&dir.path().join("other.db")).await;
+        let error = elsewhere.forms(&token, None, 1).await.unwrap_err();
+        assert_eq!(field_of(error), "page_token");
+    }
+
+    #[tokio::test]
+    async fn unknown_formats_are_refused_where_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = open_on(&dir.path().join("forms.db")).await;
+        let typo = json!({"type": "object", "properties": {"mail": {"format": "emial"}}});
+        let status = tonic::Status::from(create(&registry, "typo", &typo).await.unwrap_err());
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let violation = status.get_details_bad_request().unwrap().field_violations[0].clone();
+        assert_eq!(violation.field, "schema_json/properties/mail/format");
+        assert_eq!(violation.reason, "UNKNOWN_FORMAT");
+
+        let known = json!({"type": "object", "properties": {
+            "mail": {"format": "idn-email"},
+            "code": {"format": "lv-personal-code"}
+        }});
+        create(&registry, "known", &known).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_comparison_that_panics_is_reported_as_a_failed_check() {
+        let error = check_apart(|| panic!("a bug in the comparison"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, FormsError::CompatibilityCheck(_)),
+            "{error:?}"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), Code::Internal);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "COMPATIBILITY_CHECK_FAILED");
     }
 }

@@ -107,9 +107,22 @@ impl jsonschema::Retrieve for NoRemoteReferences {
 }
 
 impl CompiledSchema {
-    /// Compiles a schema. It must be draft 2020-12 (stated or implied) and refer to nothing
-    /// outside itself.
+    /// Compiles the schema of a stored version. It must be draft 2020-12 (stated or implied) and
+    /// refer to nothing outside itself. A format this service does not know is not checked: only
+    /// versions published before unknown formats were refused can have one, and they must keep
+    /// accepting what they accepted.
     pub fn compile(schema: &Value) -> Result<Self, Violation> {
+        Self::build(schema, false)
+    }
+
+    /// Compiles a schema submitted for a new form or version: as [`CompiledSchema::compile`],
+    /// and every `format` must be one of [`STANDARD_FORMATS`] or [`OWN_FORMATS`], since a
+    /// misspelt format would silently check nothing.
+    pub fn compile_new(schema: &Value) -> Result<Self, Violation> {
+        Self::build(schema, true)
+    }
+
+    fn build(schema: &Value, refuse_unknown_formats: bool) -> Result<Self, Violation> {
         let bad = |pointer: &str, en: String, lv: String| Violation {
             pointer: pointer.to_owned(),
             reason: "INVALID_SCHEMA",
@@ -141,9 +154,17 @@ impl CompiledSchema {
                 format!("shēma neatbilst JSON Schema: {error}"),
             ));
         }
+        // A new schema is walked for unknown formats first, which names the place; refusing
+        // them here as well covers subschemas only a reference the walk cannot follow reaches.
+        if refuse_unknown_formats && let Some(violation) = unknown_format(schema) {
+            return Err(violation);
+        }
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)
             .should_validate_formats(true)
+            .should_ignore_unknown_formats(!refuse_unknown_formats)
+            // A mailbox is an address alone: `Name <name@example.lv>` is not one.
+            .with_email_options(jsonschema::EmailOptions::default().without_display_text())
             .with_format("lv-personal-code", formats::is_personal_code)
             .with_format("iban", formats::is_iban)
             .with_retriever(NoRemoteReferences)
@@ -180,6 +201,127 @@ impl CompiledSchema {
         violations.truncate(MAX_VIOLATIONS);
         violations
     }
+}
+
+/// The formats of JSON Schema 2020-12's format vocabulary, all of them enforced.
+pub const STANDARD_FORMATS: &[&str] = &[
+    "date-time",
+    "date",
+    "time",
+    "duration",
+    "email",
+    "idn-email",
+    "hostname",
+    "idn-hostname",
+    "ipv4",
+    "ipv6",
+    "uri",
+    "uri-reference",
+    "iri",
+    "iri-reference",
+    "uuid",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+    "regex",
+];
+
+/// The platform's own formats (see [`formats`]).
+pub const OWN_FORMATS: &[&str] = &["lv-personal-code", "iban"];
+
+/// Keywords whose value is a subschema (`items` may also be a list, as before 2020-12).
+const SUBSCHEMA: &[&str] = &[
+    "additionalProperties",
+    "propertyNames",
+    "items",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "contentSchema",
+    "additionalItems",
+];
+/// Keywords whose value names subschemas (`dependencies` also names lists of fields, which
+/// are no schemas and hold no format).
+const SUBSCHEMA_MAPS: &[&str] = &[
+    "properties",
+    "patternProperties",
+    "dependentSchemas",
+    "$defs",
+    "definitions",
+    "dependencies",
+];
+/// Keywords whose value lists subschemas.
+const SUBSCHEMA_LISTS: &[&str] = &["allOf", "anyOf", "oneOf", "prefixItems", "items"];
+
+/// The first `format` (by place in the schema) that is neither standard nor the platform's.
+///
+/// Only places that hold a subschema are searched, and places that local references (`#/...`)
+/// point to, so that a field of data named `format` (under `properties`) or a `format` inside
+/// `enum`, `const` or `examples` is not taken for the keyword.
+fn unknown_format(schema: &Value) -> Option<Violation> {
+    let mut unknown: Vec<(String, &str)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![(schema, String::new())];
+    while let Some((node, pointer)) = stack.pop() {
+        let Some(map) = node.as_object() else {
+            continue;
+        };
+        if !seen.insert(pointer.clone()) {
+            continue;
+        }
+        if let Some(Value::String(name)) = map.get("format")
+            && !STANDARD_FORMATS.contains(&name.as_str())
+            && !OWN_FORMATS.contains(&name.as_str())
+        {
+            unknown.push((child(&pointer, "format"), name));
+        }
+        for (keyword, value) in map {
+            let at = child(&pointer, keyword);
+            let keyword = keyword.as_str();
+            if SUBSCHEMA.contains(&keyword) && value.is_object() {
+                stack.push((value, at.clone()));
+            }
+            if SUBSCHEMA_MAPS.contains(&keyword)
+                && let Some(named) = value.as_object()
+            {
+                stack.extend(named.iter().map(|(name, sub)| (sub, child(&at, name))));
+            }
+            if SUBSCHEMA_LISTS.contains(&keyword)
+                && let Some(list) = value.as_array()
+            {
+                stack.extend(
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, sub)| (sub, child(&at, &i.to_string()))),
+                );
+            }
+            if matches!(keyword, "$ref" | "$dynamicRef")
+                && let Some(target) = value.as_str().and_then(|r| r.strip_prefix('#'))
+                && let Some(sub) = schema.pointer(target)
+            {
+                stack.push((sub, target.to_owned()));
+            }
+        }
+    }
+    let (pointer, name) = unknown.into_iter().min()?;
+    let known = STANDARD_FORMATS
+        .iter()
+        .chain(OWN_FORMATS)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(Violation {
+        pointer,
+        reason: "UNKNOWN_FORMAT",
+        en: format!("`{name}` is not a format this service checks; use one of: {known}"),
+        lv: format!(
+            "formātu `{name}` šis pakalpojums nepārbauda; izmantojiet kādu no šiem: {known}"
+        ),
+    })
 }
 
 /// Appends `name` to a JSON Pointer, escaping `~` and `/`.
@@ -248,7 +390,8 @@ fn describe(at: &str, kind: &ValidationErrorKind, out: &mut Vec<Violation>) {
                     "not a valid date (YYYY-MM-DD)",
                     "nederīgs datums (GGGG-MM-DD)",
                 ),
-                "email" => ("not a valid e-mail address", "nederīga e-pasta adrese"),
+                "email" | "idn-email" => ("not a valid e-mail address", "nederīga e-pasta adrese"),
+                "hostname" | "idn-hostname" => ("not a valid domain name", "nederīgs domēna vārds"),
                 _ => (
                     "the value has the wrong format",
                     "vērtībai ir nepareizs formāts",
@@ -390,6 +533,98 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn internationalised_mailboxes_and_host_names_are_checked() {
+        let schema = json!({"properties": {
+            "mail": {"type": "string", "format": "idn-email"},
+            "host": {"type": "string", "format": "idn-hostname"},
+            "ascii": {"type": "string", "format": "email"}
+        }});
+        for good in [
+            json!({"mail": "jānis.bērziņš@piemērs.lv", "host": "piemērs.lv"}),
+            json!({"mail": "anna@example.com", "host": "xn--piemrs-s3a.lv"}),
+            json!({"mail": "\u{4f8b}\u{3048}@\u{4f8b}\u{3048}.\u{30c6}\u{30b9}\u{30c8}"}),
+        ] {
+            assert!(pointers(&schema, &good).is_empty(), "{good}");
+        }
+        for (bad, at) in [
+            (json!({"mail": "not an address"}), "/mail"),
+            (json!({"mail": "jānis@-piemērs.lv"}), "/mail"),
+            (json!({"mail": "jānis@piemērs..lv"}), "/mail"),
+            (json!({"mail": "Jānis <janis@piemērs.lv>"}), "/mail"),
+            (json!({"ascii": "Anna <anna@example.com>"}), "/ascii"),
+            (json!({"host": "-piemērs.lv"}), "/host"),
+            (json!({"host": "piemērs lv"}), "/host"),
+            (json!({"host": "a..lv"}), "/host"),
+            (json!({"host": "xn--zz.lv"}), "/host"),
+        ] {
+            assert_eq!(pointers(&schema, &bad), [at], "{bad}");
+        }
+        // Both speak of e-mail in both languages.
+        let violations = CompiledSchema::compile(&schema)
+            .unwrap()
+            .validate(&json!({"mail": "x"}));
+        assert_eq!(violations[0].reason, "FORMAT");
+        assert_eq!(violations[0].en, "not a valid e-mail address");
+    }
+
+    #[test]
+    fn unknown_formats_are_refused_in_new_schemas_only() {
+        let at = |schema: &Value| CompiledSchema::compile_new(schema).err().map(|v| v.pointer);
+        let typo = json!({"properties": {"mail": {"type": "string", "format": "emial"}}});
+        assert_eq!(at(&typo).as_deref(), Some("/properties/mail/format"));
+        // Versions stored before keep validating, the unknown format unchecked.
+        assert!(CompiledSchema::compile(&typo).is_ok());
+        let refused = CompiledSchema::compile_new(&typo).unwrap_err();
+        assert_eq!(refused.reason, "UNKNOWN_FORMAT");
+        assert!(refused.en.contains("`emial`") && refused.en.contains("idn-email"));
+
+        for (schema, pointer) in [
+            (json!({"format": "ipv5"}), "/format"),
+            (
+                json!({"items": {"format": "x"}, "$defs": {"a": {"format": "date"}}}),
+                "/items/format",
+            ),
+            (
+                json!({"$defs": {"a/b": {"format": "x"}}}),
+                "/$defs/a~1b/format",
+            ),
+            (
+                json!({"allOf": [{}, {"not": {"format": "x"}}]}),
+                "/allOf/1/not/format",
+            ),
+            (
+                json!({"properties": {"a": {"additionalProperties": {"format": "x"}}}}),
+                "/properties/a/additionalProperties/format",
+            ),
+            // Reached only through a reference into a keyword this service does not know.
+            (
+                json!({"$ref": "#/x-parts/code", "x-parts": {"code": {"format": "x"}}}),
+                "/x-parts/code/format",
+            ),
+            // The first by place is named.
+            (
+                json!({"properties": {"b": {"format": "y"}, "a": {"format": "x"}}}),
+                "/properties/a/format",
+            ),
+        ] {
+            assert_eq!(at(&schema).as_deref(), Some(pointer), "{schema}");
+        }
+
+        // `format` as a field name or inside data is no keyword; every known format passes.
+        let fine = json!({
+            "properties": {"format": {"type": "string", "format": "date"}},
+            "enum": [{"format": "anything"}],
+            "const": {"format": "anything"},
+            "examples": [{"format": "anything"}],
+            "x-unreferenced": {"format": "anything"}
+        });
+        assert_eq!(at(&fine), None);
+        for name in STANDARD_FORMATS.iter().chain(OWN_FORMATS) {
+            assert_eq!(at(&json!({"format": name})), None, "{name}");
+        }
     }
 
     #[test]
