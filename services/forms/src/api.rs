@@ -178,10 +178,10 @@ impl pb::forms_service_server::FormsService for FormsApi {
         Caller::of(&request)?;
         let r = request.into_inner();
         let (id, which) = model::parse_version_name(&r.name).map_err(|m| invalid("name", m))?;
-        let (form, version) = self.registry.validate(&id, which, &r.data_json).await?;
+        let validated = self.registry.validate(&id, which, &r.data_json).await?;
         Ok(Response::new(pb::ValidateFormDataResponse {
-            version: version.name(),
-            title: Some(localized_pb(&form.title)),
+            version: validated.version.clone(),
+            title: Some(localized_pb(&validated.title)),
         }))
     }
 }

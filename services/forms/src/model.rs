@@ -138,7 +138,7 @@ pub fn version_name(form_id: &str, version: u32) -> String {
 }
 
 /// Which version a caller means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VersionRef {
     /// A numbered version.
     Number(u32),

@@ -2,7 +2,8 @@
 //! reading them, and validating data. Who may do what is decided here; the store only keeps.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use onestop_platform::identity::{Member, Principal, SpiffeId};
 use onestop_platform::paging::{PageTokens, Query};
@@ -12,8 +13,8 @@ use time::OffsetDateTime;
 use crate::compat::{self, Narrowing};
 use crate::error::FormsError;
 use crate::model::{
-    self, Field, Form, FormVersion, Localized, VersionRef, check_fields, check_form_id,
-    check_request_id, check_text,
+    self, Deprecation, Field, Form, FormVersion, Localized, VersionRef, check_fields,
+    check_form_id, check_request_id, check_text,
 };
 use crate::schema::{self, CompiledSchema};
 use crate::store::{RequestKey, Store, StoreError};
@@ -88,9 +89,11 @@ pub struct Registry {
     store: Store,
     operators: Vec<Member>,
     tokens: PageTokens,
-    /// Versions are immutable, so a compiled schema never goes stale; only versions validated
-    /// against are cached, at most [`MAX_CACHED_SCHEMAS`].
-    compiled: RwLock<HashMap<(String, u32), CompiledSchema>>,
+    /// Versions validated against, by what the caller named (a number or `latest`), at most
+    /// [`MAX_CACHED_SCHEMAS`].
+    validators: RwLock<HashMap<(String, VersionRef), Arc<Validator>>>,
+    /// How long a validator is used before it is read again ([`VALIDATOR_STALENESS`]).
+    staleness: Duration,
 }
 
 impl Registry {
@@ -108,7 +111,8 @@ impl Registry {
             store,
             operators,
             tokens,
-            compiled: RwLock::new(HashMap::new()),
+            validators: RwLock::new(HashMap::new()),
+            staleness: VALIDATOR_STALENESS,
         })
     }
 
@@ -327,7 +331,8 @@ impl Registry {
             .publish_version(&version, form.latest_version, new.title.as_ref(), key)
             .await
         {
-            Ok(()) => {}
+            // This replica sees its own change at once; the others within the staleness.
+            Ok(()) => self.forget(form_id),
             Err(StoreError::Conflict) => {
                 let otherwise = FormsError::Concurrent(form.name());
                 let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
@@ -374,7 +379,10 @@ impl Registry {
             .deprecate_version(form_id, number, reason, now, key)
             .await
         {
-            Ok(()) => self.version(form_id, VersionRef::Number(number)).await,
+            Ok(()) => {
+                self.forget(form_id);
+                self.version(form_id, VersionRef::Number(number)).await
+            }
             Err(StoreError::Conflict) => {
                 let otherwise = FormsError::Concurrent(form.name());
                 let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
@@ -479,60 +487,138 @@ impl Registry {
         }))
     }
 
-    /// Validates a JSON document against a version that accepts data.
+    /// Validates a JSON document against a version that accepts data, and names the version
+    /// and the form's title. The version is read from memory (see [`Validator`]); a large
+    /// document is parsed and checked on a blocking thread, off the threads that serve calls.
     pub async fn validate(
         &self,
         form_id: &str,
         which: VersionRef,
         data_json: &str,
-    ) -> Result<(Form, FormVersion), FormsError> {
-        let document =
-            schema::parse_json(data_json, schema::MAX_DOCUMENT_BYTES).map_err(|error| {
-                FormsError::InvalidJson {
-                    field: "data_json",
-                    error,
-                }
-            })?;
-        let version = self.version(form_id, which).await?;
-        if let Some(deprecation) = &version.deprecation {
+    ) -> Result<Arc<Validator>, FormsError> {
+        let validator = self.validator(form_id, which).await?;
+        if let Some(deprecation) = &validator.deprecation {
             let latest = self.store.latest_active_version(form_id).await?;
             return Err(FormsError::Deprecated {
-                version: version.name(),
+                version: validator.version.clone(),
                 reason: deprecation.reason.clone(),
                 latest: latest.map(|v| v.version),
             });
         }
-        let violations = self.compiled(&version)?.validate(&document);
+        let check = |data_json: &str, compiled: &CompiledSchema| {
+            let document =
+                schema::parse_json(data_json, schema::MAX_DOCUMENT_BYTES).map_err(|error| {
+                    FormsError::InvalidJson {
+                        field: "data_json",
+                        error,
+                    }
+                })?;
+            Ok::<_, FormsError>(compiled.validate(&document))
+        };
+        let violations = if data_json.len() <= HEAVY_DOCUMENT_BYTES {
+            check(data_json, &validator.compiled)?
+        } else {
+            let (data_json, compiled) = (data_json.to_owned(), validator.compiled.clone());
+            tokio::task::spawn_blocking(move || check(&data_json, &compiled))
+                .await
+                .map_err(|e| FormsError::Internal(format!("validation: {e}")))??
+        };
         if !violations.is_empty() {
             return Err(FormsError::InvalidData {
-                version: version.name(),
+                version: validator.version.clone(),
                 violations,
             });
         }
-        let form = self.form(form_id).await?;
-        Ok((form, version))
+        Ok(validator)
     }
 
-    /// The compiled schema of a version, compiling it on first use.
-    pub fn compiled(&self, version: &FormVersion) -> Result<CompiledSchema, FormsError> {
-        let key = (version.form_id.clone(), version.version);
-        if let Some(compiled) = self.compiled.read().ok().and_then(|c| c.get(&key).cloned()) {
-            return Ok(compiled);
+    /// What validating against a version needs, from memory when it was read less than
+    /// [`VALIDATOR_STALENESS`] ago, from the store otherwise (compiling the schema on a blocking
+    /// thread when it is not compiled yet).
+    async fn validator(
+        &self,
+        form_id: &str,
+        which: VersionRef,
+    ) -> Result<Arc<Validator>, FormsError> {
+        let key = (form_id.to_owned(), which);
+        let cached = self
+            .validators
+            .read()
+            .ok()
+            .and_then(|cache| cache.get(&key).cloned());
+        if let Some(validator) = cached.filter(|v| v.read.elapsed() < self.staleness) {
+            return Ok(validator);
         }
-        let (_, compiled) = compile(&version.schema_json)?;
-        self.remember(version, compiled.clone());
-        Ok(compiled)
-    }
-
-    fn remember(&self, version: &FormVersion, compiled: CompiledSchema) {
-        if let Ok(mut cache) = self.compiled.write() {
-            // A crude bound: versions in use are few, and recompiling is cheap next to a leak.
+        let version = self.version(form_id, which).await?;
+        let form = self.form(form_id).await?;
+        let compiled_key = (version.form_id.clone(), version.version);
+        let compiled = self.validators.read().ok().and_then(|cache| {
+            cache
+                .values()
+                .find(|v| v.key == compiled_key)
+                .map(|v| v.compiled.clone())
+        });
+        let compiled = match compiled {
+            Some(compiled) => compiled,
+            None => {
+                let schema_json = version.schema_json.clone();
+                tokio::task::spawn_blocking(move || compile(&schema_json))
+                    .await
+                    .map_err(|e| FormsError::Internal(format!("compiling a schema: {e}")))??
+                    .1
+            }
+        };
+        let validator = Arc::new(Validator {
+            key: compiled_key,
+            version: version.name(),
+            title: form.title,
+            deprecation: version.deprecation,
+            compiled,
+            read: Instant::now(),
+        });
+        if let Ok(mut cache) = self.validators.write() {
+            // A crude bound: versions in use are few, and reading them again is cheap next to
+            // a leak.
             if cache.len() >= MAX_CACHED_SCHEMAS {
                 cache.clear();
             }
-            cache.insert((version.form_id.clone(), version.version), compiled);
+            cache.insert(key, validator.clone());
+        }
+        Ok(validator)
+    }
+}
+
+impl Registry {
+    /// Drops what validation keeps of a form, after this replica changed it.
+    fn forget(&self, form_id: &str) {
+        if let Ok(mut cache) = self.validators.write() {
+            cache.retain(|(form, _), _| form != form_id);
         }
     }
+}
+
+/// How long a version read for validation is used before it is read again. Published versions
+/// never change, but which version is the latest and whether one is deprecated do: every
+/// replica sees such a change within this time, whichever replica made it.
+pub const VALIDATOR_STALENESS: Duration = Duration::from_secs(2);
+
+/// Documents larger than this are parsed and validated on a blocking thread.
+const HEAVY_DOCUMENT_BYTES: usize = 64 * 1024;
+
+/// A version as validation needs it, kept in memory.
+#[derive(Debug)]
+pub struct Validator {
+    /// The form and version number it is.
+    key: (String, u32),
+    /// The version's name, `forms/{form}/versions/{n}`.
+    pub version: String,
+    /// The form's title.
+    pub title: Localized,
+    /// Set once the version is deprecated (as of when it was read).
+    deprecation: Option<Deprecation>,
+    compiled: CompiledSchema,
+    /// When it was read from the store.
+    read: Instant,
 }
 
 /// Compiles a submitted schema on a blocking thread: a large one takes milliseconds of CPU.
@@ -699,6 +785,49 @@ mod tests {
             FormsError::InvalidField { field, .. } => field,
             other => panic!("not an invalid field: {other:?}"),
         }
+    }
+
+    async fn latest(registry: &Registry) -> Result<Arc<Validator>, FormsError> {
+        registry.validate("form-s", VersionRef::Latest, "{}").await
+    }
+
+    #[tokio::test]
+    async fn another_replicas_change_is_seen_within_the_staleness_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("forms.db");
+        let mut a = open_on(&file).await;
+        let b = open_on(&file).await;
+        create(&b, "form-s", &json!({"type": "object"}))
+            .await
+            .unwrap();
+        assert_eq!(latest(&a).await.unwrap().version, "forms/form-s/versions/1");
+        publish(&b, "form-s", 2).await;
+        // Within the bound a replica may answer from what it read ...
+        assert_eq!(latest(&a).await.unwrap().version, "forms/form-s/versions/1");
+        // ... and past it, it reads again.
+        a.staleness = Duration::ZERO;
+        assert_eq!(latest(&a).await.unwrap().version, "forms/form-s/versions/2");
+        // The replica that makes a change sees it at once.
+        assert_eq!(latest(&b).await.unwrap().version, "forms/form-s/versions/2");
+        b.deprecate(
+            &vsaa(),
+            "dep-2",
+            "form-s",
+            2,
+            "replaced",
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+        let refused = b
+            .validate("form-s", VersionRef::Number(2), "{}")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, FormsError::Deprecated { .. }),
+            "{refused:?}"
+        );
+        assert_eq!(latest(&b).await.unwrap().version, "forms/form-s/versions/1");
     }
 
     #[tokio::test]
