@@ -2,7 +2,9 @@
 //! forms service and gateway as separate processes, and nginx (`grpc_pass`) and HAProxy in front
 //! of the same forms service, mutual TLS on every leg. The same `ValidateFormData` call (a valid
 //! 0.7 KB residence declaration) is made straight to the service, through the gateway, through
-//! nginx and through HAProxy, in alternating rounds, with the same number of calls in flight.
+//! nginx and through HAProxy, in alternating rounds, with the same number of calls in flight;
+//! the service's own health `Check`, made the same way, shows what the platform's stack costs
+//! a call that does no work.
 //!
 //! CPU per call counts every process on the path (the load generator, the proxy, the service),
 //! read from /proc: steadier than throughput on a shared machine.
@@ -18,6 +20,8 @@ use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
 use onestop_proto::forms::v1::ValidateFormDataRequest;
 use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::say;
 
@@ -163,6 +167,8 @@ fn channel(address: &str, pki: &Path, cert: &str) -> anyhow::Result<Channel> {
 /// One path to the forms service, and its figures summed over its rounds.
 struct Target {
     label: &'static str,
+    /// Health `Check` instead of the validation: the service's floor, for comparison.
+    health: bool,
     channel: Channel,
     /// The processes on the path besides the load generator.
     processes: Vec<u32>,
@@ -184,12 +190,18 @@ async fn round(
     let mut workers = Vec::new();
     for _ in 0..IN_FLIGHT {
         let mut client = FormsServiceClient::new(path.channel.clone());
+        let mut health = HealthClient::new(path.channel.clone());
         let request = request.clone();
+        let checks_health = path.health;
         workers.push(tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new(3)?;
             while start.elapsed() < duration {
                 let began = Instant::now();
-                client.validate_form_data(request.clone()).await?;
+                if checks_health {
+                    health.check(HealthCheckRequest::default()).await?;
+                } else {
+                    client.validate_form_data(request.clone()).await?;
+                }
                 histogram.record(u64::try_from(began.elapsed().as_micros())?)?;
             }
             anyhow::Ok(histogram)
@@ -303,7 +315,17 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
 
     let mut paths = vec![
         Target {
+            label: "health",
+            health: true,
+            channel: channel(&format!("127.0.0.1:{forms_port}"), &pki, "bench")?,
+            processes: vec![forms.child.id()],
+            histogram: Histogram::new(3)?,
+            seconds: 0.0,
+            cpu: 0.0,
+        },
+        Target {
             label: "direct",
+            health: false,
             channel: channel(&format!("127.0.0.1:{forms_port}"), &pki, "bench")?,
             processes: vec![forms.child.id()],
             histogram: Histogram::new(3)?,
@@ -312,6 +334,7 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
         },
         Target {
             label: "gateway",
+            health: false,
             channel: channel(&format!("127.0.0.1:{gateway_port}"), &pki, "member")?,
             processes: vec![forms.child.id(), gateway.child.id()],
             histogram: Histogram::new(3)?,
@@ -357,6 +380,7 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
             listening(&mut process, nginx_port, "nginx", &logs.join("nginx.log")).await?;
             paths.push(Target {
                 label: "nginx",
+                health: false,
                 channel: channel(&format!("127.0.0.1:{nginx_port}"), &pki, "bench")?,
                 processes: vec![forms.child.id(), process.child.id()],
                 histogram: Histogram::new(3)?,
@@ -395,6 +419,7 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
             .await?;
             paths.push(Target {
                 label: "haproxy",
+                health: false,
                 channel: channel(&format!("127.0.0.1:{haproxy_port}"), &pki, "bench")?,
                 processes: vec![forms.child.id(), process.child.id()],
                 histogram: Histogram::new(3)?,
@@ -472,9 +497,15 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
             "{label:<10} {rate:>10.0} {p50:>9} {p99:>9} {cpu:>12.1}"
         ));
     }
-    if let Some((_, direct_rate, direct_p50, direct_p99, direct_cpu)) = figures.first().copied() {
+    if let (Some(health), Some(direct)) = (figures.first(), figures.get(1)) {
+        say(&format!(
+            "direct ValidateFormData at {:.0}% of the same service's health Check rate",
+            100.0 * direct.1 / health.1
+        ));
+    }
+    if let Some((_, direct_rate, direct_p50, direct_p99, direct_cpu)) = figures.get(1).copied() {
         say("added to the direct path:");
-        for (label, rate, p50, p99, cpu) in figures.iter().skip(1) {
+        for (label, rate, p50, p99, cpu) in figures.iter().skip(2) {
             say(&format!(
                 "{label:<10} p50 {:+} µs, p99 {:+} µs, CPU {:+.1} µs/call, keeps {:.0}% of the direct throughput",
                 i128::from(*p50) - i128::from(direct_p50),
