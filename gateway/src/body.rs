@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::{Bytes, Incoming};
-use onestop_platform::metrics::CallRecord;
+use onestop_platform::metrics::{CallRecord, Recorded};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
@@ -86,10 +86,9 @@ impl Drop for CallGuard {
 /// member's and the gateway's budgets) until the call has finished, notes its status from the
 /// trailers, and when it ends counts it and writes the call's one log line.
 pub struct Guarded<B> {
-    body: B,
+    body: Recorded<B>,
     _call: CallGuard,
     _permit: Option<BudgetPermit>,
-    record: CallRecord,
     member: Arc<str>,
     trace_id: Option<HeaderValue>,
 }
@@ -105,10 +104,9 @@ impl<B> Guarded<B> {
         trace_id: Option<HeaderValue>,
     ) -> Self {
         Self {
-            body,
+            body: Recorded::new(body, record),
             _call: call,
             _permit: permit,
-            record,
             member,
             trace_id,
         }
@@ -117,7 +115,8 @@ impl<B> Guarded<B> {
 
 impl<B> Drop for Guarded<B> {
     fn drop(&mut self) {
-        let (service, method, code, took) = self.record.describe();
+        // The call's one line; its metrics are recorded as the body drops, right after.
+        let (service, method, code, took) = self.body.record().describe();
         let trace_id = self
             .trace_id
             .as_ref()
@@ -143,14 +142,7 @@ impl<B: HttpBody + Unpin> HttpBody for Guarded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(trailers) = frame.trailers_ref()
-        {
-            this.record.code_from(trailers);
-        }
-        polled
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

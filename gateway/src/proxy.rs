@@ -374,17 +374,12 @@ impl Gateway {
         // The services hold messages to their own size limit and say so in a status.
         let request = metered(request, usize::MAX);
         match tokio::time::timeout(deadline, upstream.send(request)).await {
-            Ok(Ok(response)) => {
-                // A status a service's transport made on its own (overload, a deadline) gets
-                // the platform's shape on the way out, like the services' own errors.
-                let reshaped = tonic::Status::from_header_map(response.headers())
-                    .as_ref()
-                    .and_then(platform_status::reshape);
-                match reshaped {
-                    Some(status) => (status.into_http(), Some(permit)),
-                    None => (response.map(Body::new), Some(permit)),
-                }
-            }
+            // A status a service's transport made on its own (overload, a deadline) gets the
+            // platform's shape on the way out, like the services' own errors.
+            Ok(Ok(response)) => (
+                platform_status::reshape_response(response.map(Body::new)),
+                Some(permit),
+            ),
             Ok(Err(error)) => {
                 tracing::warn!(service = %upstream.service, %error, "upstream unreachable");
                 refused(

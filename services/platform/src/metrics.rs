@@ -244,6 +244,11 @@ impl<B> Recorded<B> {
     pub fn new(body: B, record: CallRecord) -> Self {
         Self { body, record }
     }
+
+    /// The call as recorded so far.
+    pub fn record(&self) -> &CallRecord {
+        &self.record
+    }
 }
 
 impl<B> HttpBody for Recorded<B>

@@ -11,8 +11,10 @@ use crate::caller::AuthenticateLayer;
 use crate::config::ServerConfig;
 use crate::identity::SpiffeId;
 use crate::metrics::{Readiness, RecordCallsLayer};
-use crate::status::ShapeErrorsLayer;
-use crate::streams::UntilShutdownLayer;
+use tower::util::MapResponseLayer;
+
+use crate::status;
+use crate::streams;
 use crate::telemetry::TraceLayer;
 use crate::tls::{self, ClientAuth, ServerTls};
 
@@ -126,10 +128,12 @@ pub async fn serve(
         // Every call counted and timed, by service, method and code.
         .layer(RecordCallsLayer)
         // On shutdown, streams still open (a health watch, an inbox) end at once.
-        .layer(UntilShutdownLayer::new(shutdown.clone()))
+        .layer(MapResponseLayer::new(streams::end_on_shutdown(
+            shutdown.clone(),
+        )))
         // What the transport answers on its own (a message that does not decode, no such
         // method, overload) in the same shape as the services' errors.
-        .layer(ShapeErrorsLayer)
+        .layer(MapResponseLayer::new(status::reshape_response))
         // Who calls, for every method (health and reflection too): only platform components
         // and the gateway, speaking for a member, get through.
         .layer(AuthenticateLayer::new(gateway, tls))

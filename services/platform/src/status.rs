@@ -8,9 +8,6 @@
 //! the HTTP/2 header limits of the peers that forward it.
 
 use std::borrow::Cow;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
@@ -162,63 +159,28 @@ pub fn reshape(status: &Status) -> Option<Status> {
     Some(error(code, reason, message, Vec::new()))
 }
 
-/// A tower layer that [`reshape`]s the statuses a server's transport answers with on its own
-/// (trailers-only responses without details).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ShapeErrorsLayer;
-
-impl<S> tower::Layer<S> for ShapeErrorsLayer {
-    type Service = ShapeErrors<S>;
-
-    fn layer(&self, inner: S) -> ShapeErrors<S> {
-        ShapeErrors { inner }
+/// A response with its status [`reshape`]d when the transport made it (a trailers-only answer
+/// without details); any other response as it is. Servers apply it to every answer, and the
+/// gateway to every answer of a service.
+pub fn reshape_response(
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    // Only a trailers-only answer has its status in the headers; a streamed answer's status
+    // comes at the end and is the service's own.
+    let Some(status) = Status::from_header_map(response.headers())
+        .as_ref()
+        .and_then(reshape)
+    else {
+        return response;
+    };
+    let mut shaped = status.into_http::<tonic::body::Body>();
+    // Keep what the server said besides the status (the trace id, for instance).
+    for (name, value) in response.headers() {
+        if !name.as_str().starts_with("grpc-") {
+            shaped.headers_mut().insert(name.clone(), value.clone());
+        }
     }
-}
-
-/// The service of [`ShapeErrorsLayer`].
-#[derive(Clone, Debug)]
-pub struct ShapeErrors<S> {
-    inner: S,
-}
-
-impl<S, Req> tower::Service<Req> for ShapeErrors<S>
-where
-    S: tower::Service<Req, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Req) -> Self::Future {
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let response = answer.await?;
-            // Only a trailers-only answer has its status in the headers; a streamed answer's
-            // status comes at the end and is the service's own.
-            let reshaped = Status::from_header_map(response.headers())
-                .as_ref()
-                .and_then(reshape);
-            Ok(match reshaped {
-                Some(status) => {
-                    let mut shaped = status.into_http::<tonic::body::Body>();
-                    // Keep what the server said besides the status (trace id, for instance).
-                    for (name, value) in response.headers() {
-                        if !name.as_str().starts_with("grpc-") {
-                            shaped.headers_mut().insert(name.clone(), value.clone());
-                        }
-                    }
-                    shaped
-                }
-                None => response,
-            })
-        })
-    }
+    shaped
 }
 
 /// Keeps at most [`MAX_VIOLATIONS`] violations within [`MAX_VIOLATION_BYTES`], each part cut to

@@ -83,57 +83,12 @@ where
     }
 }
 
-/// A tower layer that wraps every response body of a server in [`UntilShutdown`].
-#[derive(Clone, Debug)]
-pub struct UntilShutdownLayer {
+/// What a server applies to every answer: its body wrapped in [`UntilShutdown`].
+pub fn end_on_shutdown(
     shutdown: CancellationToken,
-}
-
-impl UntilShutdownLayer {
-    /// Streams end when `shutdown` is cancelled.
-    pub fn new(shutdown: CancellationToken) -> Self {
-        Self { shutdown }
-    }
-}
-
-impl<S> tower::Layer<S> for UntilShutdownLayer {
-    type Service = EndStreams<S>;
-
-    fn layer(&self, inner: S) -> EndStreams<S> {
-        EndStreams {
-            inner,
-            shutdown: self.shutdown.clone(),
-        }
-    }
-}
-
-/// The service of [`UntilShutdownLayer`].
-#[derive(Clone, Debug)]
-pub struct EndStreams<S> {
-    inner: S,
-    shutdown: CancellationToken,
-}
-
-impl<S, Req> tower::Service<Req> for EndStreams<S>
-where
-    S: tower::Service<Req, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Req) -> Self::Future {
-        let answer = self.inner.call(request);
-        let shutdown = self.shutdown.clone();
-        Box::pin(async move {
-            let response = answer.await?;
-            Ok(response.map(|body| tonic::body::Body::new(UntilShutdown::new(body, shutdown))))
-        })
+) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone {
+    move |response| {
+        let shutdown = shutdown.clone();
+        response.map(|body| tonic::body::Body::new(UntilShutdown::new(body, shutdown)))
     }
 }
