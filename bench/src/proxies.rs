@@ -177,6 +177,25 @@ struct Target {
     cpu: f64,
 }
 
+impl Target {
+    fn new(
+        label: &'static str,
+        health: bool,
+        channel: Channel,
+        processes: Vec<u32>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            label,
+            health,
+            channel,
+            processes,
+            histogram: Histogram::new(3)?,
+            seconds: 0.0,
+            cpu: 0.0,
+        })
+    }
+}
+
 async fn round(
     path: &mut Target,
     request: &ValidateFormDataRequest,
@@ -314,33 +333,24 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
     .await?;
 
     let mut paths = vec![
-        Target {
-            label: "health",
-            health: true,
-            channel: channel(&format!("127.0.0.1:{forms_port}"), &pki, "bench")?,
-            processes: vec![forms.child.id()],
-            histogram: Histogram::new(3)?,
-            seconds: 0.0,
-            cpu: 0.0,
-        },
-        Target {
-            label: "direct",
-            health: false,
-            channel: channel(&format!("127.0.0.1:{forms_port}"), &pki, "bench")?,
-            processes: vec![forms.child.id()],
-            histogram: Histogram::new(3)?,
-            seconds: 0.0,
-            cpu: 0.0,
-        },
-        Target {
-            label: "gateway",
-            health: false,
-            channel: channel(&format!("127.0.0.1:{gateway_port}"), &pki, "member")?,
-            processes: vec![forms.child.id(), gateway.child.id()],
-            histogram: Histogram::new(3)?,
-            seconds: 0.0,
-            cpu: 0.0,
-        },
+        Target::new(
+            "health",
+            true,
+            channel(&format!("127.0.0.1:{forms_port}"), &pki, "bench")?,
+            vec![forms.child.id()],
+        )?,
+        Target::new(
+            "direct",
+            false,
+            channel(&format!("127.0.0.1:{forms_port}"), &pki, "bench")?,
+            vec![forms.child.id()],
+        )?,
+        Target::new(
+            "gateway",
+            false,
+            channel(&format!("127.0.0.1:{gateway_port}"), &pki, "member")?,
+            vec![forms.child.id(), gateway.child.id()],
+        )?,
     ];
     let mut proxies = Vec::new();
     match find("nginx") {
@@ -378,15 +388,12 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
                 &logs.join("nginx.log"),
             )?;
             listening(&mut process, nginx_port, "nginx", &logs.join("nginx.log")).await?;
-            paths.push(Target {
-                label: "nginx",
-                health: false,
-                channel: channel(&format!("127.0.0.1:{nginx_port}"), &pki, "bench")?,
-                processes: vec![forms.child.id(), process.child.id()],
-                histogram: Histogram::new(3)?,
-                seconds: 0.0,
-                cpu: 0.0,
-            });
+            paths.push(Target::new(
+                "nginx",
+                false,
+                channel(&format!("127.0.0.1:{nginx_port}"), &pki, "bench")?,
+                vec![forms.child.id(), process.child.id()],
+            )?);
             proxies.push(process);
         }
         None => say("nginx is not installed (scripts/install-proxies): left out"),
@@ -417,15 +424,12 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
                 &logs.join("haproxy.log"),
             )
             .await?;
-            paths.push(Target {
-                label: "haproxy",
-                health: false,
-                channel: channel(&format!("127.0.0.1:{haproxy_port}"), &pki, "bench")?,
-                processes: vec![forms.child.id(), process.child.id()],
-                histogram: Histogram::new(3)?,
-                seconds: 0.0,
-                cpu: 0.0,
-            });
+            paths.push(Target::new(
+                "haproxy",
+                false,
+                channel(&format!("127.0.0.1:{haproxy_port}"), &pki, "bench")?,
+                vec![forms.child.id(), process.child.id()],
+            )?);
             proxies.push(process);
         }
         None => say("HAProxy is not installed (scripts/install-proxies): left out"),
