@@ -58,6 +58,8 @@ pub struct Options {
     pub reload_interval: std::time::Duration,
     /// Where to serve the process's metrics, liveness and readiness, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// How long every server lets calls finish after a shutdown signal.
+    pub drain: std::time::Duration,
 }
 
 impl Options {
@@ -76,6 +78,7 @@ impl Options {
             streams: (1024, 32),
             reload_interval: std::time::Duration::from_secs(10),
             admin: None,
+            drain: std::time::Duration::from_secs(10),
         }
     }
 
@@ -83,6 +86,7 @@ impl Options {
         let mut config = ServerConfig::new(listen, TlsFiles::in_pki_dir(&self.pki_dir(), name));
         config.limits = self.limits;
         config.reload_interval_ms = self.reload_interval;
+        config.drain_timeout_ms = self.drain;
         config
     }
 

@@ -295,7 +295,7 @@ pub async fn serve(
     );
     let connections = Connections::new(&limits);
     let ready = onestop_platform::metrics::Readiness::process().part("gateway");
-    ready.store(true, std::sync::atomic::Ordering::Release);
+    ready.set(true);
     let mut running = JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -311,7 +311,7 @@ pub async fn serve(
         running.spawn(connections.serve(gateway.clone(), stream, shutdown.clone()));
     }
     accepting.cancel();
-    ready.store(false, std::sync::atomic::Ordering::Release);
+    ready.set(false);
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;

@@ -2,7 +2,6 @@
 //! caller authentication), so that every kind of call can be sent through the gateway.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use futures_util::Stream;
 use onestop_cli::services::{Prepared, Service, Serving};
@@ -18,6 +17,12 @@ pub mod pb {
 
 use pb::echo_service_server::{EchoService, EchoServiceServer};
 use pb::{EchoRequest, EchoResponse};
+
+/// A unary call with this text never answers.
+pub const HANG: &str = "hang";
+
+/// Notified when a call that never answers has begun.
+pub static HANGING: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// The echo service's gRPC name.
 pub const SERVICE: &str = pb::echo_service_server::SERVICE_NAME;
@@ -35,6 +40,11 @@ impl EchoService for Echo {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
+        if r.text == HANG {
+            // A call that never finishes by itself, to see what shutdown does with it.
+            HANGING.notify_one();
+            std::future::pending::<()>().await;
+        }
         Ok(Response::new(EchoResponse {
             text: r.text,
             caller,
@@ -121,8 +131,7 @@ methods = ["onestop.testing.v1.EchoService/*"]
 "#,
     from_file: |_, _| anyhow::bail!("the echo service runs in tests only"),
     local: |local| {
-        let mut config = local.server;
-        config.drain_timeout_ms = Duration::from_secs(5);
+        let config = local.server;
         Prepared::new(
             config.listen,
             Default::default(),

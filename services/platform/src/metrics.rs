@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -324,10 +324,41 @@ where
     }
 }
 
-/// Whether each part of the process is ready for calls, for `/readyz`.
+/// Whether each part of the process (each server running in it) is ready for calls, for
+/// `/readyz`.
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
-    parts: Arc<Mutex<BTreeMap<String, Arc<AtomicBool>>>>,
+    parts: Arc<Mutex<BTreeMap<(String, u64), bool>>>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One part's place in the process's readiness; the part leaves it when this is dropped (its
+/// server has stopped).
+#[derive(Debug)]
+pub struct ReadyPart {
+    readiness: Readiness,
+    key: (String, u64),
+}
+
+impl ReadyPart {
+    /// Says whether the part is ready for calls.
+    pub fn set(&self, ready: bool) {
+        self.readiness
+            .parts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(self.key.clone(), ready);
+    }
+}
+
+impl Drop for ReadyPart {
+    fn drop(&mut self) {
+        self.readiness
+            .parts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl Readiness {
@@ -337,14 +368,15 @@ impl Readiness {
         READINESS.get_or_init(Readiness::default)
     }
 
-    /// A part (a server) whose readiness is set through the returned flag; not ready at first.
-    pub fn part(&self, name: &str) -> Arc<AtomicBool> {
-        self.parts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+    /// A new part named `name`, not ready until it says so.
+    pub fn part(&self, name: &str) -> ReadyPart {
+        let key = (name.to_owned(), self.next.fetch_add(1, Ordering::Relaxed));
+        let part = ReadyPart {
+            readiness: self.clone(),
+            key,
+        };
+        part.set(false);
+        part
     }
 
     /// The parts that are not ready; none when all are (and there is at least one).
@@ -358,8 +390,8 @@ impl Readiness {
         }
         parts
             .iter()
-            .filter(|(_, ready)| !ready.load(Ordering::Acquire))
-            .map(|(name, _)| name.clone())
+            .filter(|(_, ready)| !**ready)
+            .map(|((name, _), _)| name.clone())
             .collect()
     }
 }

@@ -11,7 +11,7 @@ use crate::caller::AuthenticateLayer;
 use crate::config::ServerConfig;
 use crate::identity::SpiffeId;
 use crate::metrics::{Readiness, RecordCallsLayer};
-use tower::util::MapResponseLayer;
+use tower::util::{MapFutureLayer, MapResponseLayer};
 
 use crate::status;
 use crate::streams;
@@ -92,6 +92,8 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let limits = config.limits;
     let gateway = gateway_identity(config)?;
+    // Cancelled when the drain time is up: calls still running are answered then.
+    let drained = CancellationToken::new();
     let tls = ServerTls::load(&config.tls, ClientAuth::Required)?;
     tls.watch(config.reload_interval_ms, shutdown.clone());
     let mut with_whole = served.to_vec();
@@ -127,10 +129,12 @@ pub async fn serve(
         .layer(TraceLayer)
         // Every call counted and timed, by service, method and code.
         .layer(RecordCallsLayer)
-        // On shutdown, streams still open (a health watch, an inbox) end at once.
+        // On shutdown, streams still open (a health watch, an inbox) end at once, and calls
+        // still waiting for their answer when the drain time is up are answered then.
         .layer(MapResponseLayer::new(streams::end_on_shutdown(
             shutdown.clone(),
         )))
+        .layer(MapFutureLayer::new(streams::cut_at(drained.clone())))
         // What the transport answers on its own (a message that does not decode, no such
         // method, overload) in the same shape as the services' errors.
         .layer(MapResponseLayer::new(status::reshape_response))
@@ -141,14 +145,14 @@ pub async fn serve(
 
     // Ready for calls from now until shutdown (the process's `/readyz`).
     let ready = Readiness::process().part(served.first().copied().unwrap_or("server"));
-    ready.store(true, std::sync::atomic::Ordering::Release);
+    ready.set(true);
     let stopping = {
         let reporter = reporter.clone();
         let served: Vec<String> = with_whole.iter().map(|s| (*s).to_owned()).collect();
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
-            ready.store(false, std::sync::atomic::Ordering::Release);
+            ready.set(false);
             for name in &served {
                 reporter
                     .set_service_status(name, ServingStatus::NotServing)
@@ -163,8 +167,16 @@ pub async fn serve(
     tokio::select! {
         result = &mut run => result?,
         () = async { shutdown.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
-            tracing::warn!(?drain_timeout, "calls still running after the drain timeout were cut off");
+            tracing::warn!(?drain_timeout, "calls still running after the drain timeout are cut off");
+            drained.cancel();
+            // Every call now answers at once, and the connections close after their answers.
+            if tokio::time::timeout(CLOSE_AFTER_CUT, &mut run).await.is_err() {
+                tracing::warn!("connections still open after the drain were dropped");
+            }
         }
     }
     Ok(())
 }
+
+/// How long connections may take to close once their calls were cut off at the drain timeout.
+const CLOSE_AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(2);

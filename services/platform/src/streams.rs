@@ -1,7 +1,8 @@
-//! Stream cancellation: on shutdown, every response still streaming ends at once with
-//! `UNAVAILABLE` (the client reconnects to another replica) instead of holding the process for the
-//! whole drain. Unary answers in flight are not cut; they are between frames only when waiting
-//! for the service, and then they end too.
+//! Ending calls at shutdown: every response still streaming ends at once with `UNAVAILABLE`
+//! (the client reconnects to another replica) instead of holding the process for the whole
+//! drain ([`UntilShutdown`]); a call whose answer has not even begun when the drain time is up
+//! is answered `UNAVAILABLE` then ([`cut_at`]), so that a server's `serve` returns with no call
+//! left running.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,5 +91,33 @@ pub fn end_on_shutdown(
     move |response| {
         let shutdown = shutdown.clone();
         response.map(|body| tonic::body::Body::new(UntilShutdown::new(body, shutdown)))
+    }
+}
+
+/// A call's answer on its way.
+pub type Answer<E> =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, E>> + Send>>;
+
+/// What a server applies to every call's answer: if it has not come when `drained` is
+/// cancelled (the drain time is up), the call is answered `UNAVAILABLE` and the service's work on
+/// it is dropped.
+pub fn cut_at<F, E>(drained: CancellationToken) -> impl Fn(F) -> Answer<E> + Clone
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>> + Send + 'static,
+{
+    move |answer| {
+        let drained = drained.clone();
+        Box::pin(async move {
+            tokio::select! {
+                answer = answer => answer,
+                () = drained.cancelled() => Ok(crate::status::error(
+                    tonic::Code::Unavailable,
+                    crate::status::Reason::Overloaded,
+                    "the server shut down before the call finished; retry on another".into(),
+                    Vec::new(),
+                )
+                .into_http()),
+            }
+        })
     }
 }
