@@ -148,11 +148,6 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
-    /// Notes the call's status code.
-    pub fn code(&mut self, code: tonic::Code) {
-        self.code = Some(code);
-    }
-
     /// Notes the status code of a header block, if it carries one.
     pub fn code_from(&mut self, headers: &http::HeaderMap) {
         if let Some(code) = headers

@@ -474,13 +474,9 @@ pub struct Peer {
     pub cert: Option<Arc<PeerCert>>,
 }
 
-/// Reads the SPIFFE identity from a verified leaf certificate. Exactly one `spiffe://` URI of
-/// the expected trust domain is accepted: a certificate naming two identities names none.
-pub fn identity_of(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> PeerIdentity {
-    inspect(certs, trust_domain).0
-}
-
-/// The identity and the certificate facts of a verified leaf certificate.
+/// The identity and the certificate facts of a verified leaf certificate. Exactly one
+/// `spiffe://` URI of the expected trust domain is accepted: a certificate naming two identities
+/// names none.
 pub fn inspect(
     certs: Option<&[CertificateDer<'_>]>,
     trust_domain: &str,
