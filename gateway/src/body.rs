@@ -29,6 +29,8 @@ pub struct Activity {
     epoch: Instant,
     /// Woken when the first call starts.
     pub first_call: Notify,
+    /// Woken when a call ends.
+    pub call_ended: Notify,
 }
 
 impl Activity {
@@ -40,6 +42,7 @@ impl Activity {
             quiet_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             first_call: Notify::new(),
+            call_ended: Notify::new(),
         })
     }
 
@@ -79,6 +82,7 @@ impl Drop for CallGuard {
         let now = u64::try_from(self.activity.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.activity.quiet_since_ms.store(now, Ordering::Release);
         self.activity.running.fetch_sub(1, Ordering::AcqRel);
+        self.activity.call_ended.notify_one();
     }
 }
 

@@ -121,10 +121,9 @@ impl Connections {
                     () = activity.first_call.notified(), if !first_seen => {
                         // From now on the idle timeout applies, not the first-call one.
                         first_seen = true;
-                        if !admitted {
-                            break "refused";
-                        }
                     }
+                    // A refused connection is closed once its refusal has been sent in full.
+                    () = activity.call_ended.notified(), if !admitted => break "refused",
                     () = tokio::time::sleep_until(expires) => {
                         tracing::info!(remote = %peer.remote_addr, "certificate expired; connection cut off");
                         return;

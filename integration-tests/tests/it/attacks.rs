@@ -210,7 +210,8 @@ async fn anonymous_clients_are_limited_before_anyone_is_identified() {
         .flood("/onestop.forms.v1.FormsService/GetForm", &[], 500)
         .await;
     eprintln!("anonymous flood on one connection: {outcome:?}");
-    assert!(outcome.answered <= 2, "{outcome:?}");
+    // One call at a time, and GOAWAY after the first refusal: a call or two may cross it.
+    assert!(outcome.answered <= 5, "{outcome:?}");
     assert_eq!(
         outcome.statuses.get("16").copied().unwrap_or(0),
         outcome.answered
