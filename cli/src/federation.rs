@@ -189,10 +189,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         let address = listener.local_addr()?;
         let prepared = (service.local)(Local {
             server: options.server_config(address, service.name),
-            database: DatabaseConfig {
-                url: options.database(service.name),
-                max_connections: 8,
-            },
+            database: DatabaseConfig::at(options.database(service.name)),
         });
         // Each service opens its store before the gateway starts, so that a failure is
         // reported at once and the first call finds it ready.

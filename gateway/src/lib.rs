@@ -251,7 +251,7 @@ pub async fn serve(
     // Health: the gateway itself, and each service as the service reports it (mirrored below).
     // Reflection describes the routed services, which the gateway does not serve itself.
     let mut local = tonic::service::RoutesBuilder::default();
-    let reporter = onestop_platform::server::standard_services(&mut local, &[""], &served).await?;
+    let reporter = onestop_platform::server::standard_services(&mut local, &served)?;
     for upstream in upstreams.values() {
         // Not serving until the service itself says otherwise.
         reporter

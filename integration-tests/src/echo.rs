@@ -6,6 +6,7 @@ use std::pin::Pin;
 use futures_util::Stream;
 use onestop_cli::services::{Prepared, Service, Serving};
 use onestop_platform::caller::Caller;
+use onestop_platform::server::Services;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -16,6 +17,7 @@ pub mod pb {
 }
 
 use pb::echo_service_server::{EchoService, EchoServiceServer};
+onestop_proto::message_limits!(pb::echo_service_server::EchoServiceServer);
 use pb::{EchoRequest, EchoResponse};
 
 /// A unary call with this text never answers.
@@ -137,17 +139,11 @@ methods = ["onestop.testing.v1.EchoService/*"]
             Default::default(),
             move |listener, shutdown| {
                 Box::pin(async move {
-                    let mut routes = tonic::service::RoutesBuilder::default();
-                    routes.add_service(EchoServiceServer::new(Echo));
+                    let mut services = Services::new(&config);
+                    services.add(EchoServiceServer::new(Echo));
                     let serving: Serving = Box::pin(async move {
-                        onestop_platform::server::serve(
-                            &config,
-                            routes,
-                            &[SERVICE],
-                            listener,
-                            shutdown,
-                        )
-                        .await?;
+                        onestop_platform::server::serve(&config, services, listener, shutdown)
+                            .await?;
                         Ok(())
                     });
                     Ok(serving)

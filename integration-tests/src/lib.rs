@@ -30,6 +30,39 @@ pub enum Backend {
     Postgres,
 }
 
+/// An empty database for one test, on SQLite or a throwaway PostgreSQL, gone when dropped.
+pub struct TestDatabase {
+    /// Its URL.
+    pub url: String,
+    _postgres: Option<pg::Postgres>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDatabase {
+    /// A new database on `backend`.
+    pub async fn start(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        match backend {
+            Backend::Sqlite => Self {
+                url: format!("sqlite://{}", dir.path().join("test.db").display()),
+                _postgres: None,
+                _dir: dir,
+            },
+            Backend::Postgres => {
+                let postgres = tokio::task::spawn_blocking(pg::Postgres::start)
+                    .await
+                    .expect("PostgreSQL start")
+                    .expect("a throwaway PostgreSQL");
+                Self {
+                    url: postgres.database("test").await.expect("a database"),
+                    _postgres: Some(postgres),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+}
+
 /// A federation running for one test.
 pub struct TestFederation {
     fed: Option<Federation>,
@@ -46,7 +79,7 @@ pub struct TestFederation {
     /// The admin listener, when the test asked for one.
     pub admin: Option<std::net::SocketAddr>,
     _nowhere: tokio::net::TcpSocket,
-    _postgres: Option<pg::Postgres>,
+    postgres: Option<pg::Postgres>,
     _dir: tempfile::TempDir,
 }
 
@@ -74,7 +107,11 @@ impl TestFederation {
         // The echo service joins through its registration, like any service.
         options.services.push(echo::REGISTRATION);
         if let Some(pg) = &postgres {
-            options.databases.insert("forms".into(), pg.url.clone());
+            // Each service its own database, as in production.
+            for service in &options.services {
+                let url = pg.database(service.name).await.expect("a database");
+                options.databases.insert(service.name.into(), url);
+            }
         }
         // A route to a port held but never listened on, to see an upstream that is down.
         let nowhere = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -108,9 +145,14 @@ impl TestFederation {
             admin: fed.admin,
             fed: Some(fed),
             _nowhere: nowhere,
-            _postgres: postgres,
+            postgres,
             _dir: dir,
         }
+    }
+
+    /// Stops the PostgreSQL server the services use (fast shutdown), as when its host fails.
+    pub fn stop_database(&mut self) {
+        self.postgres.take();
     }
 
     /// Starts another replica of the forms service on the same database, stopped when
@@ -128,10 +170,7 @@ impl TestFederation {
                 address,
                 TlsFiles::in_pki_dir(&self.pki, "forms"),
             ),
-            database: onestop_platform::config::DatabaseConfig {
-                url: self.forms_database.clone(),
-                max_connections: 4,
-            },
+            database: onestop_platform::config::DatabaseConfig::at(&self.forms_database),
             telemetry: Default::default(),
             admin: Default::default(),
             forms: onestop_forms::FormsSettings {

@@ -158,6 +158,23 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// A new, empty database on this server (each service has its own), and its URL.
+    pub async fn database(&self, name: &str) -> anyhow::Result<String> {
+        use sqlx::Connection;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            bail!("database name `{name}`: lowercase letters and `_` only");
+        }
+        let mut connection = sqlx::PgConnection::connect(&self.url).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut connection)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        connection.close().await?;
+        Ok(self.url.replacen("/postgres?", &format!("/{name}?"), 1))
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         // SIGTERM is PostgreSQL's "smart" shutdown; for a test server, fast (SIGINT) is enough.

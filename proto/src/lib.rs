@@ -1,26 +1,35 @@
 //! The onestop v1 contract: the Rust code generated from `proto/onestop/**.proto`, one module
-//! per protobuf package, and the encoded file descriptor set that servers offer through gRPC
-//! reflection. The `.proto` files are the source of truth; see `proto/buf.yaml` for the lint and
-//! breaking-change rules they follow.
+//! per protobuf package (`onestop.forms.v1` is [`forms::v1`]), and the encoded file descriptor
+//! set that servers offer through gRPC reflection. The `.proto` files are the source of truth;
+//! see `proto/buf.yaml` for the lint and breaking-change rules they follow. A new package is
+//! picked up by the build without a list to keep.
 
 #![allow(missing_docs, unused_qualifications, clippy::all)]
 
-/// Shared types used by every area (`onestop.type.v1`; the module mirrors the package so that
-/// generated code finds it).
-pub mod r#type {
-    /// `onestop.type.v1`.
-    pub mod v1 {
-        tonic::include_proto!("onestop.r#type.v1");
-    }
+/// A generated gRPC server whose message size limits can be set, so that the platform's
+/// server applies its configured limits to every service in one place.
+pub trait MessageLimits {
+    /// The server, refusing to decode or encode messages over `max_bytes`.
+    fn with_message_limits(self, max_bytes: usize) -> Self;
 }
 
-/// The e-forms area.
-pub mod forms {
-    /// `onestop.forms.v1`.
-    pub mod v1 {
-        tonic::include_proto!("onestop.forms.v1");
-    }
+/// Implements [`MessageLimits`] for generated servers (`message_limits!(echo_server::EchoServer)`);
+/// the contract's own servers have it already, a test's own protobuf services call this.
+#[macro_export]
+macro_rules! message_limits {
+    ($($($segment:ident)::+),* $(,)?) => {
+        $(
+            impl<T> $crate::MessageLimits for $($segment)::+<T> {
+                fn with_message_limits(self, max_bytes: usize) -> Self {
+                    self.max_decoding_message_size(max_bytes)
+                        .max_encoding_message_size(max_bytes)
+                }
+            }
+        )*
+    };
 }
+
+include!(concat!(env!("OUT_DIR"), "/packages.rs"));
 
 /// The encoded `FileDescriptorSet` of the whole contract, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("onestop_descriptor");

@@ -250,14 +250,15 @@ async fn retried_requests_change_nothing_twice(backend: Backend) {
         .into_inner();
     assert_eq!(first.form.unwrap().name, again.form.unwrap().name);
 
-    // A retry is recognised by its request id alone: it returns the first result even when the
-    // request around it has changed.
-    let confused = vsaa
+    // The same request id with other content is not a retry but the caller's mistake: it is
+    // refused, neither answered with the first result nor carried out.
+    let status = vsaa
         .create_form(create_request("another-form", "create-1"))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(confused.form.unwrap().name, "forms/retried-form");
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "REQUEST_ID_REUSED");
+    assert_eq!(violations(&status)[0].field, "request_id");
     let status = vsaa
         .get_form(GetFormRequest {
             name: "forms/another-form".into(),
@@ -293,6 +294,28 @@ async fn retried_requests_change_nothing_twice(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(listed.versions.len(), 2, "the retry published nothing");
+
+    // A retry that changed its schema on the way is refused and publishes nothing.
+    let mut other = wider.clone();
+    other["properties"]["note"]["maxLength"] = json!(20);
+    let status = vsaa
+        .publish_form_version(publish("retried-form", "pub-1", &other, false))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "REQUEST_ID_REUSED", "{status:?}");
+    let listed = vsaa
+        .list_form_versions(ListFormVersionsRequest {
+            parent: "forms/retried-form".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.versions.len(),
+        2,
+        "the changed retry published nothing"
+    );
 
     // A request id reused for another method is the caller's mistake.
     let status = vsaa

@@ -574,8 +574,12 @@ async fn transport_errors_come_in_the_platform_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_joins_through_its_registration_alone() {
     // The echo service is not named anywhere but in its registration, which the test adds to
-    // the federation's services: it gets a certificate, a route, access rights and health.
-    let fed = TestFederation::start(Backend::Sqlite).await;
+    // the federation's services: it gets a certificate, a route, access rights, health and
+    // the server's message limit (set low here, far below tonic's own default of 4 MiB).
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.limits.max_message_bytes = 64 * 1024;
+    })
+    .await;
     let pem = std::fs::read_to_string(fed.pki.join("echo.pem")).unwrap();
     let summary = onestop_platform::pki::summarize(&pem).unwrap();
     assert_eq!(summary.uris, ["spiffe://onestop.lv/platform/echo"]);
@@ -594,6 +598,46 @@ async fn a_service_joins_through_its_registration_alone() {
         .expect("routed and allowed by its registration")
         .into_inner();
     assert_eq!(answer.text, "registered");
+    // The server's message limit applies to it without the service setting it.
+    let status = echo
+        .unary(EchoRequest {
+            text: "x".repeat(100 * 1024),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(crate::reason(&status), "MESSAGE_TOO_LARGE");
+    fed.stop().await;
+}
+
+/// A service whose database stops answering reports NOT_SERVING, and the gateway, which
+/// follows it, reports the same to members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_database() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut fed = TestFederation::start(Backend::Postgres).await;
+    let mut watch = HealthClient::new(fed.gateway_client(CENTRE))
+        .watch(HealthCheckRequest {
+            service: "onestop.forms.v1.FormsService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || watch.message().await.unwrap().expect("a status").status;
+    // The gateway starts NOT_SERVING until the service says otherwise.
+    let mut status = next().await;
+    if status != ServingStatus::Serving as i32 {
+        status = next().await;
+    }
+    assert_eq!(status, ServingStatus::Serving as i32);
+    fed.stop_database();
+    // Seen at the next probe (every 5 s).
+    let status = tokio::time::timeout(Duration::from_secs(15), next())
+        .await
+        .expect("health changes within 15 s");
+    assert_eq!(status, ServingStatus::NotServing as i32);
     fed.stop().await;
 }
 

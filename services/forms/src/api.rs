@@ -5,6 +5,7 @@ use std::sync::Arc;
 use onestop_platform::caller::Caller;
 use onestop_platform::identity::Member;
 use onestop_platform::paging;
+use onestop_platform::requests::{Fingerprint, Request as Once};
 use onestop_proto::forms::v1 as pb;
 use onestop_proto::r#type::v1 as types;
 use time::OffsetDateTime;
@@ -53,6 +54,8 @@ impl pb::forms_service_server::FormsService for FormsApi {
     ) -> Result<Response<pb::CreateFormResponse>, Status> {
         let caller = Caller::of(&request)?.identity.clone();
         let r = request.into_inner();
+        let once = Once::new(&caller, &r.request_id, "CreateForm", Fingerprint::of(&r))
+            .map_err(FormsError::from)?;
         let owner = member("owner", r.owner)?;
         let new = NewForm {
             id: r.form_id,
@@ -62,10 +65,7 @@ impl pb::forms_service_server::FormsService for FormsApi {
             schema_json: r.schema_json,
             fields: r.fields.into_iter().map(field).collect(),
         };
-        let (form, version) = self
-            .registry
-            .create(&caller, &r.request_id, new, now())
-            .await?;
+        let (form, version) = self.registry.create(&caller, &once, new, now()).await?;
         Ok(Response::new(pb::CreateFormResponse {
             form: Some(form_pb(&form)),
             version: Some(version_pb(version)),
@@ -108,6 +108,13 @@ impl pb::forms_service_server::FormsService for FormsApi {
     ) -> Result<Response<pb::PublishFormVersionResponse>, Status> {
         let caller = Caller::of(&request)?.identity.clone();
         let r = request.into_inner();
+        let once = Once::new(
+            &caller,
+            &r.request_id,
+            "PublishFormVersion",
+            Fingerprint::of(&r),
+        )
+        .map_err(FormsError::from)?;
         let id = model::parse_form_name(&r.parent).map_err(|m| invalid("parent", m))?;
         let new = NewVersion {
             schema_json: r.schema_json,
@@ -117,7 +124,7 @@ impl pb::forms_service_server::FormsService for FormsApi {
         };
         let version = self
             .registry
-            .publish(&caller, &r.request_id, &id, new, now())
+            .publish(&caller, &once, &id, new, now())
             .await?;
         Ok(Response::new(pb::PublishFormVersionResponse {
             version: Some(version_pb(version)),
@@ -158,13 +165,20 @@ impl pb::forms_service_server::FormsService for FormsApi {
     ) -> Result<Response<pb::DeprecateFormVersionResponse>, Status> {
         let caller = Caller::of(&request)?.identity.clone();
         let r = request.into_inner();
+        let once = Once::new(
+            &caller,
+            &r.request_id,
+            "DeprecateFormVersion",
+            Fingerprint::of(&r),
+        )
+        .map_err(FormsError::from)?;
         let (id, which) = model::parse_version_name(&r.name).map_err(|m| invalid("name", m))?;
         let model::VersionRef::Number(number) = which else {
             return Err(invalid("name", "name a numbered version, not `latest`".into()).into());
         };
         let version = self
             .registry
-            .deprecate(&caller, &r.request_id, &id, number, &r.reason, now())
+            .deprecate(&caller, &once, &id, number, &r.reason, now())
             .await?;
         Ok(Response::new(pb::DeprecateFormVersionResponse {
             version: Some(version_pb(version)),

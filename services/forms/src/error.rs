@@ -6,6 +6,7 @@ use tonic_types::{FieldViolation, LocalizedMessage};
 use crate::compat::Narrowing;
 use crate::schema::{JsonError, Violation};
 use crate::store::StoreError;
+use onestop_platform::requests::RequestError;
 
 /// The `ErrorInfo.domain` of this service.
 pub const DOMAIN: &str = "forms.onestop.lv";
@@ -69,16 +70,9 @@ pub enum FormsError {
         /// The newest active version, if there is one.
         latest: Option<u32>,
     },
-    /// A request id was used before for a different call.
-    #[error(
-        "request_id `{request_id}` was already used for {method}; choose a new one for each change"
-    )]
-    RequestIdReused {
-        /// The id.
-        request_id: String,
-        /// The method it was used for.
-        method: String,
-    },
+    /// A request id is malformed or was used before for another request.
+    #[error(transparent)]
+    Request(RequestError),
     /// Another change to the same form won the race.
     #[error("{0} was changed at the same time by another request; read it again and retry")]
     Concurrent(String),
@@ -91,6 +85,15 @@ pub enum FormsError {
     /// A bug: work that should not fail did.
     #[error("internal failure: {0}")]
     Internal(String),
+}
+
+impl From<RequestError> for FormsError {
+    fn from(error: RequestError) -> Self {
+        match error {
+            RequestError::Store(store) => FormsError::Store(store),
+            refused => FormsError::Request(refused),
+        }
+    }
 }
 
 fn latest_hint(latest: Option<u32>) -> String {
@@ -109,7 +112,8 @@ impl FormsError {
             FormsError::PermissionDenied(_) => "NOT_FORM_OWNER",
             FormsError::Breaking { .. } => "BREAKING_VERSION",
             FormsError::Deprecated { .. } => "FORM_VERSION_DEPRECATED",
-            FormsError::RequestIdReused { .. } => "REQUEST_ID_REUSED",
+            // Answered by the platform's status (see `From<FormsError> for Status`).
+            FormsError::Request(_) => "REQUEST_ID_REUSED",
             FormsError::Concurrent(_) => "CONCURRENT_CHANGE",
             FormsError::CompatibilityCheck(_) => "COMPATIBILITY_CHECK_FAILED",
             FormsError::Store(_) => "STORAGE_FAILURE",
@@ -123,7 +127,7 @@ impl FormsError {
             | FormsError::InvalidSchema(_)
             | FormsError::InvalidJson { .. }
             | FormsError::InvalidData { .. }
-            | FormsError::RequestIdReused { .. } => Code::InvalidArgument,
+            | FormsError::Request(_) => Code::InvalidArgument,
             FormsError::NotFound(_) => Code::NotFound,
             FormsError::AlreadyExists(_) => Code::AlreadyExists,
             FormsError::PermissionDenied(_) => Code::PermissionDenied,
@@ -179,6 +183,12 @@ impl FormsError {
 
 impl From<FormsError> for Status {
     fn from(error: FormsError) -> Status {
+        if let FormsError::Request(refused) = error {
+            return match refused.into_status() {
+                Ok(status) => status,
+                Err(store) => FormsError::Store(store).into(),
+            };
+        }
         let code = error.code();
         let message = match &error {
             // The cause is logged; the caller hears only that it was ours, not theirs.

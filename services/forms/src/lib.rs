@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use onestop_platform::config::{AdminConfig, DatabaseConfig, ServerConfig, TelemetryConfig};
 use onestop_platform::identity::Member;
-use onestop_proto::forms::v1::forms_service_server::{FormsServiceServer, SERVICE_NAME};
+use onestop_platform::requests::Requests;
+use onestop_platform::server::Services;
+use onestop_proto::forms::v1::forms_service_server::FormsServiceServer;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -103,8 +105,9 @@ pub async fn open_registry(config: &FormsConfig) -> Result<Arc<Registry>, ServeE
         })
         .collect::<Result<Vec<_>, _>>()?;
     let db = onestop_platform::db::open(&config.database, &store::MIGRATIONS).await?;
+    let requests = Requests::new(&db, config.database.request_retention());
     let registry = Arc::new(
-        Registry::open(store::Store::new(db), operators)
+        Registry::open(store::Store::new(db), requests, operators)
             .await
             .map_err(ServeError::Registry)?,
     );
@@ -144,13 +147,13 @@ pub async fn serve_registry(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let limits = config.server.limits;
-    let forms = FormsServiceServer::new(api::FormsApi::new(registry))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
-    let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(forms);
-    onestop_platform::server::serve(&config.server, routes, &[SERVICE_NAME], listener, shutdown)
-        .await?;
+    tokio::spawn(registry.requests().clone().keep_pruned(shutdown.clone()));
+    let mut services = Services::new(&config.server);
+    // Not serving while the database does not answer.
+    services
+        .health()
+        .follow_database(registry.database().clone(), shutdown.clone());
+    services.add(FormsServiceServer::new(api::FormsApi::new(registry)));
+    onestop_platform::server::serve(&config.server, services, listener, shutdown).await?;
     Ok(())
 }

@@ -10,8 +10,6 @@ pub const MAX_TEXT_CHARS: usize = 1000;
 pub const MAX_FIELDS: usize = 2000;
 /// The most choices a field may list.
 pub const MAX_CHOICES: usize = 500;
-/// The longest request id, in bytes.
-pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// A text in Latvian and English.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,19 +190,6 @@ pub fn parse_version_name(name: &str) -> Result<(String, VersionRef), String> {
         },
     };
     Ok((form_id, version))
-}
-
-/// Checks a client-chosen request id.
-pub fn check_request_id(request_id: &str) -> Result<(), String> {
-    if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Err(format!(
-            "request_id must be 1-{MAX_REQUEST_ID_BYTES} bytes: choose one per change and repeat it only to retry"
-        ));
-    }
-    if request_id.chars().any(char::is_control) {
-        return Err("request_id must not contain control characters".into());
-    }
-    Ok(())
 }
 
 /// Checks a localized text: both languages present (unless optional), neither too long.

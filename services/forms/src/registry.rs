@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use onestop_platform::identity::{Member, Principal, SpiffeId};
 use onestop_platform::paging::{PageTokens, Query};
+use onestop_platform::requests::{Fingerprint, Request, Requests};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -14,10 +15,10 @@ use crate::compat::{self, Narrowing};
 use crate::error::FormsError;
 use crate::model::{
     self, Deprecation, Field, Form, FormVersion, Localized, VersionRef, check_fields,
-    check_form_id, check_request_id, check_text,
+    check_form_id, check_text,
 };
 use crate::schema::{self, CompiledSchema};
-use crate::store::{RequestKey, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// A form to create.
 #[derive(Clone, Debug)]
@@ -57,6 +58,9 @@ pub const MAX_CACHED_SCHEMAS: usize = 10_000;
 /// largest reply.
 pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
+/// The method name under which seeding is recorded.
+pub const SEED_METHOD: &str = "CreateForm";
+
 /// The name under which the store keeps the secret that signs page tokens.
 pub const PAGE_TOKEN_SECRET: &str = "page_token_key";
 
@@ -87,6 +91,7 @@ fn versions_query(form_id: &str) -> Query {
 /// Forms and their versions, with compiled schemas cached per version.
 pub struct Registry {
     store: Store,
+    requests: Requests,
     operators: Vec<Member>,
     tokens: PageTokens,
     /// Versions validated against, by what the caller named (a number or `latest`), at most
@@ -100,7 +105,11 @@ impl Registry {
     /// A registry over a store; members of the `operators` institutions may manage every form.
     /// Page tokens are signed with the secret the store keeps (made on the first start), so
     /// that every replica and every restart accepts them.
-    pub async fn open(store: Store, operators: Vec<Member>) -> Result<Self, FormsError> {
+    pub async fn open(
+        store: Store,
+        requests: Requests,
+        operators: Vec<Member>,
+    ) -> Result<Self, FormsError> {
         let fresh = PageTokens::new_secret()
             .map_err(|e| FormsError::Internal(format!("page tokens: {e}")))?;
         let secret = store.shared_secret(PAGE_TOKEN_SECRET, &fresh).await?;
@@ -109,6 +118,7 @@ impl Registry {
         })?;
         Ok(Self {
             store,
+            requests,
             operators,
             tokens,
             validators: RwLock::new(HashMap::new()),
@@ -169,53 +179,32 @@ impl Registry {
         }
     }
 
-    /// Returns the resource a repeated request produced, after checking the method matches.
-    async fn repeated(
-        &self,
-        caller: &SpiffeId,
-        request_id: &str,
-        method: &str,
-    ) -> Result<Option<String>, FormsError> {
-        check_request_id(request_id).map_err(|m| invalid("request_id", m))?;
-        match self
-            .store
-            .find_request(&caller.to_string(), request_id)
-            .await?
-        {
-            Some(recorded) if recorded.method == method => Ok(Some(recorded.resource)),
-            Some(recorded) => Err(FormsError::RequestIdReused {
-                request_id: request_id.to_owned(),
-                method: recorded.method,
-            }),
-            None => Ok(None),
-        }
+    /// The database the registry keeps its forms in.
+    pub fn database(&self) -> &onestop_platform::db::Database {
+        self.store.database()
+    }
+
+    /// The record of requests that changed something.
+    pub fn requests(&self) -> &Requests {
+        &self.requests
     }
 
     /// After a write refused as conflicting: the resource this very request recorded meanwhile
     /// (a retry that raced the first attempt), or else `otherwise` (the conflict was another
-    /// request's). A request id used by another method is reported as such.
-    async fn raced(
-        &self,
-        caller: &SpiffeId,
-        request_id: &str,
-        method: &str,
-        otherwise: FormsError,
-    ) -> Result<String, FormsError> {
-        self.repeated(caller, request_id, method)
-            .await?
-            .ok_or(otherwise)
+    /// request's). A request id used for another request is reported as such.
+    async fn raced(&self, request: &Request, otherwise: FormsError) -> Result<String, FormsError> {
+        self.requests.earlier(request).await?.ok_or(otherwise)
     }
 
     /// Creates a form and its first version.
     pub async fn create(
         &self,
         caller: &SpiffeId,
-        request_id: &str,
+        request: &Request,
         new: NewForm,
         now: OffsetDateTime,
     ) -> Result<(Form, FormVersion), FormsError> {
-        const METHOD: &str = "CreateForm";
-        if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
+        if let Some(resource) = self.requests.earlier(request).await? {
             return self.form_and_version(&resource).await;
         }
         check_form_id(&new.id).map_err(|m| invalid("form_id", m))?;
@@ -244,16 +233,11 @@ impl Registry {
             deprecation: None,
             create_time: now,
         };
-        let key = RequestKey {
-            caller: &caller.to_string(),
-            request_id,
-            method: METHOD,
-        };
-        match self.store.create_form(&form, &version, key).await {
+        match self.store.create_form(&form, &version, request).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
                 let otherwise = FormsError::AlreadyExists(form.name());
-                let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
+                let resource = self.raced(request, otherwise).await?;
                 return self.form_and_version(&resource).await;
             }
             Err(e) => return Err(e.into()),
@@ -272,13 +256,12 @@ impl Registry {
     pub async fn publish(
         &self,
         caller: &SpiffeId,
-        request_id: &str,
+        request: &Request,
         form_id: &str,
         new: NewVersion,
         now: OffsetDateTime,
     ) -> Result<FormVersion, FormsError> {
-        const METHOD: &str = "PublishFormVersion";
-        if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
+        if let Some(resource) = self.requests.earlier(request).await? {
             return self.version_by_name(&resource).await;
         }
         let form = self.form(form_id).await?;
@@ -321,21 +304,16 @@ impl Registry {
             deprecation: None,
             create_time: now,
         };
-        let key = RequestKey {
-            caller: &caller.to_string(),
-            request_id,
-            method: METHOD,
-        };
         match self
             .store
-            .publish_version(&version, form.latest_version, new.title.as_ref(), key)
+            .publish_version(&version, form.latest_version, new.title.as_ref(), request)
             .await
         {
             // This replica sees its own change at once; the others within the staleness.
             Ok(()) => self.forget(form_id),
             Err(StoreError::Conflict) => {
                 let otherwise = FormsError::Concurrent(form.name());
-                let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
+                let resource = self.raced(request, otherwise).await?;
                 return self.version_by_name(&resource).await;
             }
             Err(e) => return Err(e.into()),
@@ -347,14 +325,13 @@ impl Registry {
     pub async fn deprecate(
         &self,
         caller: &SpiffeId,
-        request_id: &str,
+        request: &Request,
         form_id: &str,
         number: u32,
         reason: &str,
         now: OffsetDateTime,
     ) -> Result<FormVersion, FormsError> {
-        const METHOD: &str = "DeprecateFormVersion";
-        if let Some(resource) = self.repeated(caller, request_id, METHOD).await? {
+        if let Some(resource) = self.requests.earlier(request).await? {
             return self.version_by_name(&resource).await;
         }
         if reason.trim().is_empty() || reason.chars().count() > model::MAX_TEXT_CHARS {
@@ -369,14 +346,9 @@ impl Registry {
         let form = self.form(form_id).await?;
         self.require_manager(caller, &form.owner, "deprecate versions of this form")?;
         self.version(form_id, VersionRef::Number(number)).await?;
-        let key = RequestKey {
-            caller: &caller.to_string(),
-            request_id,
-            method: METHOD,
-        };
         match self
             .store
-            .deprecate_version(form_id, number, reason, now, key)
+            .deprecate_version(form_id, number, reason, now, request)
             .await
         {
             Ok(()) => {
@@ -385,7 +357,7 @@ impl Registry {
             }
             Err(StoreError::Conflict) => {
                 let otherwise = FormsError::Concurrent(form.name());
-                let resource = self.raced(caller, request_id, METHOD, otherwise).await?;
+                let resource = self.raced(request, otherwise).await?;
                 self.version_by_name(&resource).await
             }
             Err(e) => Err(e.into()),
@@ -688,9 +660,16 @@ impl Registry {
             schema_json: seed.schema.to_string(),
             fields: seed.fields,
         };
-        self.create(&caller, &format!("seed:{}", seed.form_id), new, now)
-            .await
-            .map(|_| ())
+        // Replicas starting together seed with the same request, so that one of them creates
+        // the form and the others find it.
+        let fingerprint = Fingerprint::of_bytes(new.schema_json.as_bytes());
+        let request = Request::new(
+            &caller,
+            &format!("seed:{}", seed.form_id),
+            SEED_METHOD,
+            fingerprint,
+        )?;
+        self.create(&caller, &request, new, now).await.map(|_| ())
     }
 }
 
@@ -706,14 +685,19 @@ mod tests {
     use super::*;
 
     async fn open_on(file: &Path) -> Registry {
-        let config = DatabaseConfig {
-            url: format!("sqlite://{}", file.display()),
-            max_connections: 2,
-        };
+        let config = DatabaseConfig::at(format!("sqlite://{}", file.display()));
         let db = onestop_platform::db::open(&config, &crate::store::MIGRATIONS)
             .await
             .unwrap();
-        Registry::open(Store::new(db), Vec::new()).await.unwrap()
+        let requests = Requests::new(&db, config.request_retention());
+        Registry::open(Store::new(db), requests, Vec::new())
+            .await
+            .unwrap()
+    }
+
+    /// A request by the demo institution, its fingerprint made of its id.
+    fn request(method: &'static str, id: &str) -> Request {
+        Request::new(&vsaa(), id, method, Fingerprint::of_bytes(id.as_bytes())).unwrap()
     }
 
     fn vsaa() -> SpiffeId {
@@ -739,7 +723,7 @@ mod tests {
         registry
             .create(
                 &vsaa(),
-                &format!("create-{id}"),
+                &request("CreateForm", &format!("create-{id}")),
                 new,
                 OffsetDateTime::now_utc(),
             )
@@ -757,7 +741,7 @@ mod tests {
         registry
             .publish(
                 &vsaa(),
-                &format!("publish-{id}-{n}"),
+                &request("PublishFormVersion", &format!("publish-{id}-{n}")),
                 id,
                 new,
                 OffsetDateTime::now_utc(),
@@ -811,7 +795,7 @@ mod tests {
         assert_eq!(latest(&b).await.unwrap().version, "forms/form-s/versions/2");
         b.deprecate(
             &vsaa(),
-            "dep-2",
+            &request("DeprecateFormVersion", "dep-2"),
             "form-s",
             2,
             "replaced",

@@ -1,12 +1,15 @@
 //! Where forms live: portable SQL over the `Any` driver, the same statements on SQLite and
-//! PostgreSQL. Every mutation is one transaction that also records its request id, so that a
-//! retried request finds the first result and nothing happens twice.
+//! PostgreSQL. Every mutation is one transaction that also records its request (the platform's
+//! `requests`), so that a retried request finds the first result and nothing happens twice.
 
-use onestop_platform::db::{Database, Migrations};
+use onestop_platform::db::{Database, Migrations, conflict_on_duplicate, from_millis, millis};
 use onestop_platform::identity::Member;
+use onestop_platform::requests::{self, Request};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use time::OffsetDateTime;
+
+pub use onestop_platform::db::StoreError;
 
 use crate::model::{Deprecation, Field, Form, FormVersion, Localized};
 
@@ -17,58 +20,6 @@ pub static MIGRATIONS: Migrations = Migrations {
     postgres: &PORTABLE,
 };
 static PORTABLE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// What the store can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A row with the same key exists, or another writer changed the row first.
-    #[error("conflicting write")]
-    Conflict,
-    /// A stored row does not decode (a bug or a hand-edited database).
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
-    /// The database cannot be reached or is overloaded for now; retrying may succeed.
-    #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
-    /// The database failed.
-    #[error(transparent)]
-    Database(sqlx::Error),
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(error: sqlx::Error) -> Self {
-        match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(error)
-            }
-            // SQLite still busy after its busy timeout.
-            sqlx::Error::Database(ref e) if e.code().as_deref() == Some("5") => {
-                StoreError::Unavailable(error)
-            }
-            other => StoreError::Database(other),
-        }
-    }
-}
-
-/// Who made a request and its id, recorded with the change it made.
-#[derive(Clone, Copy, Debug)]
-pub struct RequestKey<'a> {
-    /// The caller's identity.
-    pub caller: &'a str,
-    /// The client-chosen id.
-    pub request_id: &'a str,
-    /// The method, so that an id reused for another method is recognised.
-    pub method: &'a str,
-}
-
-/// A recorded request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordedRequest {
-    /// The method it was made with.
-    pub method: String,
-    /// The resource it produced.
-    pub resource: String,
-}
 
 /// The forms store.
 #[derive(Clone, Debug)]
@@ -98,6 +49,11 @@ impl Store {
         Self { db }
     }
 
+    /// The database.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// The secret named `name`: the one kept already, or else `fresh`, which is kept from now
     /// on. When replicas start together, every one gets the secret the first of them kept.
     pub async fn shared_secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
@@ -116,37 +72,15 @@ impl Store {
         Ok(row.try_get("value")?)
     }
 
-    /// A request made before with this key, if any.
-    pub async fn find_request(
-        &self,
-        caller: &str,
-        request_id: &str,
-    ) -> Result<Option<RecordedRequest>, StoreError> {
-        let row = sqlx::query(
-            "SELECT method, resource FROM requests WHERE caller = $1 AND request_id = $2",
-        )
-        .bind(caller)
-        .bind(request_id)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        row.map(|row| {
-            Ok(RecordedRequest {
-                method: row.try_get("method")?,
-                resource: row.try_get("resource")?,
-            })
-        })
-        .transpose()
-    }
-
     /// Creates a form with its first version.
     pub async fn create_form(
         &self,
         form: &Form,
         version: &FormVersion,
-        request: RequestKey<'_>,
+        request: &Request,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.pool.begin().await?;
-        record_request(&mut tx, request, &version.name(), form.create_time).await?;
+        requests::record(&mut tx, request, &version.name(), form.create_time).await?;
         let insert = sqlx::query(concat!(
             "INSERT INTO forms (",
             form_columns!(),
@@ -177,10 +111,10 @@ impl Store {
         version: &FormVersion,
         previous: u32,
         title: Option<&Localized>,
-        request: RequestKey<'_>,
+        request: &Request,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.pool.begin().await?;
-        record_request(&mut tx, request, &version.name(), version.create_time).await?;
+        requests::record(&mut tx, request, &version.name(), version.create_time).await?;
         let updated = sqlx::query(
             "UPDATE forms SET latest_version = $1, update_time_ms = $2, \
              title_lv = COALESCE($3, title_lv), title_en = COALESCE($4, title_en) \
@@ -209,10 +143,10 @@ impl Store {
         version: u32,
         reason: &str,
         now: OffsetDateTime,
-        request: RequestKey<'_>,
+        request: &Request,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.pool.begin().await?;
-        record_request(
+        requests::record(
             &mut tx,
             request,
             &crate::model::version_name(form_id, version),
@@ -348,26 +282,6 @@ impl Store {
     }
 }
 
-async fn record_request(
-    tx: &mut Transaction<'_, Any>,
-    request: RequestKey<'_>,
-    resource: &str,
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    let insert = sqlx::query(
-        "INSERT INTO requests (caller, request_id, method, resource, create_time_ms) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(request.caller)
-    .bind(request.request_id)
-    .bind(request.method)
-    .bind(resource)
-    .bind(millis(now))
-    .execute(&mut **tx)
-    .await;
-    conflict_on_duplicate(insert)
-}
-
 async fn insert_version(
     tx: &mut Transaction<'_, Any>,
     version: &FormVersion,
@@ -390,23 +304,6 @@ async fn insert_version(
     .execute(&mut **tx)
     .await;
     conflict_on_duplicate(insert)
-}
-
-fn conflict_on_duplicate<T>(result: Result<T, sqlx::Error>) -> Result<(), StoreError> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn millis(time: OffsetDateTime) -> i64 {
-    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
-fn from_millis(ms: i64) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map_err(|e| StoreError::Corrupt(format!("time {ms}: {e}")))
 }
 
 fn number(value: i64) -> Result<u32, StoreError> {

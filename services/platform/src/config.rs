@@ -311,10 +311,35 @@ pub struct DatabaseConfig {
     /// Connections in the pool.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// How long a change's request id is remembered, so that a retry finds the first result;
+    /// a retry later than this is a new request.
+    #[serde(default = "default_request_retention_hours")]
+    pub request_retention_hours: u64,
+}
+
+impl DatabaseConfig {
+    /// The database at `url` with the default settings.
+    pub fn at(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: default_max_connections(),
+            request_retention_hours: default_request_retention_hours(),
+        }
+    }
+
+    /// [`Self::request_retention_hours`] as a duration.
+    pub fn request_retention(&self) -> Duration {
+        Duration::from_secs(self.request_retention_hours.saturating_mul(3600))
+    }
 }
 
 fn default_max_connections() -> u32 {
     8
+}
+
+fn default_request_retention_hours() -> u64 {
+    // A week: longer than any client retries, short enough to keep the table small.
+    7 * 24
 }
 
 /// Durations are written in milliseconds in files and overrides.

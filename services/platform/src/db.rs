@@ -10,6 +10,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
+use time::OffsetDateTime;
 
 use crate::config::DatabaseConfig;
 
@@ -31,10 +32,75 @@ pub enum DbError {
     /// Connecting failed.
     #[error("cannot connect to the database: {0}")]
     Connect(#[source] sqlx::Error),
+    /// A service migration uses a version kept for the platform's own.
+    #[error(
+        "service migration {0} uses a version kept for the platform's own tables (from {PLATFORM_MIGRATIONS_FROM})"
+    )]
+    ReservedVersion(i64),
     /// A migration failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
+
+/// What a store can fail with, the same for every service.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A row with the same key exists, or another writer changed the row first.
+    #[error("conflicting write")]
+    Conflict,
+    /// A stored row does not decode (a bug or a hand-edited database).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The database cannot be reached or is overloaded for now; retrying may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database failed.
+    #[error(transparent)]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error)
+            }
+            // SQLite still busy after its busy timeout.
+            sqlx::Error::Database(ref e) if e.code().as_deref() == Some("5") => {
+                StoreError::Unavailable(error)
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+/// The result of an insert, with a unique-key violation as [`StoreError::Conflict`].
+pub fn conflict_on_duplicate<T>(result: Result<T, sqlx::Error>) -> Result<(), StoreError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A time as stored: milliseconds since the Unix epoch.
+pub fn millis(time: OffsetDateTime) -> i64 {
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// A stored time.
+pub fn from_millis(ms: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| StoreError::Corrupt(format!("time {ms}: {e}")))
+}
+
+/// The platform's own tables, kept in every service's database (the record of requests made,
+/// see [`crate::requests`]). Their versions start at [`PLATFORM_MIGRATIONS_FROM`]; a service
+/// numbers its own migrations below that, and both are applied as one history.
+static PLATFORM: Migrator = sqlx::migrate!("./migrations");
+
+/// The first version of the platform's own migrations.
+pub const PLATFORM_MIGRATIONS_FROM: i64 = 900_000;
 
 /// A service's embedded migrations, one set per backend.
 #[derive(Debug)]
@@ -94,8 +160,28 @@ pub async fn open(config: &DatabaseConfig, migrations: &Migrations) -> Result<Da
         Backend::Sqlite => migrations.sqlite,
         Backend::Postgres => migrations.postgres,
     };
-    migrator.run(&pool).await?;
+    with_platform(migrator)?.run(&pool).await?;
     Ok(Database { pool, backend })
+}
+
+impl Database {
+    /// Checks that the database answers.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// A service's migrations with the platform's own, in version order.
+fn with_platform(service: &Migrator) -> Result<Migrator, DbError> {
+    if let Some(clash) = service
+        .iter()
+        .find(|m| m.version >= PLATFORM_MIGRATIONS_FROM)
+    {
+        return Err(DbError::ReservedVersion(clash.version));
+    }
+    let all = service.iter().chain(PLATFORM.iter()).cloned().collect();
+    Ok(Migrator::with_migrations(all))
 }
 
 /// The URL without a password, for messages.

@@ -4,7 +4,7 @@
 //!
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
 //! (certificates, rustls) → [`accept`] (admitting connections) → [`caller`] (who calls a service) → [`server`]
-//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`paging`], [`status`] and [`streams`] beside them.
+//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`requests`], [`paging`], [`status`] and [`streams`] beside them.
 
 pub mod accept;
 pub mod caller;
@@ -15,6 +15,7 @@ pub mod identity;
 pub mod metrics;
 pub mod paging;
 pub mod pki;
+pub mod requests;
 pub mod server;
 pub mod status;
 pub mod streams;

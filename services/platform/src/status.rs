@@ -35,6 +35,8 @@ pub enum Reason {
     NotThroughGateway,
     /// A request field is malformed.
     InvalidField,
+    /// A request id was used before for another request.
+    RequestIdReused,
     /// A request message is not valid protobuf for its method.
     MalformedMessage,
     /// A message is larger than the server accepts.
@@ -57,6 +59,7 @@ impl Reason {
             Reason::CallerClaimRefused => "CALLER_CLAIM_REFUSED",
             Reason::NotThroughGateway => "NOT_THROUGH_GATEWAY",
             Reason::InvalidField => "INVALID_FIELD",
+            Reason::RequestIdReused => "REQUEST_ID_REUSED",
             Reason::MalformedMessage => "MALFORMED_MESSAGE",
             Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
             Reason::UnknownMethod => "UNKNOWN_METHOD",
