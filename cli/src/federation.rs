@@ -50,6 +50,8 @@ pub struct Options {
     pub limits: Limits,
     /// Calls a second each member may make through the gateway, and its burst.
     pub member_rate: (u32, u32),
+    /// Calls a second each person may make through the gateway, and their burst.
+    pub person_rate: (u32, u32),
     /// Calls each member may have in flight through the gateway at once.
     pub member_in_flight: usize,
     /// Long-lived streams open at once through the gateway, in total and per member.
@@ -74,6 +76,7 @@ impl Options {
             replicas: Vec::new(),
             limits: Limits::default(),
             member_rate: (500, 1000),
+            person_rate: (10, 30),
             member_in_flight: 256,
             streams: (1024, 32),
             reload_interval: std::time::Duration::from_secs(10),
@@ -190,7 +193,9 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         let prepared = (service.local)(Local {
             server: options.server_config(address, service.name),
             database: DatabaseConfig::at(options.database(service.name)),
-        });
+            data_dir: options.data_dir.clone(),
+        })
+        .with_context(|| format!("configuring {}", service.name))?;
         // Each service opens its store before the gateway starts, so that a failure is
         // reported at once and the first call finds it ready.
         let serving = prepared
@@ -245,6 +250,8 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             max_streams: options.streams.0,
             max_streams_per_member: options.streams.1,
             max_connections_per_member: 64,
+            person_rate_per_second: options.person_rate.0,
+            person_burst: options.person_rate.1,
         },
         telemetry: TelemetryConfig::default(),
         admin: Default::default(),

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::pin::Pin;
 
 use onestop_forms::{FormsConfig, FormsSettings};
+use onestop_identity::{IdentityConfig, IdentitySettings};
 use onestop_platform::config::{self, DatabaseConfig, ServerConfig, TelemetryConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,9 @@ pub struct Local {
     pub server: ServerConfig,
     /// Its own database.
     pub database: DatabaseConfig,
+    /// The federation's data directory, for what the service keeps in files (its own
+    /// settings file `<name>.toml`, keys).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// A service whose configuration has been read and checked, ready to start.
@@ -85,7 +89,7 @@ pub struct Service {
     /// Reads its configuration file (with environment overrides).
     pub from_file: fn(&Path, &HashMap<String, String>) -> anyhow::Result<Prepared>,
     /// Its configuration on one machine.
-    pub local: fn(Local) -> Prepared,
+    pub local: fn(Local) -> anyhow::Result<Prepared>,
 }
 
 impl std::fmt::Debug for Service {
@@ -99,7 +103,7 @@ impl std::fmt::Debug for Service {
 
 /// Every service of the platform, in the order `onestop up` starts them.
 pub fn all() -> Vec<Service> {
-    vec![FORMS]
+    vec![FORMS, IDENTITY]
 }
 
 /// The service of that name.
@@ -127,15 +131,139 @@ methods = [
 "#,
     from_file: |path, env| Ok(forms(config::load(Some(path), env)?)),
     local: |local| {
-        forms(FormsConfig {
+        Ok(forms(FormsConfig {
             server: local.server,
             database: local.database,
             telemetry: TelemetryConfig::default(),
             admin: Default::default(),
             forms: FormsSettings::default(),
-        })
+        }))
     },
 };
+
+/// The identity service.
+pub const IDENTITY: Service = Service {
+    name: "identity",
+    grpc_services: &[onestop_proto::identity::v1::identity_service_server::SERVICE_NAME],
+    default_policy: r#"# Front ends log people in and use their tokens: the demo centre's desk application and the
+# demo institution's system. The key set is public.
+[[allow]]
+member = "MUN/GULBENE/kac"
+methods = ["onestop.identity.v1.IdentityService/*"]
+
+[[allow]]
+member = "GOV/VSAA"
+methods = ["onestop.identity.v1.IdentityService/*"]
+"#,
+    from_file: |path, env| Ok(identity(config::load(Some(path), env)?)),
+    local: |local| {
+        let settings = identity_local_settings(&local.data_dir)?;
+        Ok(identity(IdentityConfig {
+            server: local.server,
+            database: local.database,
+            telemetry: TelemetryConfig::default(),
+            admin: Default::default(),
+            identity: settings,
+        }))
+    },
+};
+
+/// The settings file identity reads on one machine, written with the development defaults on
+/// the first start: the development OpenID providers of `scripts/dev-oidc` and the demo
+/// members as front ends.
+pub const IDENTITY_LOCAL_FILE: &str = "identity.toml";
+
+/// The client secret of the development providers (not a secret: development only).
+const DEV_OIDC_SECRET: &str = "dev-secret-0123456789abcdef0123";
+
+const IDENTITY_LOCAL_DEFAULT: &str = r#"# The identity service on one machine (`onestop up`): the [identity] section of its
+# configuration, read at every start. Relative paths are relative to this directory. See
+# docs/identity.md for every key and for pointing it at a real eID broker or a municipality's
+# staff provider.
+#
+# The two providers below are the development OpenID providers that `scripts/dev-oidc` runs
+# on 127.0.0.1:4000 (residents) and 127.0.0.1:4001 (staff). Logins fail with
+# PROVIDER_UNAVAILABLE while they are not running; everything else works without them.
+
+key_dir = "identity-keys"
+
+[[providers]]
+id = "dev-residents"
+issuer = "http://127.0.0.1:4000"
+client_id = "onestop-identity"
+client_secret_file = "dev-oidc-secret"
+scopes = ["identity"]
+audience = "residents"
+[providers.acr]
+"urn:onestop:loa:low" = "low"
+"urn:onestop:loa:substantial" = "substantial"
+"urn:onestop:loa:high" = "high"
+
+[[providers]]
+id = "dev-staff"
+issuer = "http://127.0.0.1:4001"
+client_id = "onestop-identity"
+client_secret_file = "dev-oidc-secret"
+scopes = ["staff"]
+audience = "staff"
+[providers.acr]
+"urn:onestop:loa:low" = "low"
+"urn:onestop:loa:substantial" = "substantial"
+"urn:onestop:loa:high" = "high"
+
+# The demo centre's desk application and the demo institution's system.
+[[front_ends]]
+member = "MUN/GULBENE/kac"
+redirect_uris = ["https://desk.test/callback"]
+
+[[front_ends]]
+member = "GOV/VSAA/pensions"
+redirect_uris = ["https://portal.test/callback"]
+"#;
+
+/// Reads `<data dir>/identity.toml`, writing the development default first when it is missing.
+fn identity_local_settings(data_dir: &Path) -> anyhow::Result<IdentitySettings> {
+    let file = data_dir.join(IDENTITY_LOCAL_FILE);
+    if !file.exists() {
+        std::fs::write(&file, IDENTITY_LOCAL_DEFAULT)?;
+        let secret = data_dir.join("dev-oidc-secret");
+        if !secret.exists() {
+            std::fs::write(&secret, DEV_OIDC_SECRET)?;
+        }
+    }
+    let text = std::fs::read_to_string(&file)?;
+    let mut settings: IdentitySettings =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let relative = |path: &mut std::path::PathBuf| {
+        if path.is_relative() {
+            *path = data_dir.join(&*path);
+        }
+    };
+    relative(&mut settings.key_dir);
+    for provider in &mut settings.providers {
+        relative(&mut provider.client_secret_file);
+    }
+    Ok(settings)
+}
+
+fn identity(config: IdentityConfig) -> Prepared {
+    let admin = config.admin.listen;
+    Prepared::new(
+        config.server.listen,
+        config.telemetry.clone(),
+        |listener, shutdown| {
+            Box::pin(async move {
+                let (identity, keys) = onestop_identity::open(&config).await?;
+                let serving: Serving = Box::pin(async move {
+                    onestop_identity::serve(&config, identity, keys, listener, shutdown).await?;
+                    Ok(())
+                });
+                Ok(serving)
+            })
+        },
+    )
+    .with_admin(admin)
+}
 
 fn forms(config: FormsConfig) -> Prepared {
     let admin = config.admin.listen;

@@ -12,6 +12,7 @@ pub mod body;
 pub mod connection;
 pub mod limits;
 pub mod metrics;
+pub mod people;
 pub mod policy;
 pub mod proxy;
 pub mod upstream;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::Connections;
 use crate::limits::{Budget, MemberRates, MemberSlots};
+use crate::people::People;
 use crate::policy::Policy;
 use crate::proxy::Gateway;
 use crate::upstream::{Upstream, UpstreamSettings};
@@ -130,6 +132,19 @@ pub struct GatewaySettings {
     /// Connections one member institution may have open at once.
     #[serde(default = "default_max_connections_per_member")]
     pub max_connections_per_member: usize,
+    /// Calls a second each person (by their token's subject) may make on average.
+    #[serde(default = "default_person_rate")]
+    pub person_rate_per_second: u32,
+    /// Calls a person may make at once above their rate.
+    #[serde(default = "default_person_burst")]
+    pub person_burst: u32,
+}
+
+fn default_person_rate() -> u32 {
+    10
+}
+fn default_person_burst() -> u32 {
+    30
 }
 
 fn default_rate() -> u32 {
@@ -261,9 +276,16 @@ pub async fn serve(
     }
 
     let settings = &config.gateway;
+    let people = Arc::new(People::new(
+        &config.server.trust_domain,
+        upstreams.get(people::IDENTITY_SERVICE).cloned(),
+        MemberRates::new(settings.person_rate_per_second, settings.person_burst),
+    ));
+    people.keep_fresh(shutdown.clone());
     let gateway = Arc::new(Gateway {
         upstreams,
         policy,
+        people: people.clone(),
         rates: Arc::new(MemberRates::new(settings.rate_per_second, settings.burst)),
         calls: Budget::new(
             "calls",

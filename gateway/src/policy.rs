@@ -16,10 +16,20 @@
 //!
 //! A method pattern is `package.Service/Method`, where a trailing `*` matches any rest, and `*`
 //! alone matches every method. `member = "*"` names every member.
+//!
+//! Methods that act for a person require a person's platform token, and may require a level
+//! of assurance (a call below it is refused with the level to log in with again):
+//!
+//! ```toml
+//! [[require_person]]
+//! methods = ["onestop.identity.v1.IdentityService/*Mandate*"]
+//! min_level = "substantial"                 # low (the default), substantial or high
+//! ```
 
 use std::path::Path;
 
 use onestop_platform::identity::Member;
+use onestop_platform::person::Level;
 use serde::Deserialize;
 
 /// Why a policy file is unusable.
@@ -48,6 +58,16 @@ pub enum PolicyError {
 struct PolicyFile {
     #[serde(default)]
     allow: Vec<AllowEntry>,
+    #[serde(default)]
+    require_person: Vec<PersonEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersonEntry {
+    methods: Vec<String>,
+    #[serde(default)]
+    min_level: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +136,7 @@ impl Pattern {
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     entries: Vec<(Grantee, Vec<Pattern>)>,
+    people: Vec<(Level, Vec<Pattern>)>,
 }
 
 impl Policy {
@@ -150,7 +171,34 @@ impl Policy {
                 .collect::<Result<Vec<_>, _>>()?;
             entries.push((grantee, patterns));
         }
-        Ok(Self { entries })
+        let mut people = Vec::with_capacity(file.require_person.len());
+        for (i, entry) in file.require_person.into_iter().enumerate() {
+            let level = match entry.min_level.as_deref() {
+                None => Level::Low,
+                Some(name) => Level::parse(name).ok_or_else(|| {
+                    format!(
+                        "require_person[{i}].min_level: `{name}` is not low, substantial or high"
+                    )
+                })?,
+            };
+            let patterns = entry
+                .methods
+                .iter()
+                .map(|m| Pattern::parse(m).map_err(|e| format!("require_person[{i}].methods: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            people.push((level, patterns));
+        }
+        Ok(Self { entries, people })
+    }
+
+    /// The least level of assurance of the person a call of `method` must carry a token for,
+    /// if it must carry one (the highest of the entries that name it).
+    pub fn person_required(&self, method: &str) -> Option<Level> {
+        self.people
+            .iter()
+            .filter(|(_, patterns)| patterns.iter().any(|p| p.matches(method)))
+            .map(|(level, _)| *level)
+            .max()
     }
 
     /// Whether `member` may call `method` (`package.Service/Method`).
@@ -212,5 +260,21 @@ mod tests {
         }
         let everyone = Policy::parse("[[allow]]\nmember = \"*\"\nmethods = [\"*\"]").unwrap();
         assert!(everyone.allows(&member("COM/1/x"), "a.B/C"));
+        assert!(
+            Policy::parse("[[require_person]]\nmethods = [\"a.B/C\"]\nmin_level = \"top\"")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn methods_may_require_a_person_at_a_level() {
+        let policy = Policy::parse(
+            "[[require_person]]\nmethods = [\"a.B/*\"]\n\n\
+             [[require_person]]\nmethods = [\"a.B/Strong\"]\nmin_level = \"high\"",
+        )
+        .unwrap();
+        assert_eq!(policy.person_required("a.B/Weak"), Some(Level::Low));
+        assert_eq!(policy.person_required("a.B/Strong"), Some(Level::High));
+        assert_eq!(policy.person_required("a.C/Any"), None);
     }
 }

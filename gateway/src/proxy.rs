@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use onestop_platform::caller::CALLER_HEADER;
+use onestop_platform::caller::{CALLER_HEADER, PERSON_HEADER};
 use onestop_platform::identity::{Member, Principal};
 use onestop_platform::status::{self as platform_status, echo};
 use onestop_platform::streams::UntilShutdown;
@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::body::{Activity, Guarded, Metered};
 use crate::limits::{self, Budget, Exhausted, MemberRates, MemberSlots};
+use crate::people::PersonRefusal;
 use crate::policy::Policy;
 use crate::upstream::Upstream;
 
@@ -51,6 +52,8 @@ pub struct Gateway {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Access rights.
     pub policy: Policy,
+    /// People's tokens and rates.
+    pub people: Arc<crate::people::People>,
     /// Per-member rates of calls and stream messages.
     pub rates: Arc<MemberRates>,
     /// Calls in flight.
@@ -167,8 +170,13 @@ impl Caller {
     }
 }
 
-fn refuse(code: Code, reason: &str, message: String) -> Response<Body> {
-    let status = platform_status::with_details(code, DOMAIN, reason, message, Vec::new());
+fn refuse(
+    code: Code,
+    reason: &str,
+    metadata: Vec<(String, String)>,
+    message: String,
+) -> Response<Body> {
+    let status = platform_status::with_info(code, DOMAIN, reason, metadata, message, Vec::new());
     status.into_http()
 }
 
@@ -232,7 +240,7 @@ impl Gateway {
         method: &str,
         mut request: Request<Incoming>,
     ) -> (Response<Body>, Option<limits::BudgetPermit>) {
-        let refused = |code, reason: &str, message| {
+        let refused_with = |code, reason: &str, metadata, message| {
             crate::metrics::gateway()
                 .refusals
                 .get_or_create(&crate::metrics::Refusal {
@@ -240,8 +248,9 @@ impl Gateway {
                     member: caller.label().to_string(),
                 })
                 .inc();
-            (refuse(code, reason, message), None)
+            (refuse(code, reason, metadata, message), None)
         };
+        let refused = |code, reason: &str, message| refused_with(code, reason, Vec::new(), message);
         // 1. Who is calling: a member named by a valid certificate of this trust domain, that
         //    is still valid and not revoked (a session outlives neither).
         let admitted = match &caller.admitted {
@@ -361,14 +370,88 @@ impl Gateway {
             );
         }
 
-        // 6. The deadline, never longer than the cap, enforced here while waiting for the
+        // 6. The person the call speaks for, when it carries a platform token: verified here, so
+        //    that a forged or expired token reaches no service. Some methods require one, at a
+        //    level of assurance; below it the refusal names the level to log in with again.
+        let presenter = admitted.header.to_str().unwrap_or_default();
+        let person = match self.people.person(request.headers(), presenter).await {
+            Ok(person) => person,
+            Err(refusal) => {
+                let (reason, message) = match refusal {
+                    PersonRefusal::Token(error) => (error.reason(), error.to_string()),
+                    PersonRefusal::NotBearer => (
+                        "TOKEN_MALFORMED",
+                        "the authorization header must be `Bearer <platform access token>`"
+                            .to_owned(),
+                    ),
+                    PersonRefusal::NoIdentityService => (
+                        "TOKEN_UNVERIFIABLE",
+                        "this gateway routes no identity service, so it cannot accept tokens"
+                            .to_owned(),
+                    ),
+                };
+                return refused(Code::Unauthenticated, reason, message);
+            }
+        };
+        if let Some(required) = self.policy.person_required(path) {
+            let level = [("required_level".to_owned(), required.as_str().to_owned())];
+            match &person {
+                None => {
+                    return refused_with(
+                        Code::Unauthenticated,
+                        "PERSON_TOKEN_REQUIRED",
+                        level.to_vec(),
+                        format!(
+                            "{method} acts for a person: send their platform token (level {required} at least)"
+                        ),
+                    );
+                }
+                Some(claims) if claims.auth.level < required => {
+                    return refused_with(
+                        Code::Unauthenticated,
+                        "LEVEL_OF_ASSURANCE_TOO_LOW",
+                        level.to_vec(),
+                        format!(
+                            "{method} requires level {required}; the person logged in at {}: log in again asking for {required}",
+                            claims.auth.level
+                        ),
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(claims) = &person {
+            let subject: Arc<str> = Arc::from(claims.sub.as_str());
+            if let Err(wait) = self.people.rates.check(&subject) {
+                return refused(
+                    Code::ResourceExhausted,
+                    "PERSON_RATE_LIMITED",
+                    format!(
+                        "this person exceeded {} calls per second; retry in {} ms",
+                        self.people.rates.per_second(),
+                        wait.as_millis().max(1)
+                    ),
+                );
+            }
+        }
+
+        // 7. The deadline, never longer than the cap, enforced here while waiting for the
         //    answer and by the service.
         let deadline = limits::cap_deadline(request.headers_mut(), self.max_deadline);
 
-        // 7. Forward, naming the verified caller; a caller's own claim is dropped first.
+        // 8. Forward, naming the verified caller and person; a caller's own claims are dropped
+        //    first, and so is the token itself: services believe the gateway, and a token
+        //    that reaches no service cannot leak from one.
         let headers = request.headers_mut();
         headers.remove(CALLER_HEADER);
+        headers.remove(PERSON_HEADER);
+        headers.remove(http::header::AUTHORIZATION);
         headers.insert(CALLER_HEADER, admitted.header.clone());
+        if let Some(claims) = &person
+            && let Ok(value) = HeaderValue::from_str(&claims.to_header())
+        {
+            headers.insert(PERSON_HEADER, value);
+        }
         telemetry::inject_context(&tracing::Span::current(), headers);
         *request.uri_mut() = upstream.uri_for(request.uri());
         // The services hold messages to their own size limit and say so in a status.

@@ -484,9 +484,9 @@ impl http_body::Body for Answer {
     }
 }
 
-/// The upstream as a tonic transport, for the gateway's own calls to it (health).
+/// The upstream as a tonic transport, for the gateway's own calls to it (health, key sets).
 #[derive(Clone)]
-struct Client(Arc<Upstream>);
+pub struct Client(pub Arc<Upstream>);
 
 impl tower::Service<Request<Body>> for Client {
     type Response = Response<Answer>;

@@ -134,7 +134,7 @@ methods = ["onestop.testing.v1.EchoService/*"]
     from_file: |_, _| anyhow::bail!("the echo service runs in tests only"),
     local: |local| {
         let config = local.server;
-        Prepared::new(
+        Ok(Prepared::new(
             config.listen,
             Default::default(),
             move |listener, shutdown| {
@@ -149,6 +149,6 @@ methods = ["onestop.testing.v1.EchoService/*"]
                     Ok(serving)
                 })
             },
-        )
+        ))
     },
 };

@@ -4,6 +4,7 @@
 
 pub mod attack;
 pub mod echo;
+pub mod oidc;
 pub mod pg;
 pub mod relay;
 

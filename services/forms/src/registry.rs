@@ -61,9 +61,6 @@ pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 /// The method name under which seeding is recorded.
 pub const SEED_METHOD: &str = "CreateForm";
 
-/// The name under which the store keeps the secret that signs page tokens.
-pub const PAGE_TOKEN_SECRET: &str = "page_token_key";
-
 fn invalid(field: &str, message: String) -> FormsError {
     FormsError::InvalidField {
         field: field.to_owned(),
@@ -110,12 +107,7 @@ impl Registry {
         requests: Requests,
         operators: Vec<Member>,
     ) -> Result<Self, FormsError> {
-        let fresh = PageTokens::new_secret()
-            .map_err(|e| FormsError::Internal(format!("page tokens: {e}")))?;
-        let secret = store.shared_secret(PAGE_TOKEN_SECRET, &fresh).await?;
-        let tokens = PageTokens::new(&secret).map_err(|e| {
-            FormsError::Store(StoreError::Corrupt(format!("{PAGE_TOKEN_SECRET}: {e}")))
-        })?;
+        let tokens = PageTokens::open(store.database()).await?;
         Ok(Self {
             store,
             requests,

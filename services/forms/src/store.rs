@@ -54,24 +54,6 @@ impl Store {
         &self.db
     }
 
-    /// The secret named `name`: the one kept already, or else `fresh`, which is kept from now
-    /// on. When replicas start together, every one gets the secret the first of them kept.
-    pub async fn shared_secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
-        sqlx::query(
-            "INSERT INTO service_secrets (name, value) VALUES ($1, $2) \
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(fresh)
-        .execute(&self.db.pool)
-        .await?;
-        let row = sqlx::query("SELECT value FROM service_secrets WHERE name = $1")
-            .bind(name)
-            .fetch_one(&self.db.pool)
-            .await?;
-        Ok(row.try_get("value")?)
-    }
-
     /// Creates a form with its first version.
     pub async fn create_form(
         &self,

@@ -18,9 +18,14 @@ use tonic::{Request, Status};
 use crate::identity::SpiffeId;
 use crate::status::{self, Reason};
 use crate::tls::{Peer, PeerIdentity, ServerTls};
+use crate::tokens::Claims;
 
 /// The metadata key in which the gateway passes the verified caller (a SPIFFE URI).
 pub const CALLER_HEADER: &str = "x-onestop-caller";
+
+/// The metadata key in which the gateway passes the person whose bearer token it verified (the
+/// token's claims, see [`Claims::to_header`]). Believed, like the caller, only from the gateway.
+pub const PERSON_HEADER: &str = "x-onestop-person";
 
 /// The verified caller of one request, inserted into the request's extensions.
 #[derive(Clone, Debug)]
@@ -29,6 +34,9 @@ pub struct Caller {
     pub identity: Arc<SpiffeId>,
     /// Whether the call came through the gateway.
     pub via_gateway: bool,
+    /// The person the calling system acts for, when the call carried a platform token (verified
+    /// by the gateway).
+    pub person: Option<Arc<Claims>>,
 }
 
 impl Caller {
@@ -60,8 +68,14 @@ impl Authenticate {
         }
     }
 
-    /// Decides who calls, from the connection's peer and the request's metadata.
-    pub fn caller(&self, peer: Option<&Peer>, claimed: Option<&[u8]>) -> Result<Caller, Status> {
+    /// Decides who calls, from the connection's peer and the request's metadata: the caller
+    /// the gateway names (`claimed`) and the person it verified (`person`).
+    pub fn caller(
+        &self,
+        peer: Option<&Peer>,
+        claimed: Option<&[u8]>,
+        person: Option<&[u8]>,
+    ) -> Result<Caller, Status> {
         let unauthenticated = |message: String| {
             status::error(
                 tonic::Code::Unauthenticated,
@@ -81,7 +95,7 @@ impl Authenticate {
                 return Err(unauthenticated("a client certificate is required".into()));
             }
         };
-        let Some(claimed) = claimed else {
+        let Some(claimed) = claimed.or(person.map(|_| &b""[..])) else {
             if let Some(member) = identity.as_member() {
                 return Err(status::error(
                     tonic::Code::PermissionDenied,
@@ -93,6 +107,7 @@ impl Authenticate {
             return Ok(Caller {
                 identity: identity.clone(),
                 via_gateway: false,
+                person: None,
             });
         };
         if **identity != *self.gateway {
@@ -100,7 +115,8 @@ impl Authenticate {
                 tonic::Code::PermissionDenied,
                 Reason::CallerClaimRefused,
                 format!(
-                    "{identity} may not name a caller in `{CALLER_HEADER}`: only the gateway may"
+                    "{identity} may not name a caller in `{CALLER_HEADER}` or a person in \
+                     `{PERSON_HEADER}`: only the gateway may"
                 ),
                 Vec::new(),
             ));
@@ -112,9 +128,23 @@ impl Authenticate {
             .ok_or_else(|| {
                 unauthenticated(format!("the gateway sent a malformed `{CALLER_HEADER}`"))
             })?;
+        let person = person
+            .map(|value| {
+                std::str::from_utf8(value)
+                    .map_err(|e| e.to_string())
+                    .and_then(Claims::from_header)
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        unauthenticated(format!(
+                            "the gateway sent a malformed `{PERSON_HEADER}`: {e}"
+                        ))
+                    })
+            })
+            .transpose()?;
         Ok(Caller {
             identity: Arc::new(claimed),
             via_gateway: true,
+            person,
         })
     }
 }
@@ -188,6 +218,10 @@ where
                     .headers()
                     .get(CALLER_HEADER)
                     .map(|value| value.as_bytes()),
+                request
+                    .headers()
+                    .get(PERSON_HEADER)
+                    .map(|value| value.as_bytes()),
             ),
         };
         match caller {
@@ -223,7 +257,7 @@ mod tests {
     fn the_gateway_may_name_the_caller() {
         let auth = Authenticate::new(SpiffeId::parse(GATEWAY).unwrap());
         let caller = auth
-            .caller(Some(&peer(spiffe(GATEWAY))), Some(MEMBER.as_bytes()))
+            .caller(Some(&peer(spiffe(GATEWAY))), Some(MEMBER.as_bytes()), None)
             .unwrap();
         assert_eq!(caller.identity.to_string(), MEMBER);
         assert!(caller.via_gateway);
@@ -234,14 +268,23 @@ mod tests {
         let auth = Authenticate::new(SpiffeId::parse(GATEWAY).unwrap());
         let other = "spiffe://onestop.lv/member/GOV/VID/eds";
         let error = auth
-            .caller(Some(&peer(spiffe(other))), Some(MEMBER.as_bytes()))
+            .caller(Some(&peer(spiffe(other))), Some(MEMBER.as_bytes()), None)
             .unwrap_err();
         assert_eq!(error.code(), tonic::Code::PermissionDenied);
         // Nor may a member call directly as itself; a platform component may.
-        let error = auth.caller(Some(&peer(spiffe(other))), None).unwrap_err();
+        let error = auth
+            .caller(Some(&peer(spiffe(other))), None, None)
+            .unwrap_err();
         assert_eq!(error.code(), tonic::Code::PermissionDenied);
+        // Nor name a person, even without naming a caller.
         let routing = "spiffe://onestop.lv/platform/routing";
-        let direct = auth.caller(Some(&peer(spiffe(routing))), None).unwrap();
+        let error = auth
+            .caller(Some(&peer(spiffe(routing))), None, Some(b"e30"))
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::PermissionDenied);
+        let direct = auth
+            .caller(Some(&peer(spiffe(routing))), None, None)
+            .unwrap();
         assert_eq!(direct.identity.to_string(), routing);
         assert!(!direct.via_gateway);
     }
@@ -253,11 +296,11 @@ mod tests {
             PeerIdentity::Anonymous,
             PeerIdentity::Unidentified("no SAN".into()),
         ] {
-            let error = auth.caller(Some(&peer(identity)), None).unwrap_err();
+            let error = auth.caller(Some(&peer(identity)), None, None).unwrap_err();
             assert_eq!(error.code(), tonic::Code::Unauthenticated);
         }
         let error = auth
-            .caller(Some(&peer(spiffe(GATEWAY))), Some(b"not a uri"))
+            .caller(Some(&peer(spiffe(GATEWAY))), Some(b"not a uri"), None)
             .unwrap_err();
         assert_eq!(error.code(), tonic::Code::Unauthenticated);
     }

@@ -95,7 +95,7 @@ pub fn from_millis(ms: i64) -> Result<OffsetDateTime, StoreError> {
 }
 
 /// The platform's own tables, kept in every service's database (the record of requests made,
-/// see [`crate::requests`]). Their versions start at [`PLATFORM_MIGRATIONS_FROM`]; a service
+/// see [`crate::requests`], and shared secrets). Their versions start at [`PLATFORM_MIGRATIONS_FROM`]; a service
 /// numbers its own migrations below that, and both are applied as one history.
 static PLATFORM: Migrator = sqlx::migrate!("./migrations");
 
@@ -165,6 +165,24 @@ pub async fn open(config: &DatabaseConfig, migrations: &Migrations) -> Result<Da
 }
 
 impl Database {
+    /// The secret named `name`: the one kept already, or else `fresh`, which is kept from now
+    /// on. When replicas start together, every one gets the secret the first of them kept.
+    pub async fn shared_secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+        sqlx::query(
+            "INSERT INTO service_secrets (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(fresh)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT value FROM service_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(sqlx::Row::try_get(&row, "value")?)
+    }
+
     /// Checks that the database answers.
     pub async fn probe(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

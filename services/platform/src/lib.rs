@@ -14,6 +14,7 @@ pub mod db;
 pub mod identity;
 pub mod metrics;
 pub mod paging;
+pub mod person;
 pub mod pki;
 pub mod requests;
 pub mod server;
@@ -21,6 +22,7 @@ pub mod status;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;
+pub mod tokens;
 
 /// Resolves when the process is asked to stop (SIGTERM or SIGINT).
 pub async fn shutdown_signal() {

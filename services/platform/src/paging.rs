@@ -25,6 +25,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 
 /// The first byte of every token, so that the layout can change without misreading old tokens.
 const TOKEN_VERSION: u8 = 1;
+/// The name under which a service's database keeps the key that signs its page tokens.
+pub const SECRET_NAME: &str = "page_token_key";
 /// Separates these MACs from any other use of the same secret.
 const MAC_CONTEXT: &[u8] = b"onestop page token v1";
 /// The length of an HMAC-SHA256 tag.
@@ -112,6 +114,16 @@ impl PageTokens {
             .fill(&mut bytes)
             .map_err(|_| PagingError::NoRandomness)?;
         Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Tokens signed with the key a service's database keeps (made on its first start), so
+    /// that every replica and every restart accepts them.
+    pub async fn open(db: &crate::db::Database) -> Result<Self, crate::db::StoreError> {
+        let fresh = Self::new_secret()
+            .map_err(|e| crate::db::StoreError::Corrupt(format!("page tokens: {e}")))?;
+        let secret = db.shared_secret(SECRET_NAME, &fresh).await?;
+        Self::new(&secret)
+            .map_err(|e| crate::db::StoreError::Corrupt(format!("{SECRET_NAME}: {e}")))
     }
 
     /// Tokens signed with `secret`, as made by [`PageTokens::new_secret`].

@@ -113,7 +113,25 @@ pub fn with_details(
     message: String,
     violations: Vec<FieldViolation>,
 ) -> Status {
-    let mut details = ErrorDetails::with_error_info(bounded(reason, 64), domain, []);
+    with_info(code, domain, reason, Vec::new(), message, violations)
+}
+
+/// An error whose `ErrorInfo` also carries metadata a client acts on (such as the level of
+/// assurance to log in with again), with its details bounded in size.
+pub fn with_info(
+    code: Code,
+    domain: &str,
+    reason: &str,
+    metadata: Vec<(String, String)>,
+    message: String,
+    violations: Vec<FieldViolation>,
+) -> Status {
+    let metadata = metadata
+        .into_iter()
+        .take(8)
+        .map(|(key, value)| (key, bounded(&value, MAX_ECHO_CHARS).into_owned()));
+    let metadata: std::collections::HashMap<String, String> = metadata.collect();
+    let mut details = ErrorDetails::with_error_info(bounded(reason, 64), domain, metadata);
     let violations = bound_violations(violations);
     if !violations.is_empty() {
         details.set_bad_request(violations);

@@ -193,6 +193,18 @@ pub fn trace_id_header(span: &tracing::Span) -> Option<HeaderValue> {
         .flatten()
 }
 
+/// The trace id of the current call (its span's), for records that must point at their trace
+/// (audit events); empty when tracing is not installed.
+pub fn current_trace_id() -> String {
+    let context = tracing::Span::current().context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}
+
 /// A tower layer that runs each call inside its server span and returns its trace id.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TraceLayer;

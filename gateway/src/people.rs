@@ -1,0 +1,148 @@
+//! People at the gateway: the bearer tokens front ends send on behalf of the people they serve,
+//! verified against the identity service's key set before any service is reached.
+//!
+//! The key set is fetched from the identity service (its `GetKeySet`, over the gateway's own
+//! upstream connection to it) at start, every [`REFRESH_INTERVAL`], and when a token names a
+//! key not yet known, at most once per [`MIN_FETCH_GAP`] so that made-up key ids cannot make
+//! the gateway hammer the identity service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use onestop_platform::tokens::{Claims, TokenError, Verifier};
+use onestop_proto::identity::v1::GetKeySetRequest;
+use onestop_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::MemberRates;
+use crate::upstream::{Client, Upstream};
+
+/// The identity service, whose key set signs people's tokens.
+pub const IDENTITY_SERVICE: &str =
+    onestop_proto::identity::v1::identity_service_server::SERVICE_NAME;
+
+/// How often the key set is fetched anyway.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The least time between two fetches caused by unknown key ids.
+pub const MIN_FETCH_GAP: Duration = Duration::from_secs(5);
+
+/// How long one fetch may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a call's person is refused: the token's error, or why none could be checked.
+#[derive(Debug)]
+pub enum PersonRefusal {
+    /// The token is not valid.
+    Token(TokenError),
+    /// The `authorization` header is not `Bearer <token>`.
+    NotBearer,
+    /// No identity service is routed, so no token can be checked.
+    NoIdentityService,
+}
+
+/// Verifies people's tokens and limits each person's rate.
+pub struct People {
+    verifier: Verifier,
+    identity: Option<Arc<Upstream>>,
+    last_fetch: Mutex<Option<Instant>>,
+    /// Calls a second per person, keyed by subject: one portal carries many people, and one
+    /// person must not use up the portal's rate.
+    pub rates: MemberRates,
+}
+
+impl People {
+    /// People of `trust_domain`, their keys from `identity` (when it is routed).
+    pub fn new(trust_domain: &str, identity: Option<Arc<Upstream>>, rates: MemberRates) -> Self {
+        Self {
+            verifier: Verifier::new(trust_domain),
+            identity,
+            last_fetch: Mutex::new(None),
+            rates,
+        }
+    }
+
+    /// The verifier (for benchmarks and tests).
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// Fetches the key set now; returns how many keys it holds.
+    pub async fn fetch(&self) -> Result<usize, String> {
+        let identity = self
+            .identity
+            .clone()
+            .ok_or("no identity service is routed")?;
+        *self.last_fetch.lock().await = Some(Instant::now());
+        let mut client = IdentityServiceClient::new(Client(identity));
+        let answer = tokio::time::timeout(FETCH_TIMEOUT, client.get_key_set(GetKeySetRequest {}))
+            .await
+            .map_err(|_| "the identity service did not answer in time".to_owned())?
+            .map_err(|status| format!("GetKeySet: {status}"))?;
+        self.verifier.set_keys(&answer.into_inner().jwks_json)
+    }
+
+    /// Fetches the key set now and every [`REFRESH_INTERVAL`] until `shutdown`.
+    pub fn keep_fresh(self: &Arc<Self>, shutdown: CancellationToken) {
+        if self.identity.is_none() {
+            return;
+        }
+        let people = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = people.fetch().await {
+                    tracing::warn!(%error, "fetching the token key set failed");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(REFRESH_INTERVAL) => {}
+                }
+            }
+        });
+    }
+
+    /// The person a call speaks for: `None` when it carries no `authorization` header, the
+    /// verified claims when it carries a valid token presented by the system it was issued to
+    /// (`presenter`, a SPIFFE id), a refusal otherwise.
+    pub async fn person(
+        &self,
+        headers: &HeaderMap,
+        presenter: &str,
+    ) -> Result<Option<Claims>, PersonRefusal> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(PersonRefusal::NotBearer)?;
+        if self.identity.is_none() {
+            return Err(PersonRefusal::NoIdentityService);
+        }
+        match self.verifier.verify(token, presenter) {
+            Err(TokenError::UnknownKey(_)) if self.may_fetch().await => {
+                if let Err(error) = self.fetch().await {
+                    tracing::warn!(%error, "fetching the token key set failed");
+                }
+                self.verifier
+                    .verify(token, presenter)
+                    .map(Some)
+                    .map_err(PersonRefusal::Token)
+            }
+            verified => verified.map(Some).map_err(PersonRefusal::Token),
+        }
+    }
+
+    /// Whether an unknown key id may cause a fetch now.
+    async fn may_fetch(&self) -> bool {
+        self.last_fetch
+            .lock()
+            .await
+            .is_none_or(|last| last.elapsed() >= MIN_FETCH_GAP)
+    }
+}

@@ -1,0 +1,285 @@
+//! The identity service: people log in through upstream OpenID providers (residents with
+//! national eID or a foreign eIDAS identity, staff through their institution's provider) and
+//! get short-lived platform tokens, bound to the front end (member system) that logged them
+//! in; clerks register residents' mandates and exchange them for tokens that act on the
+//! resident's behalf.
+//!
+//! Layout, each layer calling only downward: [`api`] (tonic handlers) → [`service`] (use cases
+//! and who may do what) → [`providers`] (upstream OpenID providers), [`keys`] (signing keys)
+//! and [`store`] (sqlx). [`error`] is where errors become gRPC statuses.
+
+pub mod api;
+pub mod error;
+pub mod keys;
+pub mod providers;
+pub mod service;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use onestop_platform::config::{AdminConfig, DatabaseConfig, ServerConfig, TelemetryConfig};
+use onestop_platform::identity::Member;
+use onestop_platform::paging::PageTokens;
+use onestop_platform::requests::Requests;
+use onestop_platform::server::Services;
+use onestop_proto::identity::v1::identity_service_server::IdentityServiceServer;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::Keys;
+use crate::providers::{Provider, ProviderConfig};
+use crate::service::{Identity, Lifetimes};
+
+/// The configuration of one identity process.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Listener, TLS and limits.
+    pub server: ServerConfig,
+    /// The identity database.
+    pub database: DatabaseConfig,
+    /// Logs and traces.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Metrics, liveness and readiness.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Service settings.
+    pub identity: IdentitySettings,
+}
+
+/// A front end (member system) that logs people in, and where providers may send its users
+/// back.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontEnd {
+    /// The member system, `CLASS/CODE/subsystem`.
+    pub member: String,
+    /// Its redirect URIs, exactly as it will send them.
+    pub redirect_uris: Vec<String>,
+}
+
+/// The `[identity]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// The directory of the token signing keys (private; shared by replicas).
+    pub key_dir: PathBuf,
+    /// The upstream providers.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// The front ends and their redirect URIs.
+    #[serde(default)]
+    pub front_ends: Vec<FrontEnd>,
+    /// Lifetime of access tokens, seconds.
+    #[serde(default = "default_access_token_ttl")]
+    pub access_token_ttl_s: u64,
+    /// Lifetime of sessions, seconds.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_s: u64,
+    /// Lifetime of tokens acting under a mandate, seconds.
+    #[serde(default = "default_access_token_ttl")]
+    pub acting_token_ttl_s: u64,
+    /// How long a started login may take, seconds.
+    #[serde(default = "default_login_ttl")]
+    pub login_ttl_s: u64,
+    /// How often the signing key is replaced, hours.
+    #[serde(default = "default_key_rotation")]
+    pub key_rotation_hours: u64,
+}
+
+fn default_access_token_ttl() -> u64 {
+    300
+}
+fn default_session_ttl() -> u64 {
+    8 * 3600
+}
+fn default_login_ttl() -> u64 {
+    600
+}
+fn default_key_rotation() -> u64 {
+    24
+}
+
+/// The longest any token may live: an hour.
+pub const MAX_TOKEN_TTL_S: u64 = 3600;
+
+/// Why the service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Database(#[from] onestop_platform::db::DbError),
+    /// The store failed at start.
+    #[error(transparent)]
+    Store(#[from] onestop_platform::db::StoreError),
+    /// The keys could not be used.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] onestop_platform::server::ServeError),
+}
+
+/// `n` random bytes, base64url.
+fn random(n: usize) -> Result<String, String> {
+    let mut bytes = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| "the system's random generator failed".to_owned())?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// A random id (128 bits).
+fn random_id() -> Result<String, error::IdentityError> {
+    random(16).map_err(error::IdentityError::Internal)
+}
+
+/// A random secret (256 bits): refresh tokens.
+fn random_secret() -> Result<String, error::IdentityError> {
+    random(32).map_err(error::IdentityError::Internal)
+}
+
+impl IdentitySettings {
+    fn lifetimes(&self) -> Result<Lifetimes, ServeError> {
+        for (name, value) in [
+            ("access_token_ttl_s", self.access_token_ttl_s),
+            ("acting_token_ttl_s", self.acting_token_ttl_s),
+        ] {
+            if value == 0 || value > MAX_TOKEN_TTL_S {
+                return Err(ServeError::Config(format!(
+                    "identity.{name} must be 1-{MAX_TOKEN_TTL_S} seconds"
+                )));
+            }
+        }
+        if self.session_ttl_s < self.access_token_ttl_s || self.login_ttl_s == 0 {
+            return Err(ServeError::Config(
+                "identity.session_ttl_s must be at least the access token's, and login_ttl_s above 0"
+                    .into(),
+            ));
+        }
+        if self.key_rotation_hours == 0 {
+            return Err(ServeError::Config(
+                "identity.key_rotation_hours must be above 0".into(),
+            ));
+        }
+        Ok(Lifetimes {
+            access_token: Duration::from_secs(self.access_token_ttl_s),
+            session: Duration::from_secs(self.session_ttl_s),
+            acting_token: Duration::from_secs(self.acting_token_ttl_s),
+            login: Duration::from_secs(self.login_ttl_s),
+        })
+    }
+
+    fn front_ends(&self) -> Result<HashMap<String, Vec<String>>, ServeError> {
+        let mut front_ends = HashMap::new();
+        for front_end in &self.front_ends {
+            let member = Member::parse(&front_end.member)
+                .map_err(|e| ServeError::Config(format!("identity.front_ends: {e}")))?;
+            if member.subsystem.is_empty() {
+                return Err(ServeError::Config(format!(
+                    "identity.front_ends: `{}` must name the subsystem (CLASS/CODE/subsystem)",
+                    front_end.member
+                )));
+            }
+            for uri in &front_end.redirect_uris {
+                let url = url::Url::parse(uri).map_err(|e| {
+                    ServeError::Config(format!("identity.front_ends {member}: `{uri}`: {e}"))
+                })?;
+                if url.scheme() != "https" || url.fragment().is_some() {
+                    return Err(ServeError::Config(format!(
+                        "identity.front_ends {member}: `{uri}` must be https:// without a fragment"
+                    )));
+                }
+            }
+            front_ends.insert(member.to_string(), front_end.redirect_uris.clone());
+        }
+        Ok(front_ends)
+    }
+}
+
+/// Opens the store, the keys and the providers.
+pub async fn open(config: &IdentityConfig) -> Result<(Arc<Identity>, Arc<Keys>), ServeError> {
+    let settings = &config.identity;
+    let lifetimes = settings.lifetimes()?;
+    let front_ends = settings.front_ends()?;
+    let mut providers = Vec::new();
+    for provider in &settings.providers {
+        if settings
+            .providers
+            .iter()
+            .filter(|p| p.id == provider.id)
+            .count()
+            > 1
+        {
+            return Err(ServeError::Config(format!(
+                "identity.providers: `{}` is configured twice",
+                provider.id
+            )));
+        }
+        providers.push(Provider::new(provider.clone()).map_err(ServeError::Config)?);
+    }
+    let db = onestop_platform::db::open(&config.database, &store::MIGRATIONS).await?;
+    let keys = Arc::new(Keys::open(
+        &settings.key_dir,
+        Duration::from_secs(settings.key_rotation_hours * 3600),
+        lifetimes.access_token.max(lifetimes.acting_token),
+    )?);
+    let requests = Requests::new(&db, config.database.request_retention());
+    let pages = PageTokens::open(&db).await?;
+    let identity = Identity::new(
+        store::Store::new(db),
+        requests,
+        keys.clone(),
+        providers,
+        front_ends,
+        &config.server.trust_domain,
+        lifetimes,
+        pages,
+    );
+    Ok((Arc::new(identity), keys))
+}
+
+/// Serves an opened identity service on a bound listener until `shutdown` is cancelled.
+pub async fn serve(
+    config: &IdentityConfig,
+    identity: Arc<Identity>,
+    keys: Arc<Keys>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    tokio::spawn(identity.requests().clone().keep_pruned(shutdown.clone()));
+    tokio::spawn(keys.keep_fresh(shutdown.clone()));
+    tokio::spawn(prune_periodically(identity.clone(), shutdown.clone()));
+    let mut services = Services::new(&config.server);
+    services
+        .health()
+        .follow_database(identity.store().database().clone(), shutdown.clone());
+    services.add(IdentityServiceServer::new(api::IdentityApi::new(identity)));
+    onestop_platform::server::serve(&config.server, services, listener, shutdown).await?;
+    Ok(())
+}
+
+/// Removes expired logins and old sessions every ten minutes.
+async fn prune_periodically(identity: Arc<Identity>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+        if let Err(error) = identity
+            .store()
+            .prune(time::OffsetDateTime::now_utc())
+            .await
+        {
+            tracing::warn!(%error, "pruning logins and sessions failed");
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! The upstream OpenID providers people log in with: the national eID broker (residents,
+//! foreign eIDAS identities) and the identity providers of municipalities and institutions
+//! (staff).
+//!
+//! Each is configured once (issuer, client, scopes, how its `acr` values map to levels of
+//! assurance, which claims hold what). The HTTP client follows no redirects, talks only to
+//! the provider's own origin (discovery, keys and token endpoint alike) and reads at most
+//! [`MAX_RESPONSE_BYTES`] of an answer.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use onestop_platform::identity::Member;
+use onestop_platform::person::{self, EidasId, Level};
+use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::{
+    AuthenticationContextClass, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use crate::error::IdentityError;
+
+/// The most bytes read of any answer of a provider.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// How long a provider may take to answer one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long discovered metadata (endpoints, keys) is used before it is fetched again.
+pub const METADATA_LIFETIME: Duration = Duration::from_secs(600);
+/// The most clock difference allowed when checking an ID token's expiry.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Whom a provider identifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Audience {
+    /// Residents and foreign eIDAS users.
+    Residents,
+    /// Staff of institutions and centres.
+    Staff,
+}
+
+/// Which claims of the provider's ID tokens hold what.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimNames {
+    /// A Latvian personal code.
+    pub personal_code: String,
+    /// An eIDAS identifier (`CC/DD/id`), for persons without a Latvian code.
+    pub eidas_id: String,
+    /// The country whose eID means were used.
+    pub country: String,
+    /// Given name.
+    pub given_name: String,
+    /// Family name.
+    pub family_name: String,
+    /// The staff member's id.
+    pub staff_id: String,
+    /// The staff member's institution (`CLASS/CODE`).
+    pub institution: String,
+    /// The staff member's centre.
+    pub centre: String,
+    /// The staff member's roles (an array of strings).
+    pub roles: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        Self {
+            personal_code: "personal_code".into(),
+            eidas_id: "eidas_id".into(),
+            country: "country".into(),
+            given_name: "given_name".into(),
+            family_name: "family_name".into(),
+            staff_id: "staff_id".into(),
+            institution: "institution".into(),
+            centre: "centre".into(),
+            roles: "roles".into(),
+        }
+    }
+}
+
+/// One `[[identity.providers]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Its id, as front ends name it (`latvija`).
+    pub id: String,
+    /// The issuer URL; discovery is read from `<issuer>/.well-known/openid-configuration`.
+    /// `https://`, or `http://` on a loopback address for development.
+    pub issuer: String,
+    /// The platform's client id at the provider.
+    pub client_id: String,
+    /// A file holding the client secret (the secret itself is never in the configuration).
+    pub client_secret_file: PathBuf,
+    /// Scopes to ask for besides `openid`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Whom it identifies.
+    pub audience: Audience,
+    /// The provider's `acr` values and the level each means. An ID token whose `acr` is not
+    /// here is refused.
+    pub acr: BTreeMap<String, Level>,
+    /// Claim names, when the provider's differ from the defaults.
+    #[serde(default)]
+    pub claims: ClaimNames,
+    /// Allowed clock difference when checking expiry, in seconds (at most 60).
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// Who a provider identified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identified {
+    /// A person with a Latvian personal code.
+    Resident {
+        /// `DDMMYY-NNNNN`.
+        personal_code: String,
+    },
+    /// A person identified by another country.
+    Foreign(EidasId),
+    /// A member of staff.
+    Staff {
+        /// Their id.
+        staff_id: String,
+        /// Their institution.
+        institution: Member,
+        /// Their centre.
+        centre: Option<String>,
+        /// Their roles.
+        roles: Vec<String>,
+    },
+}
+
+/// A completed login as the provider vouched for it.
+#[derive(Clone, Debug)]
+pub struct Login {
+    /// Who.
+    pub who: Identified,
+    /// At which level.
+    pub level: Level,
+    /// Country of the eID means, when known.
+    pub country: Option<String>,
+    /// Given name.
+    pub given_name: Option<String>,
+    /// Family name.
+    pub family_name: Option<String>,
+    /// When they authenticated (seconds since the epoch).
+    pub auth_time: i64,
+}
+
+/// What a login keeps between its start and its completion.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    /// Where to send the browser.
+    pub url: String,
+    /// The `state` sent.
+    pub state: String,
+    /// The nonce the ID token must carry.
+    pub nonce: String,
+    /// The PKCE verifier.
+    pub verifier: String,
+}
+
+type Client = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+struct Discovered {
+    client: Client,
+    at: Instant,
+}
+
+/// A configured provider, its metadata discovered on first use.
+pub struct Provider {
+    /// Its configuration.
+    pub config: ProviderConfig,
+    issuer: IssuerUrl,
+    secret: ClientSecret,
+    http: Fetcher,
+    discovered: Mutex<Option<Arc<Discovered>>>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("id", &self.config.id)
+            .field("issuer", &self.config.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the HTTP client refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The request went somewhere other than the provider's origin.
+    #[error("refusing to call {0}: not the provider's own origin")]
+    ForeignOrigin(String),
+    /// The answer was too large.
+    #[error("the answer is larger than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+    /// The request could not be built.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Provider {
+    /// A provider from its configuration, reading its client secret.
+    pub fn new(config: ProviderConfig) -> Result<Self, String> {
+        let id = &config.id;
+        if id.is_empty()
+            || id.len() > 63
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(format!(
+                "provider id `{id}`: 1-63 lower-case letters, digits and `-`"
+            ));
+        }
+        let url = url::Url::parse(&config.issuer)
+            .map_err(|e| format!("provider {id}: issuer `{}`: {e}", config.issuer))?;
+        let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+        if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+            return Err(format!(
+                "provider {id}: the issuer must be https:// (http:// only on a loopback address)"
+            ));
+        }
+        if config.acr.is_empty() {
+            return Err(format!(
+                "provider {id}: map at least one `acr` value to a level ([identity.providers.acr])"
+            ));
+        }
+        if config.leeway_s > MAX_LEEWAY.as_secs() {
+            return Err(format!(
+                "provider {id}: leeway_s is at most {}",
+                MAX_LEEWAY.as_secs()
+            ));
+        }
+        let secret = std::fs::read_to_string(&config.client_secret_file)
+            .map_err(|e| {
+                format!(
+                    "provider {id}: client secret {}: {e}",
+                    config.client_secret_file.display()
+                )
+            })?
+            .trim()
+            .to_owned();
+        if secret.is_empty() {
+            return Err(format!("provider {id}: the client secret file is empty"));
+        }
+        let http = reqwest::Client::builder()
+            // Following redirects would let a provider (or whoever answers for it) send us
+            // anywhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| format!("provider {id}: HTTP client: {e}"))?;
+        Ok(Self {
+            issuer: IssuerUrl::new(config.issuer.clone()).map_err(|e| e.to_string())?,
+            secret: ClientSecret::new(secret),
+            http: Fetcher {
+                client: http,
+                origin: url.origin(),
+            },
+            discovered: Mutex::new(None),
+            config,
+        })
+    }
+
+    /// The levels the provider can reach, lowest first.
+    pub fn levels(&self) -> Vec<Level> {
+        let mut levels: Vec<Level> = self.config.acr.values().copied().collect();
+        levels.sort();
+        levels.dedup();
+        levels
+    }
+
+    /// The provider's `acr` values that reach at least `minimum`, lowest first.
+    fn acr_values(&self, minimum: Level) -> Vec<&str> {
+        let mut values: Vec<(&Level, &String)> = self
+            .config
+            .acr
+            .iter()
+            .filter(|(_, level)| **level >= minimum)
+            .map(|(acr, level)| (level, acr))
+            .collect();
+        values.sort();
+        values.into_iter().map(|(_, acr)| acr.as_str()).collect()
+    }
+
+    /// The discovered client, fetching the metadata when it is missing, old, or `renew`.
+    async fn client(&self, renew: bool) -> Result<Arc<Discovered>, IdentityError> {
+        let mut discovered = self.discovered.lock().await;
+        if let Some(current) = discovered.as_ref()
+            && !renew
+            && current.at.elapsed() < METADATA_LIFETIME
+        {
+            return Ok(current.clone());
+        }
+        let metadata = CoreProviderMetadata::discover_async(self.issuer.clone(), &self.http)
+            .await
+            .map_err(|e| self.unavailable(format!("discovery: {e}")))?;
+        let client = CoreClient::from_provider_metadata(
+            metadata,
+            ClientId::new(self.config.client_id.clone()),
+            Some(self.secret.clone()),
+        );
+        let fresh = Arc::new(Discovered {
+            client,
+            at: Instant::now(),
+        });
+        *discovered = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    fn unavailable(&self, why: String) -> IdentityError {
+        tracing::warn!(provider = %self.config.id, %why, "login provider failed");
+        IdentityError::ProviderUnavailable(self.config.id.clone())
+    }
+
+    /// Starts a login: the authorization URL (code flow, PKCE S256, state, nonce, the `acr`
+    /// values reaching `minimum`) and what must be kept to complete it.
+    pub async fn start(
+        &self,
+        redirect_uri: &str,
+        minimum: Level,
+    ) -> Result<Pending, IdentityError> {
+        let discovered = self.client(false).await?;
+        let redirect = RedirectUrl::new(redirect_uri.to_owned())
+            .map_err(|e| IdentityError::invalid("redirect_uri", e.to_string()))?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = discovered
+            .client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .set_redirect_uri(std::borrow::Cow::Owned(redirect))
+            .set_pkce_challenge(challenge);
+        for scope in &self.config.scopes {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        for acr in self.acr_values(minimum) {
+            request = request.add_auth_context_value(AuthenticationContextClass::new(acr.into()));
+        }
+        let (url, state, nonce) = request.url();
+        Ok(Pending {
+            url: url.to_string(),
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            verifier: verifier.secret().clone(),
+        })
+    }
+
+    /// Completes a login: exchanges the code, checks the ID token (signature from the
+    /// provider's key set, issuer, audience, expiry with the configured leeway, nonce) and its
+    /// `acr` against `minimum`, and reads who it names.
+    pub async fn complete(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+        pending_nonce: &str,
+        verifier: &str,
+        minimum: Level,
+    ) -> Result<Login, IdentityError> {
+        let discovered = self.client(false).await?;
+        let redirect = RedirectUrl::new(redirect_uri.to_owned())
+            .map_err(|e| IdentityError::invalid("redirect_uri", e.to_string()))?;
+        let response = discovered
+            .client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| self.unavailable(format!("no token endpoint: {e}")))?
+            .set_redirect_uri(std::borrow::Cow::Owned(redirect))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.to_owned()))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| match e {
+                // The provider refused the code (used, expired, not ours): the login fails.
+                openidconnect::RequestTokenError::ServerResponse(refusal) => {
+                    IdentityError::LoginRefused(format!(
+                        "the provider refused the code: {}",
+                        refusal.error()
+                    ))
+                }
+                other => self.unavailable(format!("token endpoint: {other}")),
+            })?;
+        let id_token = response.id_token().ok_or_else(|| {
+            IdentityError::LoginRefused("the provider returned no ID token".into())
+        })?;
+        let nonce = Nonce::new(pending_nonce.to_owned());
+        let leeway = chrono::Duration::seconds(
+            i64::try_from(self.config.leeway_s.min(MAX_LEEWAY.as_secs())).unwrap_or(0),
+        );
+        let verify = |client: &Client| {
+            let verifier = client
+                .id_token_verifier()
+                // Asymmetric signatures only: a token "signed" with our own client secret
+                // could have been made by anyone who knows it.
+                .set_allowed_algs([
+                    openidconnect::core::CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+                    openidconnect::core::CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+                    openidconnect::core::CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+                    openidconnect::core::CoreJwsSigningAlgorithm::EdDsa,
+                ])
+                // Expiry is checked against a clock set back by the leeway.
+                .set_time_fn(move || chrono::Utc::now() - leeway);
+            id_token
+                .claims(&verifier, &nonce)
+                .map(|claims| {
+                    (
+                        claims.auth_context_ref().map(|acr| acr.as_str().to_owned()),
+                        claims.auth_time().map(|t| t.timestamp()),
+                        claims.issue_time().timestamp(),
+                    )
+                })
+                .map_err(|e| e.to_string())
+        };
+        let (acr, auth_time, issued) = match verify(&discovered.client) {
+            Ok(checked) => checked,
+            // The provider may have rotated its keys since discovery: read them again once.
+            Err(why) if why.contains("signature") || why.contains("key") => {
+                let renewed = self.client(true).await?;
+                verify(&renewed.client).map_err(IdentityError::LoginRefused)?
+            }
+            Err(why) => return Err(IdentityError::LoginRefused(why)),
+        };
+        let level = acr
+            .as_deref()
+            .and_then(|acr| self.config.acr.get(acr).copied())
+            .ok_or_else(|| {
+                IdentityError::LoginRefused(format!(
+                    "the ID token's acr {acr:?} is not one this provider is configured with"
+                ))
+            })?;
+        if level < minimum {
+            return Err(IdentityError::LevelTooLow {
+                got: level,
+                required: minimum,
+            });
+        }
+        // The signature, issuer, audience, expiry and nonce are checked: the payload is the
+        // provider's. Its own claims are read from it.
+        let payload = payload_of(&id_token.to_string())
+            .map_err(|e| IdentityError::LoginRefused(format!("ID token payload: {e}")))?;
+        let who = self.identified(&payload)?;
+        let text = |name: &str| {
+            payload
+                .get(name)
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        Ok(Login {
+            who,
+            level,
+            country: text(&self.config.claims.country),
+            given_name: text(&self.config.claims.given_name),
+            family_name: text(&self.config.claims.family_name),
+            auth_time: auth_time.unwrap_or(issued),
+        })
+    }
+
+    /// Who the claims name, by the provider's claim mapping.
+    fn identified(
+        &self,
+        payload: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Identified, IdentityError> {
+        let names = &self.config.claims;
+        let text = |name: &str| payload.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let refused = |why: String| IdentityError::LoginRefused(why);
+        match self.config.audience {
+            Audience::Residents => {
+                let code = text(&names.personal_code);
+                if !code.is_empty() {
+                    let personal_code = person::normalize_personal_code(code).map_err(refused)?;
+                    return Ok(Identified::Resident { personal_code });
+                }
+                let eidas = text(&names.eidas_id);
+                if !eidas.is_empty() {
+                    return EidasId::parse(eidas)
+                        .map(Identified::Foreign)
+                        .map_err(refused);
+                }
+                Err(refused(format!(
+                    "the ID token names no person: neither `{}` nor `{}`",
+                    names.personal_code, names.eidas_id
+                )))
+            }
+            Audience::Staff => {
+                let staff_id = text(&names.staff_id);
+                if staff_id.is_empty() || staff_id.len() > 128 || staff_id.contains('/') {
+                    return Err(refused(format!(
+                        "the ID token's `{}` is missing or malformed",
+                        names.staff_id
+                    )));
+                }
+                let institution = Member::parse(text(&names.institution))
+                    .map(|m| m.institution())
+                    .map_err(|e| refused(format!("`{}`: {e}", names.institution)))?;
+                let centre = Some(text(&names.centre).to_owned()).filter(|c| !c.is_empty());
+                let roles = payload
+                    .get(&names.roles)
+                    .and_then(|v| v.as_array())
+                    .map(|roles| {
+                        roles
+                            .iter()
+                            .filter_map(|r| r.as_str().map(str::to_owned))
+                            .take(32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(Identified::Staff {
+                    staff_id: staff_id.to_owned(),
+                    institution,
+                    centre,
+                    roles,
+                })
+            }
+        }
+    }
+}
+
+/// The HTTP client of one provider: only its own origin, answers of bounded size, no redirects.
+struct Fetcher {
+    client: reqwest::Client,
+    origin: url::Origin,
+}
+
+impl Fetcher {
+    /// One HTTP exchange with the provider.
+    async fn fetch(
+        &self,
+        request: openidconnect::HttpRequest,
+    ) -> Result<openidconnect::HttpResponse, HttpError> {
+        let url = url::Url::parse(&request.uri().to_string())
+            .map_err(|e| HttpError::Other(e.to_string()))?;
+        if url.origin() != self.origin {
+            return Err(HttpError::ForeignOrigin(url.to_string()));
+        }
+        let (parts, body) = request.into_parts();
+        let mut response = self
+            .client
+            .request(parts.method, url)
+            .headers(parts.headers)
+            .body(body)
+            .send()
+            .await?;
+        let mut answer = http::Response::builder().status(response.status());
+        for (name, value) in response.headers() {
+            answer = answer.header(name, value);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(HttpError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        answer
+            .body(body)
+            .map_err(|e| HttpError::Other(e.to_string()))
+    }
+}
+
+// A named client whose futures are boxed and `Send`: a closure's future would carry a
+// higher-ranked lifetime that the compiler cannot prove `Send` across the service's calls.
+impl<'c> openidconnect::AsyncHttpClient<'c> for Fetcher {
+    type Error = HttpError;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<openidconnect::HttpResponse, HttpError>> + Send + 'c>,
+    >;
+
+    fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
+        Box::pin(self.fetch(request))
+    }
+}
+
+/// The payload of a JWT, decoded (not verified: call only after verification).
+fn payload_of(jwt: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    use base64::Engine;
+    let part = jwt.split('.').nth(1).ok_or("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
