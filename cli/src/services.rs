@@ -154,6 +154,17 @@ methods = ["onestop.identity.v1.IdentityService/*"]
 [[allow]]
 member = "GOV/VSAA"
 methods = ["onestop.identity.v1.IdentityService/*"]
+
+# Mandates are handled by people: a clerk (or the resident) logged in at level substantial.
+[[require_person]]
+methods = [
+  "onestop.identity.v1.IdentityService/RegisterMandate",
+  "onestop.identity.v1.IdentityService/GetMandate",
+  "onestop.identity.v1.IdentityService/ListMandates",
+  "onestop.identity.v1.IdentityService/RevokeMandate",
+  "onestop.identity.v1.IdentityService/ExchangeMandate",
+]
+min_level = "substantial"
 "#,
     from_file: |path, env| Ok(identity(config::load(Some(path), env)?)),
     local: |local| {

@@ -27,7 +27,7 @@ pub const IDENTITY_SERVICE: &str =
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The least time between two fetches caused by unknown key ids.
-pub const MIN_FETCH_GAP: Duration = Duration::from_secs(5);
+pub const MIN_FETCH_GAP: Duration = Duration::from_secs(1);
 
 /// How long one fetch may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +47,8 @@ pub enum PersonRefusal {
 pub struct People {
     verifier: Verifier,
     identity: Option<Arc<Upstream>>,
+    /// When an unknown key id last caused a fetch (the periodic fetches do not count: a key
+    /// that appeared just after one must be learnt at once).
     last_fetch: Mutex<Option<Instant>>,
     /// Calls a second per person, keyed by subject: one portal carries many people, and one
     /// person must not use up the portal's rate.
@@ -75,7 +77,6 @@ impl People {
             .identity
             .clone()
             .ok_or("no identity service is routed")?;
-        *self.last_fetch.lock().await = Some(Instant::now());
         let mut client = IdentityServiceClient::new(Client(identity));
         let answer = tokio::time::timeout(FETCH_TIMEOUT, client.get_key_set(GetKeySetRequest {}))
             .await
@@ -138,11 +139,13 @@ impl People {
         }
     }
 
-    /// Whether an unknown key id may cause a fetch now.
+    /// Whether an unknown key id may cause a fetch now; if so, it is counted.
     async fn may_fetch(&self) -> bool {
-        self.last_fetch
-            .lock()
-            .await
-            .is_none_or(|last| last.elapsed() >= MIN_FETCH_GAP)
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|last| last.elapsed() < MIN_FETCH_GAP) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 }

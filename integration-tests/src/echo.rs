@@ -18,7 +18,7 @@ pub mod pb {
 
 use pb::echo_service_server::{EchoService, EchoServiceServer};
 onestop_proto::message_limits!(pb::echo_service_server::EchoServiceServer);
-use pb::{EchoRequest, EchoResponse};
+use pb::{EchoRequest, EchoResponse, WhoamiRequest, WhoamiResponse};
 
 /// A unary call with this text never answers.
 pub const HANG: &str = "hang";
@@ -33,6 +33,32 @@ struct Echo;
 
 fn caller<T>(request: &Request<T>) -> Result<String, Status> {
     Ok(Caller::of(request)?.identity.to_string())
+}
+
+fn whoami(request: &Request<WhoamiRequest>) -> Result<Response<WhoamiResponse>, Status> {
+    let caller = Caller::of(request)?;
+    let person = caller.person.as_deref();
+    Ok(Response::new(WhoamiResponse {
+        caller: caller.identity.to_string(),
+        subject: person.map(|p| p.sub.clone()).unwrap_or_default(),
+        level: person.map(|p| p.auth.level.to_string()).unwrap_or_default(),
+        actor: person
+            .and_then(|p| p.act.as_ref())
+            .map(|a| a.sub.clone())
+            .unwrap_or_default(),
+        mandate_id: person
+            .and_then(|p| p.mandate.as_ref())
+            .map(|m| m.id.clone())
+            .unwrap_or_default(),
+        mandate_services: person
+            .and_then(|p| p.mandate.as_ref())
+            .map(|m| m.services.clone())
+            .unwrap_or_default(),
+        staff_centre: person
+            .and_then(|p| p.staff.as_ref())
+            .and_then(|s| s.centre.clone())
+            .unwrap_or_default(),
+    }))
 }
 
 type Answers = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
@@ -53,6 +79,20 @@ impl EchoService for Echo {
             sequence: 0,
             payload: r.payload,
         }))
+    }
+
+    async fn whoami(
+        &self,
+        request: Request<WhoamiRequest>,
+    ) -> Result<Response<WhoamiResponse>, Status> {
+        whoami(&request)
+    }
+
+    async fn whoami_strict(
+        &self,
+        request: Request<WhoamiRequest>,
+    ) -> Result<Response<WhoamiResponse>, Status> {
+        whoami(&request)
     }
 
     type ServerStreamStream = Answers;
@@ -130,6 +170,17 @@ methods = ["onestop.testing.v1.EchoService/*"]
 [[allow]]
 member = "GOV/NVA"
 methods = ["onestop.testing.v1.EchoService/*"]
+
+[[allow]]
+member = "MUN/GULBENE/kac"
+methods = ["onestop.testing.v1.EchoService/Whoami*"]
+
+[[require_person]]
+methods = ["onestop.testing.v1.EchoService/Whoami*"]
+
+[[require_person]]
+methods = ["onestop.testing.v1.EchoService/WhoamiStrict"]
+min_level = "high"
 "#,
     from_file: |_, _| anyhow::bail!("the echo service runs in tests only"),
     local: |local| {

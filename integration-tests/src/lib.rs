@@ -77,6 +77,10 @@ pub struct TestFederation {
     pub pki: PathBuf,
     /// The forms service's database.
     pub forms_database: String,
+    /// Every service's database, by service name.
+    pub databases: std::collections::BTreeMap<String, String>,
+    /// The federation's data directory (PKI, policy, SQLite files, identity's keys).
+    pub data_dir: PathBuf,
     /// The admin listener, when the test asked for one.
     pub admin: Option<std::net::SocketAddr>,
     _nowhere: tokio::net::TcpSocket,
@@ -136,6 +140,12 @@ impl TestFederation {
         );
         std::fs::write(&policy, text).expect("policy");
         let forms_database = options.database("forms");
+        let databases = options
+            .services
+            .iter()
+            .map(|s| (s.name.to_owned(), options.database(s.name)))
+            .collect();
+        let data_dir = options.data_dir.clone();
         let fed = federation::start(options).await.expect("federation starts");
         Self {
             gateway: fed.gateway,
@@ -143,6 +153,8 @@ impl TestFederation {
             echo: fed.services["echo"],
             pki: fed.pki_dir.clone(),
             forms_database,
+            databases,
+            data_dir,
             admin: fed.admin,
             fed: Some(fed),
             _nowhere: nowhere,

@@ -405,6 +405,98 @@ fn providers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc")
 }
 
+/// An ID token a provider issued directly, as an upstream provider's token looks.
+#[derive(Clone, Debug)]
+pub struct IdTokenFlow {
+    /// The ID token, compact JWS.
+    pub id_token: String,
+    /// The nonce the flow asked for.
+    pub nonce: String,
+}
+
+fn random_base64url(bytes: usize) -> anyhow::Result<String> {
+    use base64::Engine;
+    let mut buffer = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buffer)
+        .map_err(|_| anyhow!("no randomness"))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer))
+}
+
+impl Providers {
+    /// The whole code flow at the provider `issuer` as the identity service does it (PKCE,
+    /// state, nonce), asking for `scope` besides `openid`, played by the test itself: the ID
+    /// token the provider issues, to try where only platform tokens belong.
+    pub async fn id_token(
+        &self,
+        issuer: &str,
+        scope: &str,
+        login: &Login<'_>,
+    ) -> anyhow::Result<IdTokenFlow> {
+        use base64::Engine;
+        let http = reqwest::Client::new();
+        let discovery: serde_json::Value = http
+            .get(format!("{issuer}/.well-known/openid-configuration"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let endpoint = |name: &str| {
+            discovery[name]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("discovery has no {name}"))
+        };
+        let verifier = random_base64url(32)?;
+        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()),
+        );
+        let (state, nonce) = (random_base64url(16)?, random_base64url(16)?);
+        let scope = format!("openid {scope}");
+        let url = Url::parse_with_params(
+            &endpoint("authorization_endpoint")?,
+            [
+                ("response_type", "code"),
+                ("client_id", CLIENT_ID),
+                ("redirect_uri", PORTAL_REDIRECT_URI),
+                ("scope", &scope),
+                ("state", &state),
+                ("nonce", &nonce),
+                ("code_challenge", &challenge),
+                ("code_challenge_method", "S256"),
+                // Asked for, and not enforced by the provider: the person chooses.
+                ("acr_values", ACR_SUBSTANTIAL),
+            ],
+        )?;
+        let callback = browse(url.as_str(), login).await?;
+        if !callback.url.starts_with(PORTAL_REDIRECT_URI)
+            || callback.state.as_deref() != Some(state.as_str())
+            || callback.iss.as_deref() != Some(issuer)
+        {
+            bail!("unexpected callback {callback:?}");
+        }
+        let code = callback.code.ok_or_else(|| anyhow!("no code"))?;
+        let tokens: serde_json::Value = http
+            .post(endpoint("token_endpoint")?)
+            .basic_auth(CLIENT_ID, Some(&self.client_secret))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", PORTAL_REDIRECT_URI),
+                ("code_verifier", &verifier),
+            ])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let id_token = tokens["id_token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no ID token"))?
+            .to_owned();
+        Ok(IdTokenFlow { id_token, nonce })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine;
@@ -431,13 +523,6 @@ mod tests {
         assert!(personal_code_valid(LV_RESIDENT_2_PERSONAL_CODE));
         // The rule is really checked: the brief's example has none that fits.
         assert!(!personal_code_valid("121282-11210"));
-    }
-
-    fn random_base64url(bytes: usize) -> String {
-        let mut buffer = vec![0u8; bytes];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buffer)
-            .expect("random bytes");
-        URL_SAFE_NO_PAD.encode(buffer)
     }
 
     fn decode_part(part: &str) -> Value {
@@ -473,86 +558,31 @@ mod tests {
         .expect("a valid signature by the provider's own key");
     }
 
-    /// The whole code flow at the provider `issuer` as the identity service will do it, asking
-    /// for `scope` besides `openid`; the ID token's header and payload.
+    /// The whole code flow (see [`Providers::id_token`]), with the token's signature checked;
+    /// the ID token's header and payload.
     async fn sign_in(
         providers: &Providers,
         issuer: &str,
         scope: &str,
         login: &Login<'_>,
     ) -> (Value, Value) {
-        let http = reqwest::Client::new();
-        let discovery: Value = http
-            .get(format!("{issuer}/.well-known/openid-configuration"))
-            .send()
+        let flow = providers
+            .id_token(issuer, scope, login)
             .await
-            .expect("discovery")
-            .json()
-            .await
-            .expect("discovery JSON");
-        let endpoint = |name: &str| discovery[name].as_str().expect(name).to_owned();
-        let verifier = random_base64url(32);
-        let challenge = URL_SAFE_NO_PAD.encode(ring::digest::digest(
-            &ring::digest::SHA256,
-            verifier.as_bytes(),
-        ));
-        let (state, nonce) = (random_base64url(16), random_base64url(16));
-        let scope = format!("openid {scope}");
-        let url = Url::parse_with_params(
-            &endpoint("authorization_endpoint"),
-            [
-                ("response_type", "code"),
-                ("client_id", CLIENT_ID),
-                ("redirect_uri", PORTAL_REDIRECT_URI),
-                ("scope", &scope),
-                ("state", &state),
-                ("nonce", &nonce),
-                ("code_challenge", &challenge),
-                ("code_challenge_method", "S256"),
-                // Asked for, and not enforced by the provider: the person chooses.
-                ("acr_values", ACR_SUBSTANTIAL),
-            ],
-        )
-        .expect("authorization URL");
-        let callback = browse(url.as_str(), login).await.expect("the browser flow");
-        assert!(
-            callback.url.starts_with(PORTAL_REDIRECT_URI),
-            "{callback:?}"
-        );
-        assert_eq!(callback.state.as_deref(), Some(state.as_str()));
-        assert_eq!(callback.iss.as_deref(), Some(issuer));
-        let code = callback.code.expect("a code");
-        let tokens: Value = http
-            .post(endpoint("token_endpoint"))
-            .basic_auth(CLIENT_ID, Some(&providers.client_secret))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("redirect_uri", PORTAL_REDIRECT_URI),
-                ("code_verifier", &verifier),
-            ])
-            .send()
-            .await
-            .expect("token request")
-            .error_for_status()
-            .expect("tokens")
-            .json()
-            .await
-            .expect("token JSON");
-        let id_token = tokens["id_token"].as_str().expect("an ID token");
-        let jwks: Value = http
-            .get(endpoint("jwks_uri"))
+            .expect("the code flow");
+        let jwks: Value = reqwest::Client::new()
+            .get(format!("{issuer}/jwks"))
             .send()
             .await
             .expect("JWKS")
             .json()
             .await
             .expect("JWKS JSON");
-        verify_rs256(id_token, &jwks);
-        let mut parts = id_token.split('.');
+        verify_rs256(&flow.id_token, &jwks);
+        let mut parts = flow.id_token.split('.');
         let header = decode_part(parts.next().expect("a header"));
         let mut payload = decode_part(parts.next().expect("a payload"));
-        assert_eq!(payload["nonce"], nonce.as_str());
+        assert_eq!(payload["nonce"], flow.nonce.as_str());
         // Checked here so that the tests below compare only what they are about.
         payload["nonce"] = Value::Null;
         (header, payload)

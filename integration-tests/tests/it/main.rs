@@ -7,6 +7,7 @@
 mod attacks;
 mod forms;
 mod gateway;
+mod identity;
 mod requests;
 
 pub use onestop_integration_tests::Backend;

@@ -5,7 +5,7 @@
 //! a new one is made when the newest is older than the rotation period. An older key stays in
 //! the published set until every token it signed has expired (rotation period plus the longest
 //! token lifetime), and its file is removed a rotation period after that. Replicas sharing the
-//! directory read it again every [`RESCAN_INTERVAL`], so that a key another replica made is
+//! directory read it again every `[identity] key_rescan_s` (a minute by default), so that a key another replica made is
 //! published everywhere soon; verifiers also fetch the set when they meet an unknown `kid`.
 
 use std::path::{Path, PathBuf};
@@ -14,9 +14,6 @@ use std::time::Duration;
 
 use onestop_platform::tokens::{self, SigningKey};
 use time::OffsetDateTime;
-
-/// How often the directory is read again.
-pub const RESCAN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why the keys cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +106,16 @@ impl Keys {
         Ok(())
     }
 
-    /// Refreshes every [`RESCAN_INTERVAL`] until `shutdown`.
-    pub async fn keep_fresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    /// Refreshes every `interval` until `shutdown`.
+    pub async fn keep_fresh(
+        self: Arc<Self>,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(RESCAN_INTERVAL) => {}
+                () = tokio::time::sleep(interval) => {}
             }
             if let Err(error) = self.refresh(OffsetDateTime::now_utc()) {
                 tracing::error!(%error, "refreshing the signing keys failed");

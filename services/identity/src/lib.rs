@@ -91,6 +91,9 @@ pub struct IdentitySettings {
     /// How often the signing key is replaced, hours.
     #[serde(default = "default_key_rotation")]
     pub key_rotation_hours: u64,
+    /// How often the key directory is read again (for keys other replicas made), seconds.
+    #[serde(default = "default_key_rescan")]
+    pub key_rescan_s: u64,
 }
 
 fn default_access_token_ttl() -> u64 {
@@ -104,6 +107,9 @@ fn default_login_ttl() -> u64 {
 }
 fn default_key_rotation() -> u64 {
     24
+}
+fn default_key_rescan() -> u64 {
+    60
 }
 
 /// The longest any token may live: an hour.
@@ -256,7 +262,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     tokio::spawn(identity.requests().clone().keep_pruned(shutdown.clone()));
-    tokio::spawn(keys.keep_fresh(shutdown.clone()));
+    let rescan = Duration::from_secs(config.identity.key_rescan_s.max(1));
+    tokio::spawn(keys.keep_fresh(rescan, shutdown.clone()));
     tokio::spawn(prune_periodically(identity.clone(), shutdown.clone()));
     let mut services = Services::new(&config.server);
     services
