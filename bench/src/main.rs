@@ -3,15 +3,19 @@
 //! 1. The forms path against the proxies ([`proxies`]): `ValidateFormData` straight to the forms
 //!    service, through the gateway, through nginx and through HAProxy, each a separate process,
 //!    mutual TLS on every leg, in alternating rounds; throughput, p50, p99 and CPU per call.
+//!    The gateway path is measured twice, without and with a person's bearer token
+//!    (`gw+token`), and the proxies' own CPU per call is shown apart.
 //! 2. Form validation in process: validations a second, p50 and p99 for each seed form's valid
 //!    and invalid example, and for a valid document of about 20 KB.
+//! 3. Token verification on one core ([`tokens`]).
 //!
 //! Run with `cargo build --release --bin onestop -p onestop-bench && target/release/onestop-bench
-//! [SECONDS [proxies|validation [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
+//! [SECONDS [proxies|validation|tokens [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
 //! nginx and HAProxy come from `scripts/install-proxies`; a path whose proxy is missing is left
 //! out. Everything shares the machine's two cores; figures vary by some 10% from run to run.
 
 mod proxies;
+mod tokens;
 
 /// mimalloc: the services allocate many small, short-lived objects per call (JSON values,
 /// HTTP/2 frames), which the system allocator serves markedly slower.
@@ -127,11 +131,14 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(3);
-    if only.as_deref() != Some("validation") {
+    if only.is_none() || only.as_deref() == Some("proxies") {
         proxies::compare(seconds, rounds).await?;
     }
-    if only.as_deref() != Some("proxies") {
+    if only.is_none() || only.as_deref() == Some("validation") {
         validation(seconds)?;
+    }
+    if only.is_none() || only.as_deref() == Some("tokens") {
+        tokens::verification(seconds)?;
     }
     Ok(())
 }

@@ -172,9 +172,14 @@ struct Target {
     channel: Channel,
     /// The processes on the path besides the load generator.
     processes: Vec<u32>,
+    /// The proxy on the path (gateway, nginx, HAProxy), whose CPU is also counted alone.
+    proxy: Option<u32>,
+    /// A person's bearer token sent with every call.
+    token: Option<String>,
     histogram: Histogram<u64>,
     seconds: f64,
     cpu: f64,
+    proxy_cpu: f64,
 }
 
 impl Target {
@@ -184,15 +189,25 @@ impl Target {
         channel: Channel,
         processes: Vec<u32>,
     ) -> anyhow::Result<Self> {
+        // The second process of a path, when there is one, is its proxy.
+        let proxy = processes.get(1).copied();
         Ok(Self {
             label,
             health,
             channel,
             processes,
+            proxy,
+            token: None,
             histogram: Histogram::new(3)?,
             seconds: 0.0,
             cpu: 0.0,
+            proxy_cpu: 0.0,
         })
+    }
+
+    fn with_token(mut self, token: String) -> Self {
+        self.token = Some(token);
+        self
     }
 }
 
@@ -205,6 +220,7 @@ async fn round(
         processes.iter().map(|p| group_cpu_seconds(*p)).sum::<f64>() + own_cpu_seconds()
     };
     let cpu_start = cpu(&path.processes);
+    let proxy_start = path.proxy.map(group_cpu_seconds).unwrap_or(0.0);
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..IN_FLIGHT {
@@ -212,6 +228,11 @@ async fn round(
         let mut health = HealthClient::new(path.channel.clone());
         let request = request.clone();
         let checks_health = path.health;
+        let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = path
+            .token
+            .as_ref()
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()?;
         workers.push(tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new(3)?;
             while start.elapsed() < duration {
@@ -219,7 +240,11 @@ async fn round(
                 if checks_health {
                     health.check(HealthCheckRequest::default()).await?;
                 } else {
-                    client.validate_form_data(request.clone()).await?;
+                    let mut call = tonic::Request::new(request.clone());
+                    if let Some(bearer) = &bearer {
+                        call.metadata_mut().insert("authorization", bearer.clone());
+                    }
+                    client.validate_form_data(call).await?;
                 }
                 histogram.record(u64::try_from(began.elapsed().as_micros())?)?;
             }
@@ -231,6 +256,7 @@ async fn round(
     }
     path.seconds += start.elapsed().as_secs_f64();
     path.cpu += cpu(&path.processes) - cpu_start;
+    path.proxy_cpu += path.proxy.map(group_cpu_seconds).unwrap_or(0.0) - proxy_start;
     Ok(())
 }
 
@@ -249,6 +275,7 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
     for (name, subject) in [
         ("forms", ["--platform", "forms"]),
         ("gateway", ["--platform", "gateway"]),
+        ("identity", ["--platform", "identity"]),
         ("proxy", ["--platform", "proxy"]),
         ("bench", ["--platform", "bench"]),
         ("member", ["--member", "GOV/VSAA/bench"]),
@@ -266,8 +293,13 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
             + &std::fs::read_to_string(pki.join("proxy.key"))?,
     )?;
 
-    let (forms_port, gateway_port, nginx_port, haproxy_port) =
-        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let (forms_port, gateway_port, nginx_port, haproxy_port, identity_port) = (
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+    );
     let quiet = "[telemetry]\nlog_filter = \"warn\"\n";
     let tls_section = |name: &str| {
         format!(
@@ -291,6 +323,20 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
             dir.path().join("forms.db").display()
         ),
     )?;
+    // Identity, for the key set that verifies people's tokens (no login providers needed: the
+    // benchmark signs its token with identity's own key).
+    let keys = dir.path().join("identity-keys");
+    let identity_config = dir.path().join("identity.toml");
+    std::fs::write(
+        &identity_config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{identity_port}\"\n[server.tls]\n{}\n\
+             [database]\nurl = \"sqlite://{}\"\n[identity]\nkey_dir = \"{}\"\n{quiet}",
+            tls_section("identity"),
+            dir.path().join("identity.db").display(),
+            keys.display()
+        ),
+    )?;
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
@@ -302,7 +348,9 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
         format!(
             "[server]\nlisten = \"127.0.0.1:{gateway_port}\"\n[server.tls]\n{}\n[upstream.tls]\n{}\n\
              [routes.\"onestop.forms.v1.FormsService\"]\naddresses = [\"127.0.0.1:{forms_port}\"]\ncomponent = \"forms\"\n\
-             [gateway]\npolicy = \"{}\"\nrate_per_second = 10000000\nburst = 10000000\n{quiet}",
+             [routes.\"onestop.identity.v1.IdentityService\"]\naddresses = [\"127.0.0.1:{identity_port}\"]\ncomponent = \"identity\"\n\
+             [gateway]\npolicy = \"{}\"\nrate_per_second = 10000000\nburst = 10000000\n\
+             person_rate_per_second = 10000000\nperson_burst = 10000000\n{quiet}",
             tls_section("gateway"),
             tls_section("gateway"),
             policy.display()
@@ -317,6 +365,21 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
         &logs.join("forms.log"),
     )?;
     listening(&mut forms, forms_port, "forms", &logs.join("forms.log")).await?;
+    let mut identity = Process::start(
+        "identity",
+        Command::new(&binary)
+            .args(["serve", "identity", "--config"])
+            .arg(&identity_config),
+        &logs.join("identity.log"),
+    )?;
+    listening(
+        &mut identity,
+        identity_port,
+        "identity",
+        &logs.join("identity.log"),
+    )
+    .await?;
+    let token = crate::tokens::person_token(&keys, "spiffe://onestop.lv/member/GOV/VSAA/bench")?;
     let mut gateway = Process::start(
         "gateway",
         Command::new(&binary)
@@ -351,6 +414,13 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
             channel(&format!("127.0.0.1:{gateway_port}"), &pki, "member")?,
             vec![forms.child.id(), gateway.child.id()],
         )?,
+        Target::new(
+            "gw+token",
+            false,
+            channel(&format!("127.0.0.1:{gateway_port}"), &pki, "member")?,
+            vec![forms.child.id(), gateway.child.id()],
+        )?
+        .with_token(token),
     ];
     let mut proxies = Vec::new();
     match find("nginx") {
@@ -447,8 +517,13 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
     for path in &paths {
         let mut client = FormsServiceClient::new(path.channel.clone());
         for _ in 0..200 {
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(token) = &path.token {
+                call.metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse()?);
+            }
             client
-                .validate_form_data(request.clone())
+                .validate_form_data(call)
                 .await
                 .with_context(|| format!("warming up {}", path.label))?;
         }
@@ -493,12 +568,29 @@ pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
         })
         .collect();
     say(&format!(
-        "{:<10} {:>10} {:>9} {:>9} {:>12}",
-        "path", "calls/s", "p50 µs", "p99 µs", "CPU µs/call"
+        "{:<10} {:>10} {:>9} {:>9} {:>12} {:>14}",
+        "path", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "proxy µs/call"
     ));
-    for (label, rate, p50, p99, cpu) in &figures {
+    for ((label, rate, p50, p99, cpu), path) in figures.iter().zip(&paths) {
+        let proxy = path
+            .proxy
+            .map(|_| format!("{:.1}", path.proxy_cpu / path.histogram.len() as f64 * 1e6))
+            .unwrap_or_else(|| "-".into());
         say(&format!(
-            "{label:<10} {rate:>10.0} {p50:>9} {p99:>9} {cpu:>12.1}"
+            "{label:<10} {rate:>10.0} {p50:>9} {p99:>9} {cpu:>12.1} {proxy:>14}"
+        ));
+    }
+    let proxy_cpu = |label: &str| {
+        paths
+            .iter()
+            .find(|p| p.label == label)
+            .map(|p| p.proxy_cpu / p.histogram.len() as f64 * 1e6)
+    };
+    if let (Some(plain), Some(token)) = (proxy_cpu("gateway"), proxy_cpu("gw+token")) {
+        say(&format!(
+            "a bearer token adds {:+.1} µs ({:+.0}%) to the gateway's CPU per call",
+            token - plain,
+            100.0 * (token - plain) / plain
         ));
     }
     if let (Some(health), Some(direct)) = (figures.first(), figures.get(1)) {

@@ -23,6 +23,9 @@ fn example_configurations_parse() {
         onestop_platform::config::load(Some(&example("gateway.toml")), &env).unwrap();
     assert!(gateway.routes.contains_key("onestop.forms.v1.FormsService"));
     onestop_gateway::policy::Policy::load(&example("policy.toml")).unwrap();
+    let identity: onestop_identity::IdentityConfig =
+        onestop_platform::config::load(Some(&example("identity.toml")), &env).unwrap();
+    assert_eq!(identity.identity.providers.len(), 2);
 
     // An override from the environment wins over the file, and a misspelt key is an error.
     let env = HashMap::from([
