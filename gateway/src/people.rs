@@ -6,11 +6,12 @@
 //! key not yet known, at most once per [`MIN_FETCH_GAP`] so that made-up key ids cannot make
 //! the gateway hammer the identity service.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
-use onestop_platform::tokens::{Claims, TokenError, Verifier};
+use http::{HeaderMap, HeaderValue};
+use onestop_platform::tokens::{Claims, LEEWAY_SECONDS, TokenError, Verifier};
 use onestop_proto::identity::v1::GetKeySetRequest;
 use onestop_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tokio::sync::Mutex;
@@ -32,6 +33,20 @@ pub const MIN_FETCH_GAP: Duration = Duration::from_secs(1);
 /// How long one fetch may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most verified tokens remembered. A front end sends the same token with every call of
+/// its person for minutes; verifying its signature each time (some 80 µs of ES256) would cost
+/// more than the rest of the call at the gateway.
+pub const MAX_REMEMBERED: usize = 100_000;
+
+/// A verified person, with the header that names them to services.
+#[derive(Debug)]
+pub struct Person {
+    /// The token's claims.
+    pub claims: Claims,
+    /// The claims as services receive them (`x-onestop-person`).
+    pub header: HeaderValue,
+}
+
 /// Why a call's person is refused: the token's error, or why none could be checked.
 #[derive(Debug)]
 pub enum PersonRefusal {
@@ -50,6 +65,9 @@ pub struct People {
     /// When an unknown key id last caused a fetch (the periodic fetches do not count: a key
     /// that appeared just after one must be learnt at once).
     last_fetch: Mutex<Option<Instant>>,
+    /// Tokens verified already, by the token itself: only a token that verified is here, and
+    /// it is used again only while it has not expired and only by the system it was issued to.
+    remembered: std::sync::Mutex<HashMap<String, Arc<Person>>>,
     /// Calls a second per person, keyed by subject: one portal carries many people, and one
     /// person must not use up the portal's rate.
     pub rates: MemberRates,
@@ -62,6 +80,7 @@ impl People {
             verifier: Verifier::new(trust_domain),
             identity,
             last_fetch: Mutex::new(None),
+            remembered: std::sync::Mutex::new(HashMap::new()),
             rates,
         }
     }
@@ -111,7 +130,7 @@ impl People {
         &self,
         headers: &HeaderMap,
         presenter: &str,
-    ) -> Result<Option<Claims>, PersonRefusal> {
+    ) -> Result<Option<Arc<Person>>, PersonRefusal> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Ok(None);
         };
@@ -125,18 +144,55 @@ impl People {
         if self.identity.is_none() {
             return Err(PersonRefusal::NoIdentityService);
         }
-        match self.verifier.verify(token, presenter) {
+        if let Some(person) = self.recall(token, presenter)? {
+            return Ok(Some(person));
+        }
+        let claims = match self.verifier.verify(token, presenter) {
             Err(TokenError::UnknownKey(_)) if self.may_fetch().await => {
                 if let Err(error) = self.fetch().await {
                     tracing::warn!(%error, "fetching the token key set failed");
                 }
-                self.verifier
-                    .verify(token, presenter)
-                    .map(Some)
-                    .map_err(PersonRefusal::Token)
+                self.verifier.verify(token, presenter)
             }
-            verified => verified.map(Some).map_err(PersonRefusal::Token),
+            verified => verified,
         }
+        .map_err(PersonRefusal::Token)?;
+        let header = HeaderValue::from_str(&claims.to_header()).map_err(|_| {
+            PersonRefusal::Token(TokenError::Malformed(
+                "claims that cannot be passed on".into(),
+            ))
+        })?;
+        let person = Arc::new(Person { claims, header });
+        self.remember(token, person.clone());
+        Ok(Some(person))
+    }
+
+    /// A token verified before, if it is still good for `presenter`.
+    fn recall(&self, token: &str, presenter: &str) -> Result<Option<Arc<Person>>, PersonRefusal> {
+        let remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(person) = remembered.get(token) else {
+            return Ok(None);
+        };
+        if person.claims.exp + LEEWAY_SECONDS as i64 <= now() {
+            return Err(PersonRefusal::Token(TokenError::Expired));
+        }
+        if person.claims.cid != presenter {
+            return Err(PersonRefusal::Token(TokenError::OtherSystem));
+        }
+        Ok(Some(person.clone()))
+    }
+
+    fn remember(&self, token: &str, person: Arc<Person>) {
+        let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if remembered.len() >= MAX_REMEMBERED {
+            let now = now();
+            remembered.retain(|_, p| p.claims.exp + LEEWAY_SECONDS as i64 > now);
+            if remembered.len() >= MAX_REMEMBERED {
+                // Still full of live tokens: start again rather than grow.
+                remembered.clear();
+            }
+        }
+        remembered.insert(token.to_owned(), person);
     }
 
     /// Whether an unknown key id may cause a fetch now; if so, it is counted.
@@ -148,4 +204,8 @@ impl People {
         *last = Some(Instant::now());
         true
     }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }

@@ -406,22 +406,22 @@ impl Gateway {
                         ),
                     );
                 }
-                Some(claims) if claims.auth.level < required => {
+                Some(person) if person.claims.auth.level < required => {
                     return refused_with(
                         Code::Unauthenticated,
                         "LEVEL_OF_ASSURANCE_TOO_LOW",
                         level.to_vec(),
                         format!(
                             "{method} requires level {required}; the person logged in at {}: log in again asking for {required}",
-                            claims.auth.level
+                            person.claims.auth.level
                         ),
                     );
                 }
                 Some(_) => {}
             }
         }
-        if let Some(claims) = &person {
-            let subject: Arc<str> = Arc::from(claims.sub.as_str());
+        if let Some(person) = &person {
+            let subject: Arc<str> = Arc::from(person.claims.sub.as_str());
             if let Err(wait) = self.people.rates.check(&subject) {
                 return refused(
                     Code::ResourceExhausted,
@@ -447,10 +447,8 @@ impl Gateway {
         headers.remove(PERSON_HEADER);
         headers.remove(http::header::AUTHORIZATION);
         headers.insert(CALLER_HEADER, admitted.header.clone());
-        if let Some(claims) = &person
-            && let Ok(value) = HeaderValue::from_str(&claims.to_header())
-        {
-            headers.insert(PERSON_HEADER, value);
+        if let Some(person) = &person {
+            headers.insert(PERSON_HEADER, person.header.clone());
         }
         telemetry::inject_context(&tracing::Span::current(), headers);
         *request.uri_mut() = upstream.uri_for(request.uri());
