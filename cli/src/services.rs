@@ -146,7 +146,7 @@ pub const IDENTITY: Service = Service {
     name: "identity",
     grpc_services: &[onestop_proto::identity::v1::identity_service_server::SERVICE_NAME],
     default_policy: r#"# Front ends log people in and use their tokens: the demo centre's desk application and the
-# demo institution's system. The key set is public.
+# demo institution's system.
 [[allow]]
 member = "MUN/GULBENE/kac"
 methods = ["onestop.identity.v1.IdentityService/*"]
@@ -217,6 +217,7 @@ client_id = "onestop-identity"
 client_secret_file = "dev-oidc-secret"
 scopes = ["staff"]
 audience = "staff"
+institutions = ["MUN/GULBENE", "MUN/RUGAJI", "GOV/VSAA"]
 [providers.acr]
 "urn:onestop:loa:low" = "low"
 "urn:onestop:loa:substantial" = "substantial"

@@ -358,6 +358,7 @@ fn forget_idle_members(gateway: Arc<Gateway>, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
                 _ = every.tick() => {
                     gateway.rates.forget_idle();
+                    gateway.people.rates.forget_idle();
                     gateway.calls.forget_idle();
                     gateway.streams.forget_idle();
                     gateway.connections.forget_idle();

@@ -36,7 +36,7 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most verified tokens remembered. A front end sends the same token with every call of
 /// its person for minutes; verifying its signature each time (some 80 µs of ES256) would cost
 /// more than the rest of the call at the gateway.
-pub const MAX_REMEMBERED: usize = 100_000;
+pub const MAX_REMEMBERED: usize = 20_000;
 
 /// A verified person, with the header that names them to services.
 #[derive(Debug)]
@@ -137,8 +137,10 @@ impl People {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            // The scheme is case-insensitive (RFC 9110).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or(PersonRefusal::NotBearer)?;
         if self.identity.is_none() {

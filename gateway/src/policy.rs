@@ -22,7 +22,7 @@
 //!
 //! ```toml
 //! [[require_person]]
-//! methods = ["onestop.identity.v1.IdentityService/*Mandate*"]
+//! methods = ["onestop.identity.v1.IdentityService/RegisterMandate"]
 //! min_level = "substantial"                 # low (the default), substantial or high
 //! ```
 

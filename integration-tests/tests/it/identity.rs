@@ -48,11 +48,12 @@ fn identity_toml(providers: &Providers) -> String {
         oidc::ACR_HIGH
     );
     format!(
-        "key_dir = \"identity-keys\"\nkey_rescan_s = 1\n\n\
+        "key_dir = \"identity-keys\"\nkey_rescan_s = 1\nkey_publish_lead_s = 1\n\n\
          [[providers]]\nid = \"residents\"\nissuer = \"{}\"\nclient_id = \"{}\"\n\
          client_secret_file = \"oidc-secret\"\nscopes = [\"{}\"]\naudience = \"residents\"\n{acr}\n\
          [[providers]]\nid = \"staff\"\nissuer = \"{}\"\nclient_id = \"{}\"\n\
-         client_secret_file = \"oidc-secret\"\nscopes = [\"{}\"]\naudience = \"staff\"\n{acr}\n\
+         client_secret_file = \"oidc-secret\"\nscopes = [\"{}\"]\naudience = \"staff\"\n\
+         institutions = [\"MUN/GULBENE\", \"MUN/RUGAJI\", \"GOV/VSAA\"]\n{acr}\n\
          [[front_ends]]\nmember = \"MUN/GULBENE/kac\"\nredirect_uris = [\"{}\"]\n\n\
          [[front_ends]]\nmember = \"GOV/VSAA/pensions\"\nredirect_uris = [\"{}\"]\n",
         providers.resident,
@@ -360,6 +361,26 @@ async fn failed_logins_start_no_session(backend: Backend) {
         .unwrap_err();
         refused(&status, Code::Unauthenticated, "LOGIN_REFUSED");
     }
+
+    // A staff provider speaking for an institution it is not trusted for.
+    providers
+        .tamper_next_id_token(
+            oidc::STAFF_PROVIDER,
+            serde_json::json!({"institution": "MUN/RIGA"}),
+        )
+        .await
+        .unwrap();
+    let status = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_GULBENE,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap_err();
+    refused(&status, Code::Unauthenticated, "LOGIN_REFUSED");
 
     // A level below the one asked for, with the level to ask for again.
     let status = login(
@@ -677,6 +698,35 @@ async fn refresh_tokens_rotate_and_a_reuse_ends_the_session(backend: Backend) {
         .unwrap_err();
     assert_eq!(reason(&status), "SESSION_ENDED");
 
+    // Two uses of one refresh token at the same moment: one wins, the other is a reuse, and
+    // the session ends for the winner too.
+    let raced = login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::LV_RESIDENT,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap();
+    let token = tokens(&raced).refresh_token.clone();
+    let (mut a, mut b) = (desk.clone(), desk.clone());
+    let (first, second) = tokio::join!(
+        a.refresh_session(refresh(&token)),
+        b.refresh_session(refresh(&token))
+    );
+    let (won, lost) = match (first, second) {
+        (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => (won.into_inner(), lost),
+        other => panic!("one refresh must win and one lose: {other:?}"),
+    };
+    assert_eq!(reason(&lost), "REFRESH_TOKEN_REUSED", "{lost:?}");
+    let status = desk
+        .refresh_session(refresh(&won.tokens.unwrap().refresh_token))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "SESSION_ENDED");
+
     // Logout ends a session too.
     let other = login(
         &fed,
@@ -729,6 +779,25 @@ async fn a_method_needing_high_refuses_a_lower_login_with_the_level() {
     // Without a person at all.
     let status = echo.whoami(WhoamiRequest {}).await.unwrap_err();
     assert_eq!(reason(&status), "PERSON_TOKEN_REQUIRED");
+    // A member naming a person itself is not believed: the gateway drops the header.
+    let forged = claims_of(token).to_header();
+    let mut request = tonic::Request::new(WhoamiRequest {});
+    request
+        .metadata_mut()
+        .insert("x-onestop-person", forged.parse().unwrap());
+    let status = echo.whoami(request).await.unwrap_err();
+    assert_eq!(reason(&status), "PERSON_TOKEN_REQUIRED");
+    let mut request = bearer(WhoamiRequest {}, token);
+    let mut other = claims_of(token);
+    other.sub = format!("lv:{}", oidc::LV_RESIDENT_2_PERSONAL_CODE);
+    request
+        .metadata_mut()
+        .insert("x-onestop-person", other.to_header().parse().unwrap());
+    let seen = echo.whoami(request).await.unwrap().into_inner();
+    assert_eq!(
+        seen.subject,
+        format!("lv:{}", oidc::LV_RESIDENT_PERSONAL_CODE)
+    );
     // The step-up: a new login at high passes.
     let high = login(
         &fed,
@@ -863,7 +932,8 @@ async fn a_clerk_acts_for_a_resident_under_a_mandate_until_it_is_revoked(backend
         .exchange_mandate(bearer(exchange(vec![]), &tokens(&rugaji).access_token))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // To another centre's clerk the mandate does not exist.
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let status = desk
         .exchange_mandate(bearer(exchange(vec![]), &acting.access_token))
         .await

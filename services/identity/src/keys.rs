@@ -1,8 +1,11 @@
 //! The keys that sign platform tokens: kept as private files in one directory, rotated with
 //! overlap, published as a JWK set.
 //!
-//! Each key is `<kid>.p8` (PKCS#8, mode 0600, in a directory of mode 0700). The newest key signs;
-//! a new one is made when the newest is older than the rotation period. An older key stays in
+//! Each key is `<kid>.p8` (PKCS#8, mode 0600, in a directory of mode 0700). A new key is made a
+//! publication lead before the newest is a rotation period old, and published at once, but it
+//! signs only once the lead has passed: by then every replica has read it and every verifier
+//! has fetched it, so no token arrives signed with a key a verifier has not seen. The newest
+//! key past its lead signs. An older key stays in
 //! the published set until every token it signed has expired (rotation period plus the longest
 //! token lifetime), and its file is removed a rotation period after that. Replicas sharing the
 //! directory read it again every `[identity] key_rescan_s` (a minute by default), so that a key another replica made is
@@ -38,8 +41,10 @@ struct Key {
 
 /// The current keys.
 struct Ring {
-    /// Oldest first; the last signs.
+    /// Oldest first.
     keys: Vec<Key>,
+    /// The one that signs.
+    signer: usize,
     jwks: String,
 }
 
@@ -49,6 +54,8 @@ pub struct Keys {
     rotation: Duration,
     /// The longest lifetime of a token they sign.
     token_lifetime: Duration,
+    /// How long a new key is published before it signs.
+    lead: Duration,
     ring: RwLock<Arc<Ring>>,
 }
 
@@ -58,13 +65,16 @@ impl Keys {
         dir: &Path,
         rotation: Duration,
         token_lifetime: Duration,
+        lead: Duration,
     ) -> Result<Self, KeyError> {
         let keys = Self {
             dir: dir.to_owned(),
             rotation,
             token_lifetime,
+            lead: lead.min(rotation / 2),
             ring: RwLock::new(Arc::new(Ring {
                 keys: Vec::new(),
+                signer: 0,
                 jwks: tokens::key_set([]),
             })),
         };
@@ -79,17 +89,27 @@ impl Keys {
         let mut keys = self.read_dir()?;
         let due = keys
             .last()
-            .is_none_or(|newest| newest.created + self.rotation <= now);
+            .is_none_or(|newest| newest.created + self.rotation <= now + self.lead);
         if due {
             keys.push(self.create(now)?);
         }
-        // A key stops signing when the next is made (at `created + rotation` at the latest), so
-        // its last tokens expire a token lifetime later.
-        let newest = keys.len() - 1;
-        let publish_until = |key: &Key| key.created + self.rotation * 2 + self.token_lifetime;
+        // The newest key past its lead signs; with none past it (a first start), the oldest.
+        let signing = keys
+            .iter()
+            .rposition(|k| k.created + self.lead <= now)
+            .unwrap_or(0);
+        // A key stops signing a lead after the next is made (a rotation period after its own
+        // making, plus the lead, at the latest), and its last tokens expire a token lifetime
+        // after that.
+        let publish_until =
+            |key: &Key| key.created + self.rotation * 2 + self.lead + self.token_lifetime;
         let mut published = Vec::new();
+        let mut signer = 0;
         for (i, key) in keys.into_iter().enumerate() {
-            if i == newest || publish_until(&key) > now {
+            if i >= signing || publish_until(&key) > now {
+                if i == signing {
+                    signer = published.len();
+                }
                 published.push(key);
             } else if publish_until(&key) + self.rotation <= now {
                 let path = self.dir.join(format!("{}.p8", key.signing.kid()));
@@ -101,6 +121,7 @@ impl Keys {
         let jwks = tokens::key_set(published.iter().map(|k| &k.signing));
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Ring {
             keys: published,
+            signer,
             jwks,
         });
         Ok(())
@@ -126,7 +147,7 @@ impl Keys {
     /// Signs claims with the newest key.
     pub fn sign(&self, claims: &tokens::Claims) -> Result<String, String> {
         let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let key = ring.keys.last().ok_or("no signing key")?;
+        let key = ring.keys.get(ring.signer).ok_or("no signing key")?;
         key.signing.sign(claims)
     }
 
@@ -142,7 +163,9 @@ impl Keys {
     /// The id of the key that signs now.
     pub fn current_kid(&self) -> Option<String> {
         let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
-        ring.keys.last().map(|k| k.signing.kid().to_owned())
+        ring.keys
+            .get(ring.signer)
+            .map(|k| k.signing.kid().to_owned())
     }
 
     fn read_dir(&self) -> Result<Vec<Key>, KeyError> {
@@ -162,10 +185,12 @@ impl Keys {
             };
             let created = created_of(kid)
                 .ok_or_else(|| KeyError::Invalid(format!("{}: not a key name", path.display())))?;
-            let der = std::fs::read(&path).map_err(|error| KeyError::Io {
-                path: path.clone(),
-                error,
-            })?;
+            let der = match std::fs::read(&path) {
+                Ok(der) => der,
+                // Retired by another replica between the listing and now.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(KeyError::Io { path, error }),
+            };
             let signing = SigningKey::from_pkcs8(kid, &der).map_err(KeyError::Invalid)?;
             keys.push(Key { created, signing });
         }
@@ -259,12 +284,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keydir = dir.path().join("keys");
         let hour = Duration::from_secs(3600);
-        let keys = Keys::open(&keydir, hour * 24, Duration::from_secs(300)).unwrap();
+        let lead = Duration::from_secs(120);
+        let keys = Keys::open(&keydir, hour * 24, Duration::from_secs(300), lead).unwrap();
         let first = keys.current_kid().unwrap();
         let start = created_of(&first).unwrap();
         // Within the period the same key signs.
         keys.refresh(start + hour).unwrap();
         assert_eq!(keys.current_kid().unwrap(), first);
+        // A lead before the period ends the next key is published, but does not sign yet.
+        keys.refresh(start + hour * 24 - lead / 2).unwrap();
+        assert_eq!(keys.current_kid().unwrap(), first);
+        assert_eq!(keys.jwks().matches("\"kid\"").count(), 2);
         // After it, a new one signs and the old one is still published.
         keys.refresh(start + hour * 25).unwrap();
         let second = keys.current_kid().unwrap();
@@ -282,7 +312,7 @@ mod tests {
             0o600
         );
         // Another instance on the same directory signs with the same key.
-        let again = Keys::open(&keydir, hour * 24, Duration::from_secs(300)).unwrap();
+        let again = Keys::open(&keydir, hour * 24, Duration::from_secs(300), lead).unwrap();
         assert_eq!(again.current_kid(), keys.current_kid());
     }
 }

@@ -94,6 +94,11 @@ pub struct IdentitySettings {
     /// How often the key directory is read again (for keys other replicas made), seconds.
     #[serde(default = "default_key_rescan")]
     pub key_rescan_s: u64,
+    /// How long a new key is published before it signs, seconds: longer than `key_rescan_s`
+    /// plus the gateway's key set refresh (60 s), so that every replica publishes it and every
+    /// gateway knows it first.
+    #[serde(default = "default_key_publish_lead")]
+    pub key_publish_lead_s: u64,
 }
 
 fn default_access_token_ttl() -> u64 {
@@ -111,9 +116,16 @@ fn default_key_rotation() -> u64 {
 fn default_key_rescan() -> u64 {
     60
 }
+fn default_key_publish_lead() -> u64 {
+    180
+}
 
 /// The longest any token may live: an hour.
 pub const MAX_TOKEN_TTL_S: u64 = 3600;
+/// The longest a token acting under a mandate may live: five minutes.
+pub const MAX_ACTING_TTL_S: u64 = 300;
+/// The longest a session may last: a week.
+pub const MAX_SESSION_TTL_S: u64 = 7 * 24 * 3600;
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -155,13 +167,31 @@ fn random_secret() -> Result<String, error::IdentityError> {
 
 impl IdentitySettings {
     fn lifetimes(&self) -> Result<Lifetimes, ServeError> {
-        for (name, value) in [
-            ("access_token_ttl_s", self.access_token_ttl_s),
-            ("acting_token_ttl_s", self.acting_token_ttl_s),
+        for (name, value, most) in [
+            (
+                "access_token_ttl_s",
+                self.access_token_ttl_s,
+                MAX_TOKEN_TTL_S,
+            ),
+            // A revoked mandate's token lives on until it expires: keep that short.
+            (
+                "acting_token_ttl_s",
+                self.acting_token_ttl_s,
+                MAX_ACTING_TTL_S,
+            ),
+            ("session_ttl_s", self.session_ttl_s, MAX_SESSION_TTL_S),
+            ("login_ttl_s", self.login_ttl_s, MAX_TOKEN_TTL_S),
+            ("key_rotation_hours", self.key_rotation_hours, 24 * 366),
+            ("key_rescan_s", self.key_rescan_s, MAX_TOKEN_TTL_S),
+            (
+                "key_publish_lead_s",
+                self.key_publish_lead_s,
+                MAX_TOKEN_TTL_S,
+            ),
         ] {
-            if value == 0 || value > MAX_TOKEN_TTL_S {
+            if value == 0 || value > most {
                 return Err(ServeError::Config(format!(
-                    "identity.{name} must be 1-{MAX_TOKEN_TTL_S} seconds"
+                    "identity.{name} must be 1-{most}"
                 )));
             }
         }
@@ -205,7 +235,14 @@ impl IdentitySettings {
                     )));
                 }
             }
-            front_ends.insert(member.to_string(), front_end.redirect_uris.clone());
+            if front_ends
+                .insert(member.to_string(), front_end.redirect_uris.clone())
+                .is_some()
+            {
+                return Err(ServeError::Config(format!(
+                    "identity.front_ends: {member} is listed twice"
+                )));
+            }
         }
         Ok(front_ends)
     }
@@ -217,14 +254,9 @@ pub async fn open(config: &IdentityConfig) -> Result<(Arc<Identity>, Arc<Keys>),
     let lifetimes = settings.lifetimes()?;
     let front_ends = settings.front_ends()?;
     let mut providers = Vec::new();
+    let mut ids = std::collections::HashSet::new();
     for provider in &settings.providers {
-        if settings
-            .providers
-            .iter()
-            .filter(|p| p.id == provider.id)
-            .count()
-            > 1
-        {
+        if !ids.insert(provider.id.as_str()) {
             return Err(ServeError::Config(format!(
                 "identity.providers: `{}` is configured twice",
                 provider.id
@@ -237,6 +269,7 @@ pub async fn open(config: &IdentityConfig) -> Result<(Arc<Identity>, Arc<Keys>),
         &settings.key_dir,
         Duration::from_secs(settings.key_rotation_hours * 3600),
         lifetimes.access_token.max(lifetimes.acting_token),
+        Duration::from_secs(settings.key_publish_lead_s),
     )?);
     let requests = Requests::new(&db, config.database.request_retention());
     let pages = PageTokens::open(&db).await?;

@@ -33,6 +33,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const METADATA_LIFETIME: Duration = Duration::from_secs(600);
 /// The most clock difference allowed when checking an ID token's expiry.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(60);
+/// The longest name kept from a provider's claims.
+pub const MAX_NAME_CHARS: usize = 200;
+/// The most roles kept of a staff member.
+pub const MAX_ROLES: usize = 32;
+
+/// A short code: 1-63 lower-case letters, digits and `-` (centres, roles).
+fn is_code(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
 
 /// Whom a provider identifies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -108,6 +120,11 @@ pub struct ProviderConfig {
     /// Claim names, when the provider's differ from the defaults.
     #[serde(default)]
     pub claims: ClaimNames,
+    /// For a staff provider: the institutions (`CLASS/CODE`) whose staff it may vouch for. A
+    /// token naming any other is refused, so that one municipality's provider cannot speak for
+    /// another's clerks.
+    #[serde(default)]
+    pub institutions: Vec<String>,
     /// Allowed clock difference when checking expiry, in seconds (at most 60).
     #[serde(default = "default_leeway")]
     pub leeway_s: u64,
@@ -245,6 +262,20 @@ impl Provider {
         if config.acr.is_empty() {
             return Err(format!(
                 "provider {id}: map at least one `acr` value to a level ([identity.providers.acr])"
+            ));
+        }
+        for institution in &config.institutions {
+            let member = Member::parse(institution)
+                .map_err(|e| format!("provider {id}: institutions: {e}"))?;
+            if !member.subsystem.is_empty() {
+                return Err(format!(
+                    "provider {id}: institutions are CLASS/CODE, not `{institution}`"
+                ));
+            }
+        }
+        if config.audience == Audience::Staff && config.institutions.is_empty() {
+            return Err(format!(
+                "provider {id}: a staff provider names the institutions it vouches for (institutions = [\"MUN/GULBENE\"])"
             ));
         }
         if config.leeway_s > MAX_LEEWAY.as_secs() {
@@ -461,17 +492,20 @@ impl Provider {
         let payload = payload_of(&id_token.to_string())
             .map_err(|e| IdentityError::LoginRefused(format!("ID token payload: {e}")))?;
         let who = self.identified(&payload)?;
+        // Names are cut to a bounded length; a country is two capital letters or nothing.
         let text = |name: &str| {
             payload
                 .get(name)
                 .and_then(|v| v.as_str())
                 .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+                .map(|s| s.chars().take(MAX_NAME_CHARS).collect::<String>())
         };
+        let country = text(&self.config.claims.country)
+            .filter(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase()));
         Ok(Login {
             who,
             level,
-            country: text(&self.config.claims.country),
+            country,
             given_name: text(&self.config.claims.given_name),
             family_name: text(&self.config.claims.family_name),
             auth_time: auth_time.unwrap_or(issued),
@@ -495,9 +529,15 @@ impl Provider {
                 }
                 let eidas = text(&names.eidas_id);
                 if !eidas.is_empty() {
-                    return EidasId::parse(eidas)
-                        .map(Identified::Foreign)
-                        .map_err(refused);
+                    let id = EidasId::parse(eidas).map_err(refused)?;
+                    // Identified for Latvia, by another country: a Latvian identity comes as a
+                    // personal code, so that one person has one subject.
+                    if id.destination != "LV" || id.origin == "LV" {
+                        return Err(refused(format!(
+                            "eIDAS identifier {id}: only other countries' identifications for LV are accepted"
+                        )));
+                    }
+                    return Ok(Identified::Foreign(id));
                 }
                 Err(refused(format!(
                     "the ID token names no person: neither `{}` nor `{}`",
@@ -515,15 +555,37 @@ impl Provider {
                 let institution = Member::parse(text(&names.institution))
                     .map(|m| m.institution())
                     .map_err(|e| refused(format!("`{}`: {e}", names.institution)))?;
+                if !self
+                    .config
+                    .institutions
+                    .iter()
+                    .any(|i| *i == institution.to_string())
+                {
+                    return Err(refused(format!(
+                        "provider {} may not vouch for staff of {institution}",
+                        self.config.id
+                    )));
+                }
                 let centre = Some(text(&names.centre).to_owned()).filter(|c| !c.is_empty());
+                if let Some(centre) = &centre
+                    && !is_code(centre)
+                {
+                    return Err(refused(format!(
+                        "`{}` is not a centre code (1-63 lower-case letters, digits, `-`)",
+                        names.centre
+                    )));
+                }
+                // Roles the platform acts on are short names; anything else is left out.
                 let roles = payload
                     .get(&names.roles)
                     .and_then(|v| v.as_array())
                     .map(|roles| {
                         roles
                             .iter()
-                            .filter_map(|r| r.as_str().map(str::to_owned))
-                            .take(32)
+                            .filter_map(|r| r.as_str())
+                            .filter(|r| is_code(r))
+                            .map(str::to_owned)
+                            .take(MAX_ROLES)
                             .collect()
                     })
                     .unwrap_or_default();

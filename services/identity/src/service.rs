@@ -413,9 +413,11 @@ impl Identity {
         now: OffsetDateTime,
     ) -> Result<Mandate, IdentityError> {
         let (_, client) = client_of(caller)?;
-        let (clerk, staff, centre) = clerk_of(person)?;
+        let clerk = clerk_of(person)?;
         if let Some(id) = self.requests.earlier(request).await? {
-            return self.stored_mandate(&id).await;
+            // A retry sees the mandate only if this clerk may (another clerk of the same front
+            // end may have made the first request).
+            return self.visible_mandate(|m| clerk.serves(m), &id).await;
         }
         let valid_from = new.valid_from.unwrap_or(now);
         check_services(&new.services)?;
@@ -456,21 +458,21 @@ impl Identity {
             valid_until: new.valid_until,
             document_sha256: new.document_sha256,
             identity_document: new.identity_document.to_owned(),
-            centre: centre.clone(),
-            clerk: clerk.clone(),
-            clerk_staff: staff,
+            centre: clerk.centre.clone(),
+            clerk: clerk.sub.clone(),
+            clerk_staff: clerk.staff.clone(),
             create_time: now,
             revoked: None,
         };
         let event = AuditEvent {
             kind: "mandate.registered",
-            actor: clerk,
+            actor: clerk.sub.clone(),
             subject: mandate.principal.clone(),
             mandate_id: Some(mandate.id.clone()),
             client,
             trace_id: current_trace_id(),
             details: serde_json::json!({
-                "centre": centre,
+                "centre": clerk.centre,
                 "services": mandate.services,
                 "identity_document": mandate.identity_document,
             })
@@ -486,7 +488,7 @@ impl Identity {
                     .earlier(request)
                     .await?
                     .ok_or_else(|| IdentityError::Internal("mandate id collision".into()))?;
-                self.stored_mandate(&id).await
+                self.visible_mandate(|m| clerk.serves(m), &id).await
             }
             Err(e) => Err(e.into()),
         }
@@ -506,8 +508,17 @@ impl Identity {
         id: &str,
     ) -> Result<Mandate, IdentityError> {
         let viewer = viewer_of(person)?;
+        self.visible_mandate(|m| viewer.may_see(m), id).await
+    }
+
+    /// A mandate, if `may_see` it.
+    async fn visible_mandate(
+        &self,
+        may_see: impl Fn(&Mandate) -> bool,
+        id: &str,
+    ) -> Result<Mandate, IdentityError> {
         let mandate = self.stored_mandate(id).await?;
-        if viewer.may_see(&mandate) {
+        if may_see(&mandate) {
             Ok(mandate)
         } else {
             // Not told apart from a missing one: ids of others' mandates reveal nothing.
@@ -527,9 +538,9 @@ impl Identity {
         let viewer = viewer_of(person)?;
         let (principal, centre) = match &viewer {
             Viewer::Principal(sub) => (sub.clone(), String::new()),
-            Viewer::Clerk { centre, .. } => (
+            Viewer::Clerk(clerk) => (
                 principal.map(|p| p.to_string()).unwrap_or_default(),
-                centre.clone(),
+                clerk.centre.clone(),
             ),
         };
         let query = page_query(&principal, &centre);
@@ -580,7 +591,7 @@ impl Identity {
             ));
         }
         let viewer = viewer_of(person)?;
-        let mandate = self.mandate(person, id).await?;
+        let mandate = self.visible_mandate(|m| viewer.may_see(m), id).await?;
         let by = viewer.subject().to_owned();
         let revocation = Revocation {
             time: now,
@@ -613,15 +624,13 @@ impl Identity {
         now: OffsetDateTime,
     ) -> Result<(String, OffsetDateTime), IdentityError> {
         let (_, client) = client_of(caller)?;
-        let (clerk, staff, centre) = clerk_of(person)?;
-        let clerk_claims = person
+        let clerk = clerk_of(person)?;
+        // How surely the clerk was identified (clerk_of found a person).
+        let auth = person
+            .map(|p| p.auth.clone())
             .ok_or_else(|| IdentityError::PersonRequired("a clerk's token is required".into()))?;
-        let mandate = self.stored_mandate(id).await?;
-        if mandate.centre != centre {
-            return Err(IdentityError::PermissionDenied(format!(
-                "mandates/{id} was given at another centre; only its clerks may act under it"
-            )));
-        }
+        // Only the clerks of its centre see it at all: to others it does not exist.
+        let mandate = self.visible_mandate(|m| clerk.serves(m), id).await?;
         if let Some(revoked) = &mandate.revoked {
             return Err(IdentityError::MandateUnusable(format!(
                 "mandates/{id} was revoked ({})",
@@ -651,15 +660,15 @@ impl Identity {
             sub: mandate.principal.clone(),
             // How surely the actor was identified: the resident was identified at the desk,
             // by a document, under the clerk's login.
-            auth: clerk_claims.auth.clone(),
+            auth,
             given_name: None,
             family_name: None,
             staff: None,
         };
         let claims = Claims {
             act: Some(Actor {
-                sub: clerk.clone(),
-                staff,
+                sub: clerk.sub.clone(),
+                staff: clerk.staff.clone(),
             }),
             mandate: Some(MandateScope {
                 id: mandate.id.clone(),
@@ -671,7 +680,7 @@ impl Identity {
         self.store
             .audit(&AuditEvent {
                 kind: "mandate.exchanged",
-                actor: clerk,
+                actor: clerk.sub,
                 subject: mandate.principal.clone(),
                 mandate_id: Some(mandate.id.clone()),
                 client,
@@ -684,30 +693,43 @@ impl Identity {
     }
 }
 
+/// A clerk at a centre, as their token names them.
+struct Clerk {
+    /// Their subject.
+    sub: String,
+    /// Where they work (institution, centre, roles).
+    staff: Staff,
+    /// Their centre.
+    centre: String,
+}
+
+impl Clerk {
+    /// Whether the mandate was given at this clerk's centre of this clerk's institution.
+    fn serves(&self, mandate: &Mandate) -> bool {
+        self.centre == mandate.centre && self.staff.institution == mandate.clerk_staff.institution
+    }
+}
+
 /// Who looks at mandates.
 enum Viewer {
     /// A resident (their own subject).
     Principal(String),
     /// A clerk at a centre.
-    Clerk {
-        /// Their subject.
-        sub: String,
-        /// Their centre.
-        centre: String,
-    },
+    Clerk(Clerk),
 }
 
 impl Viewer {
     fn may_see(&self, mandate: &Mandate) -> bool {
         match self {
             Viewer::Principal(sub) => *sub == mandate.principal,
-            Viewer::Clerk { centre, .. } => *centre == mandate.centre,
+            Viewer::Clerk(clerk) => clerk.serves(mandate),
         }
     }
 
     fn subject(&self) -> &str {
         match self {
-            Viewer::Principal(sub) | Viewer::Clerk { sub, .. } => sub,
+            Viewer::Principal(sub) => sub,
+            Viewer::Clerk(clerk) => &clerk.sub,
         }
     }
 }
@@ -726,10 +748,11 @@ fn viewer_of(person: Option<&Claims>) -> Result<Viewer, IdentityError> {
             let centre = staff.centre.clone().ok_or_else(|| {
                 IdentityError::PermissionDenied("only clerks at a centre handle mandates".into())
             })?;
-            Ok(Viewer::Clerk {
+            Ok(Viewer::Clerk(Clerk {
                 sub: person.sub.clone(),
+                staff: staff.clone(),
                 centre,
-            })
+            }))
         }
         (None, Ok(Subject::Resident(_) | Subject::Foreign(_))) => {
             Ok(Viewer::Principal(person.sub.clone()))
@@ -740,17 +763,10 @@ fn viewer_of(person: Option<&Claims>) -> Result<Viewer, IdentityError> {
     }
 }
 
-/// The clerk a token names: subject, place and centre.
-fn clerk_of(person: Option<&Claims>) -> Result<(String, Staff, String), IdentityError> {
-    let person = person
-        .ok_or_else(|| IdentityError::PersonRequired("a clerk's token is required".into()))?;
-    match viewer_of(Some(person))? {
-        Viewer::Clerk { sub, centre } => {
-            let staff = person.staff.clone().ok_or_else(|| {
-                IdentityError::PermissionDenied("only clerks handle mandates".into())
-            })?;
-            Ok((sub, staff, centre))
-        }
+/// The clerk a token names.
+fn clerk_of(person: Option<&Claims>) -> Result<Clerk, IdentityError> {
+    match viewer_of(person)? {
+        Viewer::Clerk(clerk) => Ok(clerk),
         Viewer::Principal(_) => Err(IdentityError::PermissionDenied(format!(
             "only a clerk (role `{CLERK_ROLE}`) at a centre may do this"
         ))),

@@ -225,22 +225,13 @@ impl Store {
             .rows_affected();
         // A session's rows are kept a day past its end, for questions about it.
         let day = 24 * 3600 * 1000;
-        let mut tx = self.db.pool.begin().await?;
-        let tokens = sqlx::query(
-            "DELETE FROM refresh_tokens WHERE session_id IN \
-             (SELECT session_id FROM sessions WHERE expire_time_ms < $1)",
-        )
-        .bind(now - day)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        // Their refresh tokens go with them (ON DELETE CASCADE).
         let sessions = sqlx::query("DELETE FROM sessions WHERE expire_time_ms < $1")
             .bind(now - day)
-            .execute(&mut *tx)
+            .execute(&self.db.pool)
             .await?
             .rows_affected();
-        tx.commit().await?;
-        Ok(logins + tokens + sessions)
+        Ok(logins + sessions)
     }
 
     /// Starts a session with its first refresh token.
@@ -280,27 +271,9 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<Refreshed, StoreError> {
         let mut tx = self.db.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT t.used_time_ms, s.session_id, s.client, s.person_json, s.expire_time_ms, \
-             s.end_time_ms FROM refresh_tokens t JOIN sessions s ON s.session_id = t.session_id \
-             WHERE t.token_hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(Refreshed::NotActive);
-        };
-        let session_id: String = row.try_get("session_id")?;
-        let used: Option<i64> = row.try_get("used_time_ms")?;
-        let ended: Option<i64> = row.try_get("end_time_ms")?;
-        let session_client: String = row.try_get("client")?;
-        let expire_time = from_millis(row.try_get("expire_time_ms")?)?;
-        if ended.is_some() || expire_time <= now || session_client != client {
-            return Ok(Refreshed::NotActive);
-        }
-        // Spent only if nobody spent it first: of two concurrent uses, one wins and the other
-        // counts as a reuse.
+        // Spend it first, only if nobody spent it before: of two concurrent uses one wins and
+        // the other counts as a reuse. Writing first also takes SQLite's write lock at once, so
+        // that the loser waits instead of failing to upgrade a read.
         let spent = sqlx::query(
             "UPDATE refresh_tokens SET used_time_ms = $1 WHERE token_hash = $2 \
              AND used_time_ms IS NULL",
@@ -310,7 +283,26 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if used.is_some() || spent != 1 {
+        let row = sqlx::query(
+            "SELECT s.session_id, s.client, s.person_json, s.expire_time_ms, s.end_time_ms \
+             FROM refresh_tokens t JOIN sessions s ON s.session_id = t.session_id \
+             WHERE t.token_hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Refreshed::NotActive);
+        };
+        let session_id: String = row.try_get("session_id")?;
+        let ended: Option<i64> = row.try_get("end_time_ms")?;
+        let session_client: String = row.try_get("client")?;
+        let expire_time = from_millis(row.try_get("expire_time_ms")?)?;
+        if ended.is_some() || expire_time <= now || session_client != client {
+            // Rolled back: another system's try does not spend the token.
+            return Ok(Refreshed::NotActive);
+        }
+        if spent != 1 {
             end_session(&mut tx, &session_id, "refresh token reused", now).await?;
             tx.commit().await?;
             return Ok(Refreshed::Reused);

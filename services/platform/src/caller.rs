@@ -95,6 +95,8 @@ impl Authenticate {
                 return Err(unauthenticated("a client certificate is required".into()));
             }
         };
+        // A person named without a caller is still a claim, which only the gateway may make (and
+        // the gateway always names the caller): it is judged as a claimed empty caller.
         let Some(claimed) = claimed.or(person.map(|_| &b""[..])) else {
             if let Some(member) = identity.as_member() {
                 return Err(status::error(
