@@ -219,13 +219,13 @@ async fn up(
     let internal: String = fed
         .services
         .iter()
-        .map(|(name, address)| format!("{:<9}{address} (internal)\n", format!("{name}:")))
+        .map(|(name, address)| format!("{:<10}{address} (internal)\n", format!("{name}:")))
         .collect();
     say(&format!(
         "onestop is up.\n\
-         gateway: {gateway} (mutual TLS; CA {pki}/ca.pem)\n\
+         gateway:  {gateway} (mutual TLS; CA {pki}/ca.pem)\n\
          {internal}{admin}\
-         data:    {data}\n\n\
+         data:     {data}\n\n\
          Validate an application through the gateway as the demo institution ({member}):\n\n\
          buf curl --protocol grpc --cacert {pki}/ca.pem \\\n  \
            --cert {pki}/{cert}.pem --key {pki}/{cert}.key \\\n  \
@@ -235,7 +235,7 @@ async fn up(
         gateway = fed.gateway,
         admin = fed
             .admin
-            .map(|address| format!("admin:   http://{address}/metrics, /healthz, /readyz\n"))
+            .map(|address| format!("admin:    http://{address}/metrics, /healthz, /readyz\n"))
             .unwrap_or_default(),
         data = data_dir.display(),
         member = federation::DEMO_INSTITUTION_MEMBER,

@@ -45,6 +45,8 @@ pub struct Person {
     pub claims: Claims,
     /// The claims as services receive them (`x-onestop-person`).
     pub header: HeaderValue,
+    /// The subject, the key of the person's rate.
+    pub subject: Arc<str>,
 }
 
 /// Why a call's person is refused: the token's error, or why none could be checked.
@@ -164,7 +166,12 @@ impl People {
                 "claims that cannot be passed on".into(),
             ))
         })?;
-        let person = Arc::new(Person { claims, header });
+        let subject = Arc::from(claims.sub.as_str());
+        let person = Arc::new(Person {
+            claims,
+            header,
+            subject,
+        });
         self.remember(token, person.clone());
         Ok(Some(person))
     }

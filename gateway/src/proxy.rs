@@ -420,19 +420,18 @@ impl Gateway {
                 Some(_) => {}
             }
         }
-        if let Some(person) = &person {
-            let subject: Arc<str> = Arc::from(person.claims.sub.as_str());
-            if let Err(wait) = self.people.rates.check(&subject) {
-                return refused(
-                    Code::ResourceExhausted,
-                    "PERSON_RATE_LIMITED",
-                    format!(
-                        "this person exceeded {} calls per second; retry in {} ms",
-                        self.people.rates.per_second(),
-                        wait.as_millis().max(1)
-                    ),
-                );
-            }
+        if let Some(person) = &person
+            && let Err(wait) = self.people.rates.check(&person.subject)
+        {
+            return refused(
+                Code::ResourceExhausted,
+                "PERSON_RATE_LIMITED",
+                format!(
+                    "this person exceeded {} calls per second; retry in {} ms",
+                    self.people.rates.per_second(),
+                    wait.as_millis().max(1)
+                ),
+            );
         }
 
         // 7. The deadline, never longer than the cap, enforced here while waiting for the

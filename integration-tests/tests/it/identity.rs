@@ -68,11 +68,19 @@ fn identity_toml(providers: &Providers) -> String {
 }
 
 async fn world(backend: Backend) -> World {
+    world_with(backend, |_| {}).await
+}
+
+async fn world_with(
+    backend: Backend,
+    adjust: impl FnOnce(&mut onestop_cli::federation::Options) + Send + 'static,
+) -> World {
     let providers = Providers::start().await.expect("the OpenID providers");
     let (settings, secret) = (identity_toml(&providers), providers.client_secret.clone());
     let fed = TestFederation::start_with(backend, move |options| {
         std::fs::write(options.data_dir.join("oidc-secret"), secret).unwrap();
         std::fs::write(options.data_dir.join("identity.toml"), settings).unwrap();
+        adjust(options);
     })
     .await;
     World { fed, providers }
@@ -1058,5 +1066,51 @@ async fn a_clerk_acts_for_a_resident_under_a_mandate_until_it_is_revoked(backend
         events.iter().all(|(_, _, trace)| trace.len() == 32),
         "{events:?}"
     );
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_person_has_a_rate_of_their_own() {
+    // Three calls at once, then one a second, per person.
+    let World { fed, providers: _p } = world_with(Backend::Sqlite, |options| {
+        options.person_rate = (1, 3);
+    })
+    .await;
+    let any = LevelOfAssurance::Unspecified;
+    let one = login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::LV_RESIDENT,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap();
+    let other = login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::LV_RESIDENT_2,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap();
+    let token = &tokens(&one).access_token;
+    let mut refused = None;
+    for _ in 0..10 {
+        if let Err(status) = whoami(&fed, CENTRE, token).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.expect("the person's rate is enforced");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "PERSON_RATE_LIMITED");
+    // Another person of the same front end is not held back.
+    whoami(&fed, CENTRE, &tokens(&other).access_token)
+        .await
+        .expect("another person's call");
     fed.stop().await;
 }
