@@ -603,9 +603,16 @@ async fn rotated_keys_keep_earlier_tokens_valid_until_they_expire() {
     .unwrap();
     let old_token = tokens(&first).access_token.clone();
     let old_kid = kid_of(&old_token);
-    // A newer key appears in the key directory, as when another replica rotates.
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let new_kid = format!("k{}-feedbeef", now + 1);
+    // A newer key appears in the key directory, as when another replica rotates: made at the
+    // same second as the first (its id sorts after it) and so already past its publication
+    // lead, it signs as soon as the service reads the directory (every second here).
+    let made = old_kid
+        .trim_start_matches('k')
+        .split('-')
+        .next()
+        .unwrap()
+        .to_owned();
+    let new_kid = format!("k{made}-ffffffff");
     let (_, der) = SigningKey::generate(&new_kid).unwrap();
     let path = fed
         .data_dir
@@ -622,40 +629,39 @@ async fn rotated_keys_keep_earlier_tokens_valid_until_they_expire() {
             .unwrap();
         file.write_all(&der).unwrap();
     }
-    // Refreshing until the service signs with the new key (it reads the directory every
-    // second here).
+    // Published and signing come together: wait until the key set names it.
     let mut desk = identity(&fed, CENTRE);
-    let mut refresh = tokens(&first).refresh_token.clone();
-    let new_token = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+    let published = tokio::time::timeout(std::time::Duration::from_secs(15), async {
         loop {
-            let renewed = desk
-                .refresh_session(RefreshSessionRequest {
-                    refresh_token: refresh.clone(),
-                })
+            let set = desk
+                .get_key_set(GetKeySetRequest {})
                 .await
                 .unwrap()
                 .into_inner()
-                .tokens
-                .unwrap();
-            refresh = renewed.refresh_token;
-            if kid_of(&renewed.access_token) == new_kid {
-                break renewed.access_token;
+                .jwks_json;
+            if set.contains(&new_kid) {
+                break set;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tokio::task::yield_now().await;
         }
     })
     .await
-    .expect("the new key signs within 15 s");
-    // The gateway learns the new key when it first meets it; the old key's token still works.
-    whoami(&fed, CENTRE, &new_token).await.expect("the new key");
-    whoami(&fed, CENTRE, &old_token).await.expect("the old key");
-    let published = identity(&fed, CENTRE)
-        .get_key_set(GetKeySetRequest {})
+    .expect("the new key is published within 15 s");
+    assert!(published.contains(&old_kid), "the old key stays published");
+    let new_token = desk
+        .refresh_session(RefreshSessionRequest {
+            refresh_token: tokens(&first).refresh_token.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
-        .jwks_json;
-    assert!(published.contains(&old_kid) && published.contains(&new_kid));
+        .tokens
+        .unwrap()
+        .access_token;
+    assert_eq!(kid_of(&new_token), new_kid);
+    // The gateway learns the new key when it first meets it; the old key's token still works.
+    whoami(&fed, CENTRE, &new_token).await.expect("the new key");
+    whoami(&fed, CENTRE, &old_token).await.expect("the old key");
     fed.stop().await;
 }
 

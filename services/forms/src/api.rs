@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use onestop_platform::caller::Caller;
+use onestop_platform::clock::{now, timestamp};
 use onestop_platform::identity::Member;
 use onestop_platform::paging;
 use onestop_platform::requests::{Fingerprint, Request as Once};
 use onestop_proto::forms::v1 as pb;
 use onestop_proto::r#type::v1 as types;
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
 use crate::error::FormsError;
@@ -25,14 +25,6 @@ impl FormsApi {
     pub fn new(registry: Arc<Registry>) -> Self {
         Self { registry }
     }
-}
-
-/// The current time, to the millisecond: what the store keeps, so that a first answer and a
-/// repeated one agree.
-fn now() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or(now)
 }
 
 fn invalid(field: &str, message: String) -> FormsError {
@@ -252,13 +244,6 @@ fn field_pb(f: Field) -> pb::FormField {
                 value: c.value,
             })
             .collect(),
-    }
-}
-
-fn timestamp(time: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.unix_timestamp(),
-        nanos: i32::try_from(time.nanosecond()).unwrap_or(0),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use onestop_platform::caller::Caller;
+use onestop_platform::clock::{self, now, timestamp};
 use onestop_platform::identity::Member;
 use onestop_platform::paging;
 use onestop_platform::person::{self, EidasId, Level};
@@ -31,27 +32,11 @@ impl IdentityApi {
     }
 }
 
-fn now() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or(now)
-}
-
-fn timestamp(time: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.unix_timestamp(),
-        nanos: i32::try_from(time.nanosecond()).unwrap_or(0),
-    }
-}
-
 fn from_timestamp(
     field: &str,
     t: &prost_types::Timestamp,
 ) -> Result<OffsetDateTime, IdentityError> {
-    OffsetDateTime::from_unix_timestamp(t.seconds)
-        .ok()
-        .and_then(|time| time.replace_nanosecond(u32::try_from(t.nanos).ok()?).ok())
-        .ok_or_else(|| IdentityError::invalid(field, "not a valid time"))
+    clock::from_timestamp(t).ok_or_else(|| IdentityError::invalid(field, "not a valid time"))
 }
 
 fn level_pb(level: Level) -> i32 {

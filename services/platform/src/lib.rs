@@ -9,6 +9,7 @@
 pub mod accept;
 pub mod caller;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod identity;
