@@ -215,7 +215,7 @@ impl Providers {
 }
 
 fn spawn_node(dir: &Path, client_secret: &str) -> anyhow::Result<Node> {
-    let child = Command::new("node")
+    let child = Command::new(node())
         .arg("providers.mjs")
         .current_dir(dir)
         .env("OIDC_CLIENT_SECRET", client_secret)
@@ -227,8 +227,8 @@ fn spawn_node(dir: &Path, client_secret: &str) -> anyhow::Result<Node> {
         .map_err(|error| {
             if error.kind() == std::io::ErrorKind::NotFound {
                 anyhow!(
-                    "node was not found on PATH: Node.js 20 or later is needed for the OpenID \
-                     providers (apt-get install nodejs npm), then run scripts/install-tools"
+                    "node was not found: Node.js 20.12 or later is needed for the OpenID \
+                     providers; run scripts/install-tools"
                 )
             } else {
                 anyhow!(error).context(format!("starting node in {}", dir.display()))
@@ -401,6 +401,17 @@ fn unescape(text: &str) -> String {
 }
 
 /// Where the node side lives: `integration-tests/oidc`.
+/// The Node.js that `scripts/install-tools` checked to be recent enough (`.tools/bin/node`),
+/// else whatever `node` is on `PATH`.
+fn node() -> PathBuf {
+    let checked = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/node");
+    if checked.is_file() {
+        checked
+    } else {
+        PathBuf::from("node")
+    }
+}
+
 fn providers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc")
 }
