@@ -194,6 +194,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             server: options.server_config(address, service.name),
             database: DatabaseConfig::at(options.database(service.name)),
             data_dir: options.data_dir.clone(),
+            peers: addresses.clone(),
         })
         .with_context(|| format!("configuring {}", service.name))?;
         // Each service opens its store before the gateway starts, so that a failure is
@@ -245,6 +246,12 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             rate_per_second: options.member_rate.0,
             burst: options.member_rate.1,
             max_deadline_ms: 30_000,
+            method_deadlines_ms: options
+                .services
+                .iter()
+                .flat_map(|service| service.long_lived)
+                .map(|method| ((*method).to_owned(), 0))
+                .collect(),
             max_in_flight: 4096,
             max_in_flight_per_member: options.member_in_flight,
             max_streams: options.streams.0,

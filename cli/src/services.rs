@@ -16,6 +16,7 @@ use std::pin::Pin;
 use onestop_forms::{FormsConfig, FormsSettings};
 use onestop_identity::{IdentityConfig, IdentitySettings};
 use onestop_platform::config::{self, DatabaseConfig, ServerConfig, TelemetryConfig};
+use onestop_routing::{RoutingConfig, RoutingSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,8 @@ pub struct Local {
     /// The federation's data directory, for what the service keeps in files (its own
     /// settings file `<name>.toml`, keys).
     pub data_dir: std::path::PathBuf,
+    /// The internal addresses of the services started before it, by name: those it calls.
+    pub peers: std::collections::BTreeMap<&'static str, SocketAddr>,
 }
 
 /// A service whose configuration has been read and checked, ready to start.
@@ -83,6 +86,9 @@ pub struct Service {
     pub name: &'static str,
     /// The gRPC services it serves; the gateway routes them to it.
     pub grpc_services: &'static [&'static str],
+    /// Methods (`package.Service/Method`) meant to stay open as long as the caller wants, which
+    /// the gateway exempts from its deadline cap.
+    pub long_lived: &'static [&'static str],
     /// `[[allow]]` entries of the access policy `onestop up` writes: what the demo members may
     /// call.
     pub default_policy: &'static str,
@@ -103,7 +109,7 @@ impl std::fmt::Debug for Service {
 
 /// Every service of the platform, in the order `onestop up` starts them.
 pub fn all() -> Vec<Service> {
-    vec![FORMS, IDENTITY]
+    vec![FORMS, IDENTITY, ROUTING]
 }
 
 /// The service of that name.
@@ -115,6 +121,7 @@ pub fn find(name: &str) -> Option<Service> {
 pub const FORMS: Service = Service {
     name: "forms",
     grpc_services: &[onestop_proto::forms::v1::forms_service_server::SERVICE_NAME],
+    long_lived: &[],
     default_policy: r#"# The demo institution manages and uses forms; the demo centre reads them and validates
 # applications.
 [[allow]]
@@ -145,6 +152,7 @@ methods = [
 pub const IDENTITY: Service = Service {
     name: "identity",
     grpc_services: &[onestop_proto::identity::v1::identity_service_server::SERVICE_NAME],
+    long_lived: &[],
     default_policy: r#"# Front ends log people in and use their tokens: the demo centre's desk application and the
 # demo institution's system.
 [[allow]]
@@ -178,6 +186,70 @@ min_level = "substantial"
         }))
     },
 };
+
+/// The routing service.
+pub const ROUTING: Service = Service {
+    name: "routing",
+    grpc_services: &[
+        onestop_proto::routing::v1::catalogue_service_server::SERVICE_NAME,
+        onestop_proto::routing::v1::application_service_server::SERVICE_NAME,
+        onestop_proto::routing::v1::inbox_service_server::SERVICE_NAME,
+        onestop_proto::routing::v1::service_case_service_server::SERVICE_NAME,
+    ],
+    long_lived: &["onestop.routing.v1.InboxService/StreamInbox"],
+    default_policy: r#"# Everyone reads the catalogue. The demo centre files applications (for residents who log in
+# at its desk application, at the desk, or under a mandate), reads them and registers service
+# cases; the demo institution consumes its inbox and moves its applications' status. A
+# municipality reads its centres' statistics.
+[[allow]]
+member = "MUN/GULBENE/kac"
+methods = [
+  "onestop.routing.v1.CatalogueService/GetCatalogue",
+  "onestop.routing.v1.ApplicationService/*",
+  "onestop.routing.v1.ServiceCaseService/*",
+]
+
+[[allow]]
+member = "GOV/VSAA"
+methods = [
+  "onestop.routing.v1.CatalogueService/GetCatalogue",
+  "onestop.routing.v1.ApplicationService/*",
+  "onestop.routing.v1.InboxService/*",
+]
+"#,
+    from_file: |path, env| Ok(routing(config::load(Some(path), env)?)),
+    local: |local| {
+        let forms = local.peers.get(FORMS.name).ok_or_else(|| {
+            anyhow::anyhow!("routing validates through forms, which is not running")
+        })?;
+        Ok(routing(RoutingConfig {
+            server: local.server,
+            database: local.database,
+            telemetry: TelemetryConfig::default(),
+            admin: Default::default(),
+            routing: RoutingSettings::new(forms.to_string()),
+        }))
+    },
+};
+
+fn routing(config: RoutingConfig) -> Prepared {
+    let admin = config.admin.listen;
+    Prepared::new(
+        config.server.listen,
+        config.telemetry.clone(),
+        |listener, shutdown| {
+            Box::pin(async move {
+                let routing = onestop_routing::open(&config).await?;
+                let serving: Serving = Box::pin(async move {
+                    onestop_routing::serve(&config, routing, listener, shutdown).await?;
+                    Ok(())
+                });
+                Ok(serving)
+            })
+        },
+    )
+    .with_admin(admin)
+}
 
 /// The settings file identity reads on one machine, written with the development defaults on
 /// the first start: the development OpenID providers of `scripts/dev-oidc` and the demo

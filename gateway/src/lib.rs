@@ -116,6 +116,10 @@ pub struct GatewaySettings {
     /// The longest deadline a call may have, in milliseconds.
     #[serde(default = "default_max_deadline")]
     pub max_deadline_ms: u64,
+    /// Deadline caps of single methods (`package.Service/Method`) in milliseconds, instead of
+    /// `max_deadline_ms`; `0` means no cap, for streams meant to stay open (an inbox).
+    #[serde(default)]
+    pub method_deadlines_ms: BTreeMap<String, u64>,
     /// Calls in flight at once across all connections (streams not counted).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -300,6 +304,14 @@ pub async fn serve(
         connections: MemberSlots::new(settings.max_connections_per_member),
         streaming: streaming_methods(),
         max_deadline: Duration::from_millis(settings.max_deadline_ms),
+        method_deadlines: settings
+            .method_deadlines_ms
+            .iter()
+            .map(|(method, ms)| {
+                let cap = (*ms > 0).then(|| Duration::from_millis(*ms));
+                (method.clone(), cap)
+            })
+            .collect(),
         max_header_bytes: limits.max_header_list_bytes as usize,
         tls: tls.clone(),
         local: local.routes(),

@@ -201,14 +201,18 @@ fn format_timeout(duration: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{millis}m")).unwrap_or(HeaderValue::from_static("1000m"))
 }
 
+/// The caller's own deadline, if it sent a valid one.
+pub fn requested_deadline(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(GRPC_TIMEOUT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_timeout)
+}
+
 /// Holds the caller's deadline to at most `cap`, writing the effective one into the headers,
 /// and returns it. A missing or malformed deadline becomes the cap.
 pub fn cap_deadline(headers: &mut HeaderMap, cap: Duration) -> Duration {
-    let requested = headers
-        .get(GRPC_TIMEOUT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_timeout);
-    match requested {
+    match requested_deadline(headers) {
         Some(requested) if requested <= cap => requested,
         _ => {
             headers.insert(GRPC_TIMEOUT, format_timeout(cap));

@@ -66,6 +66,9 @@ pub struct Gateway {
     pub streaming: HashSet<String>,
     /// The longest deadline a call may have.
     pub max_deadline: Duration,
+    /// Methods with their own deadline cap; `None`: no cap (long-lived streams such as an
+    /// inbox, which stay open as long as the caller wants).
+    pub method_deadlines: HashMap<String, Option<Duration>>,
     /// The largest header block forwarded to a service.
     pub max_header_bytes: usize,
     /// The external TLS configuration, which knows the revoked certificates.
@@ -436,7 +439,14 @@ impl Gateway {
 
         // 7. The deadline, never longer than the cap, enforced here while waiting for the
         //    answer and by the service.
-        let deadline = limits::cap_deadline(request.headers_mut(), self.max_deadline);
+        let deadline = match self.method_deadlines.get(path) {
+            Some(None) => limits::requested_deadline(request.headers()),
+            Some(Some(cap)) => Some(limits::cap_deadline(request.headers_mut(), *cap)),
+            None => Some(limits::cap_deadline(
+                request.headers_mut(),
+                self.max_deadline,
+            )),
+        };
 
         // 8. Forward, naming the verified caller and person; a caller's own claims are dropped
         //    first, and so is the token itself: services believe the gateway, and a token
@@ -453,7 +463,11 @@ impl Gateway {
         *request.uri_mut() = upstream.uri_for(request.uri());
         // The services hold messages to their own size limit and say so in a status.
         let request = metered(request, usize::MAX);
-        match tokio::time::timeout(deadline, upstream.send(request)).await {
+        let answer = match deadline {
+            Some(deadline) => tokio::time::timeout(deadline, upstream.send(request)).await,
+            None => Ok(upstream.send(request).await),
+        };
+        match answer {
             // A status a service's transport made on its own (overload, a deadline) gets the
             // platform's shape on the way out, like the services' own errors.
             Ok(Ok(response)) => (
@@ -473,7 +487,7 @@ impl Gateway {
                 "DEADLINE_EXCEEDED",
                 format!(
                     "{service} did not answer within {} ms",
-                    deadline.as_millis()
+                    deadline.unwrap_or_default().as_millis()
                 ),
             ),
         }

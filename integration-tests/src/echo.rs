@@ -162,6 +162,7 @@ impl EchoService for Echo {
 pub const REGISTRATION: Service = Service {
     name: "echo",
     grpc_services: &[SERVICE],
+    long_lived: &[],
     default_policy: r#"# The test echo service, for two members.
 [[allow]]
 member = "GOV/VSAA"

@@ -30,14 +30,14 @@ on_both_backends!(
 );
 
 /// The demo centre's desk application: a front end with `DESK_REDIRECT_URI`.
-const CENTRE: &str = "demo-centre";
+pub(crate) const CENTRE: &str = "demo-centre";
 /// The demo institution's system: a front end with `PORTAL_REDIRECT_URI`.
-const INSTITUTION: &str = "demo-institution";
+pub(crate) const INSTITUTION: &str = "demo-institution";
 const CENTRE_SPIFFE: &str = "spiffe://onestop.lv/member/MUN/GULBENE/kac";
 
-struct World {
-    fed: TestFederation,
-    providers: Providers,
+pub(crate) struct World {
+    pub(crate) fed: TestFederation,
+    pub(crate) providers: Providers,
 }
 
 fn identity_toml(providers: &Providers) -> String {
@@ -67,7 +67,7 @@ fn identity_toml(providers: &Providers) -> String {
     )
 }
 
-async fn world(backend: Backend) -> World {
+pub(crate) async fn world(backend: Backend) -> World {
     world_with(backend, |_| {}).await
 }
 
@@ -86,11 +86,11 @@ async fn world_with(
     World { fed, providers }
 }
 
-fn identity(fed: &TestFederation, system: &str) -> IdentityServiceClient<Channel> {
+pub(crate) fn identity(fed: &TestFederation, system: &str) -> IdentityServiceClient<Channel> {
     IdentityServiceClient::new(fed.gateway_client(system))
 }
 
-fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
@@ -117,7 +117,7 @@ async fn start(
 }
 
 /// A whole login: start, the person at the provider's pages, completion.
-async fn login(
+pub(crate) async fn login(
     fed: &TestFederation,
     system: &str,
     provider: &str,
@@ -169,7 +169,7 @@ async fn sessions(fed: &TestFederation) -> i64 {
     row.try_get("n").unwrap()
 }
 
-fn tokens(response: &CompleteLoginResponse) -> &Tokens {
+pub(crate) fn tokens(response: &CompleteLoginResponse) -> &Tokens {
     response.tokens.as_ref().expect("tokens")
 }
 
@@ -836,7 +836,7 @@ fn principal() -> PersonId {
     }
 }
 
-fn in_days(days: i64) -> prost_types::Timestamp {
+pub(crate) fn in_days(days: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time::OffsetDateTime::now_utc().unix_timestamp() + days * 86_400,
         nanos: 0,

@@ -9,6 +9,7 @@ mod forms;
 mod gateway;
 mod identity;
 mod requests;
+mod routing;
 
 pub use onestop_integration_tests::Backend;
 

@@ -673,6 +673,7 @@ impl Identity {
             mandate: Some(MandateScope {
                 id: mandate.id.clone(),
                 services: services.clone(),
+                authorisation_sha256: mandate.document_sha256.clone(),
             }),
             ..self.claims(&client, &principal, now, expire_time)?
         };

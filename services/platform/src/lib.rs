@@ -11,6 +11,7 @@ pub mod caller;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod contract;
 pub mod db;
 pub mod identity;
 pub mod metrics;

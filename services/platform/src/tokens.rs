@@ -154,6 +154,10 @@ pub struct MandateScope {
     pub id: String,
     /// The catalogue services covered.
     pub services: Vec<String>,
+    /// SHA-256 (hex) of the resident's signed written authorisation, so that what is filed
+    /// under the mandate names the document it rests on.
+    #[serde(default)]
+    pub authorisation_sha256: String,
 }
 
 /// The claims of an access token.

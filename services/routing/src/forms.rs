@@ -1,0 +1,80 @@
+//! Validation of application data by the forms service, called directly over internal mutual
+//! TLS with this process's own certificate (the forms service knows it as a platform
+//! component, not a member).
+
+use std::time::Duration;
+
+use onestop_platform::config::ServerConfig;
+use onestop_platform::identity::SpiffeId;
+use onestop_platform::tls::{self, TlsMaterial};
+use onestop_proto::forms::v1::ValidateFormDataRequest;
+use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::RoutingSettings;
+use crate::error::RoutingError;
+
+/// How long one validation may take.
+const VALIDATION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The forms service, as routing calls it.
+#[derive(Clone, Debug)]
+pub struct Forms {
+    client: FormsServiceClient<Channel>,
+}
+
+impl Forms {
+    /// A lazily connecting client to the configured forms service, which must present the
+    /// `forms` component's certificate.
+    pub fn connect(server: &ServerConfig, settings: &RoutingSettings) -> Result<Self, String> {
+        let material = TlsMaterial::load(&server.tls).map_err(|e| e.to_string())?;
+        let identity = SpiffeId::platform(&server.trust_domain, "forms");
+        let config = tls::client_config(&material, Some(&identity)).map_err(|e| e.to_string())?;
+        let channel = onestop_platform::client::channel(
+            &settings.forms_address,
+            &settings.forms_server_name,
+            config,
+            Duration::from_secs(30),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client: FormsServiceClient::new(channel),
+        })
+    }
+
+    /// Validates `data_json` against a form version. Invalid data is the forms service's
+    /// `INVALID_ARGUMENT` with its field violations, passed on unchanged.
+    pub async fn validate(
+        &self,
+        form_id: &str,
+        version: &str,
+        data_json: &str,
+    ) -> Result<(), RoutingError> {
+        let mut request = tonic::Request::new(ValidateFormDataRequest {
+            name: format!("forms/{form_id}/versions/{version}"),
+            data_json: data_json.to_owned(),
+        });
+        request.set_timeout(VALIDATION_DEADLINE);
+        match self.client.clone().validate_form_data(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => match status.code() {
+                // About the data or the form version: the caller's to fix.
+                Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
+                    Err(RoutingError::Forms(status))
+                }
+                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+                    Err(RoutingError::Unavailable(format!(
+                        "the forms service cannot validate now ({}); retry later",
+                        status.message()
+                    )))
+                }
+                _ => Err(RoutingError::Internal(format!(
+                    "forms validation failed: {:?} {}",
+                    status.code(),
+                    status.message()
+                ))),
+            },
+        }
+    }
+}
