@@ -8,13 +8,17 @@
 //! 2. Form validation in process: validations a second, p50 and p99 for each seed form's valid
 //!    and invalid example, and for a valid document of about 20 KB.
 //! 3. Token verification on one core ([`tokens`]).
+//! 4. Applications end to end ([`routing`]): submit through the gateway, validate, store, route,
+//!    stream to consumers, ack, each service its own process; on SQLite and PostgreSQL, at full
+//!    speed and at 200 a second; then 10,000 idle inbox streams and their memory.
 //!
 //! Run with `cargo build --release --bin onestop -p onestop-bench && target/release/onestop-bench
-//! [SECONDS [proxies|validation|tokens [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
+//! [SECONDS [proxies|validation|tokens|routing [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
 //! nginx and HAProxy come from `scripts/install-proxies`; a path whose proxy is missing is left
 //! out. Everything shares the machine's two cores; figures vary by some 10% from run to run.
 
 mod proxies;
+mod routing;
 mod tokens;
 
 /// mimalloc: the services allocate many small, short-lived objects per call (JSON values,
@@ -139,6 +143,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_none() || only.as_deref() == Some("tokens") {
         tokens::verification(seconds)?;
+    }
+    if only.is_none() || only.as_deref() == Some("routing") {
+        routing::measure(seconds).await?;
     }
     Ok(())
 }

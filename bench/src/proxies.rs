@@ -30,12 +30,16 @@ const IN_FLIGHT: usize = 32;
 
 /// A process started for the measurement, in a process group of its own (so that its CPU, and
 /// its workers', can be summed), stopped when dropped.
-struct Process {
-    child: Child,
+pub(crate) struct Process {
+    pub(crate) child: Child,
 }
 
 impl Process {
-    fn start(name: &'static str, command: &mut Command, log: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(
+        name: &'static str,
+        command: &mut Command,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
         let child = command
             .stdin(Stdio::null())
@@ -105,7 +109,7 @@ fn own_cpu_seconds() -> f64 {
     (field(11) + field(12)) / 100.0
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -113,7 +117,12 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Waits, within `bound`, until `process` listens on `port`; says what its log says if it
 /// stopped instead.
-async fn listening(process: &mut Process, port: u16, what: &str, log: &Path) -> anyhow::Result<()> {
+pub(crate) async fn listening(
+    process: &mut Process,
+    port: u16,
+    what: &str,
+    log: &Path,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -141,7 +150,7 @@ fn find(program: &str) -> Option<PathBuf> {
         .find(|path| path.exists())
 }
 
-fn run(binary: &Path, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn run(binary: &Path, args: &[&str]) -> anyhow::Result<()> {
     let output = Command::new(binary).args(args).output()?;
     anyhow::ensure!(
         output.status.success(),
@@ -153,7 +162,7 @@ fn run(binary: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn channel(address: &str, pki: &Path, cert: &str) -> anyhow::Result<Channel> {
+pub(crate) fn channel(address: &str, pki: &Path, cert: &str) -> anyhow::Result<Channel> {
     let material = TlsMaterial::load(&TlsFiles::in_pki_dir(pki, cert))?;
     let config = tls::client_config(&material, None)?;
     Ok(onestop_platform::client::channel(

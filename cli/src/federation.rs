@@ -62,6 +62,8 @@ pub struct Options {
     pub admin: Option<SocketAddr>,
     /// How long every server lets calls finish after a shutdown signal.
     pub drain: std::time::Duration,
+    /// The longest deadline the gateway lets a call have (long-lived methods excepted).
+    pub max_deadline: std::time::Duration,
 }
 
 impl Options {
@@ -82,6 +84,7 @@ impl Options {
             reload_interval: std::time::Duration::from_secs(10),
             admin: None,
             drain: std::time::Duration::from_secs(10),
+            max_deadline: std::time::Duration::from_secs(30),
         }
     }
 
@@ -245,7 +248,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             policy,
             rate_per_second: options.member_rate.0,
             burst: options.member_rate.1,
-            max_deadline_ms: 30_000,
+            max_deadline_ms: u64::try_from(options.max_deadline.as_millis()).unwrap_or(u64::MAX),
             method_deadlines_ms: options
                 .services
                 .iter()

@@ -26,6 +26,13 @@ fn example_configurations_parse() {
     let identity: onestop_identity::IdentityConfig =
         onestop_platform::config::load(Some(&example("identity.toml")), &env).unwrap();
     assert_eq!(identity.identity.providers.len(), 2);
+    let routing: onestop_routing::RoutingConfig =
+        onestop_platform::config::load(Some(&example("routing.toml")), &env).unwrap();
+    assert_eq!(routing.routing.max_attempts, 5);
+    assert_eq!(
+        gateway.gateway.method_deadlines_ms["onestop.routing.v1.InboxService/StreamInbox"],
+        0
+    );
 
     // An override from the environment wins over the file, and a misspelt key is an error.
     let env = HashMap::from([

@@ -323,3 +323,134 @@ async fn out_of_file_descriptors_the_gateway_backs_off_and_recovers() {
     eprintln!("recovered after {:?}", started.elapsed());
     drop(running);
 }
+
+/// A channel to the gateway of a running `onestop up` with a demo certificate.
+fn demo_channel(data: &Path, gateway: &str, name: &str) -> Channel {
+    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&data.join("pki"), name)).unwrap();
+    let config = tls::client_config(&material, None).unwrap();
+    onestop_platform::client::channel(gateway, "localhost", config, Duration::from_secs(30))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_acknowledged_before_a_kill_are_all_delivered() {
+    use onestop_proto::routing::v1::application_service_client::ApplicationServiceClient;
+    use onestop_proto::routing::v1::inbox_service_client::InboxServiceClient;
+    use onestop_proto::routing::v1::*;
+
+    const FILED: usize = 40;
+    const ACKED: usize = 10;
+    let data = tempfile::tempdir().unwrap();
+    let inbox = || {
+        Some(MemberId {
+            member_class: "GOV".into(),
+            member_code: "VSAA".into(),
+            subsystem: "pensions".into(),
+        })
+    };
+    let form = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../services/forms/seed/examples/vsaa-old-age-pension.valid.json"
+    ))
+    .unwrap();
+
+    // Applications filed concurrently by the demo centre; each acknowledged one is counted.
+    let first = up(data.path()).await;
+    let centre = demo_channel(data.path(), &first.gateway, "demo-centre");
+    let mut filing = tokio::task::JoinSet::new();
+    for i in 0..FILED {
+        let mut client = ApplicationServiceClient::new(centre.clone());
+        let data_json = form.clone();
+        filing.spawn(async move {
+            client
+                .submit_application(SubmitApplicationRequest {
+                    request_id: format!("kill-{i}"),
+                    service_id: "vsaa-old-age-pension".into(),
+                    form_version: "1".into(),
+                    data_json,
+                    municipality_code: "gulbene".into(),
+                    paper_intake: None,
+                })
+                .await
+                .expect("the application is accepted")
+                .into_inner()
+                .receipt
+                .unwrap()
+                .application
+        });
+    }
+    let mut filed = std::collections::BTreeSet::new();
+    while let Some(name) = filing.join_next().await {
+        filed.insert(name.unwrap());
+    }
+    assert_eq!(filed.len(), FILED);
+    // The institution takes and acknowledges some of them before the kill.
+    let mut institution = InboxServiceClient::new(first.channel.clone());
+    let pulled = institution
+        .pull_deliveries(PullDeliveriesRequest {
+            inbox: inbox(),
+            max_deliveries: ACKED as u32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(pulled.len(), ACKED);
+    let acked = institution
+        .ack_deliveries(AckDeliveriesRequest {
+            inbox: inbox(),
+            delivery_ids: pulled.iter().map(|d| d.delivery_id.clone()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(acked.acknowledged.len(), ACKED);
+    let mut first = first;
+    signal(&first.child, "KILL");
+    first.child.wait().await.unwrap();
+
+    // After the restart a consumer's stream gets every other one, and none acknowledged.
+    let second = up(data.path()).await;
+    let (requests, incoming) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(StreamInboxRequest {
+            kind: Some(stream_inbox_request::Kind::Open(OpenInbox {
+                inbox: inbox(),
+                max_unacknowledged: 50,
+            })),
+        })
+        .await
+        .unwrap();
+    let mut stream = InboxServiceClient::new(second.channel.clone())
+        .stream_inbox(tokio_stream::wrappers::ReceiverStream::new(incoming))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delivered = std::collections::BTreeSet::new();
+    while delivered.len() < FILED - ACKED {
+        let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap()
+            .unwrap();
+        if let Some(stream_inbox_response::Kind::Delivery(d)) = message.kind {
+            let name = d.application.unwrap().name;
+            assert!(
+                !pulled
+                    .iter()
+                    .any(|p| p.application.as_ref().unwrap().name == name),
+                "{name} was acknowledged before the kill"
+            );
+            delivered.insert(name);
+        }
+    }
+    let acked_names: std::collections::BTreeSet<String> = pulled
+        .into_iter()
+        .map(|d| d.application.unwrap().name)
+        .collect();
+    let all: std::collections::BTreeSet<String> = delivered.union(&acked_names).cloned().collect();
+    assert_eq!(all, filed, "every acknowledged application was delivered");
+    drop(requests);
+}

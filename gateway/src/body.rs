@@ -350,3 +350,69 @@ mod tests {
         assert_eq!(framing.scan(&message(9), 9), Ok(1));
     }
 }
+
+/// When a call's deadline passes: the gateway ends its response there.
+#[derive(Clone, Copy, Debug)]
+pub struct CallDeadline(pub Instant);
+
+/// A response body that ends with `DEADLINE_EXCEEDED` trailers when its call's deadline
+/// passes: services do not cut their own streams at the deadline (only the wait for the first
+/// answer), so the gateway holds streams to the deadline cap itself. A body that never waits
+/// (most unary answers) never makes a timer.
+pub struct UntilDeadline<B> {
+    body: B,
+    deadline: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+    ended: bool,
+}
+
+impl<B> UntilDeadline<B> {
+    /// Wraps `body`, ending it at `deadline`.
+    pub fn new(body: B, deadline: Instant) -> Self {
+        Self {
+            body,
+            deadline,
+            sleep: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for UntilDeadline<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(sleep.as_mut().poll(cx));
+        this.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("4"));
+        trailers.insert(
+            "grpc-message",
+            HeaderValue::from_static("the%20call%20reached%20its%20deadline"),
+        );
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

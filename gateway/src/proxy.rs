@@ -217,9 +217,17 @@ impl Gateway {
         let member = caller.name();
         let shutdown = self.shutdown.clone();
         let trace = trace_id.clone();
+        let deadline = response
+            .extensions()
+            .get::<crate::body::CallDeadline>()
+            .map(|d| d.0);
         let mut response = response.map(|body| {
             let guarded = Guarded::new(body, call, permit, record, member, trace);
-            Body::new(UntilShutdown::new(guarded, shutdown))
+            let body = Body::new(UntilShutdown::new(guarded, shutdown));
+            match deadline {
+                Some(deadline) => Body::new(crate::body::UntilDeadline::new(body, deadline)),
+                None => body,
+            }
         });
         if let Some(trace_id) = trace_id {
             response.headers_mut().insert(TRACE_ID_HEADER, trace_id);
@@ -439,6 +447,7 @@ impl Gateway {
 
         // 7. The deadline, never longer than the cap, enforced here while waiting for the
         //    answer and by the service.
+        let started = tokio::time::Instant::now();
         let deadline = match self.method_deadlines.get(path) {
             Some(None) => limits::requested_deadline(request.headers()),
             Some(Some(cap)) => Some(limits::cap_deadline(request.headers_mut(), *cap)),
@@ -470,10 +479,15 @@ impl Gateway {
         match answer {
             // A status a service's transport made on its own (overload, a deadline) gets the
             // platform's shape on the way out, like the services' own errors.
-            Ok(Ok(response)) => (
-                platform_status::reshape_response(response.map(Body::new)),
-                Some(permit),
-            ),
+            Ok(Ok(response)) => {
+                let mut response = platform_status::reshape_response(response.map(Body::new));
+                if let Some(deadline) = deadline {
+                    response
+                        .extensions_mut()
+                        .insert(crate::body::CallDeadline(started + deadline));
+                }
+                (response, Some(permit))
+            }
             Ok(Err(error)) => {
                 tracing::warn!(service = %upstream.service, %error, "upstream unreachable");
                 refused(

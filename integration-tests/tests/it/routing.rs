@@ -37,6 +37,7 @@ on_both_backends!(
     inbox_streams_deliver_at_least_once,
     bad_input_is_refused_and_stores_nothing,
     leases_expire_and_deliveries_park,
+    the_inbox_stream_outlives_the_gateway_deadline_cap,
 );
 
 const PENSION: &str = "vsaa-old-age-pension";
@@ -397,6 +398,7 @@ async fn applications_reach_their_institution_with_provenance(backend: Backend) 
     );
     assert_eq!(p.centre_id, oidc::GULBENE_CENTRE);
     assert_eq!(p.clerk.as_ref().unwrap().subject, clerk_subject);
+    assert_eq!(p.applicant.as_ref().unwrap().provider_id, "mandate");
     assert_eq!(p.applicant.as_ref().unwrap().subject, resident_2);
     let mandate = p.mandate.as_ref().unwrap();
     assert_eq!(format!("mandates/{}", mandate.mandate_id), acting[0].0);
@@ -760,7 +762,8 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
         ..submission("bad-5", "gulbene")
     })
     .await;
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "CLERK_REQUIRED");
     assert_eq!(count(&fed, "applications").await, 0, "nothing stored");
     assert_eq!(count(&fed, "deliveries").await, 0, "nothing stored");
 
@@ -913,4 +916,55 @@ async fn leases_expire_and_deliveries_park(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(other, [AckFound::Unknown]);
+}
+
+/// The gateway caps every call's deadline, but not an inbox stream's: it stays open and keeps
+/// delivering past the cap, while another stream (the echo service's) is cut at it.
+async fn the_inbox_stream_outlives_the_gateway_deadline_cap(backend: Backend) {
+    let cap = std::time::Duration::from_millis(1000);
+    let fed = TestFederation::start_with(backend, move |options| options.max_deadline = cap).await;
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(CENTRE),
+        "onestop.routing.v1.InboxService",
+    )
+    .await;
+    let opened = std::time::Instant::now();
+    // A stream of the echo service, which the gateway holds to the cap.
+    let (_keep_open, requests) =
+        mpsc::channel::<onestop_integration_tests::echo::pb::EchoRequest>(1);
+    let mut echo =
+        onestop_integration_tests::echo::pb::echo_service_client::EchoServiceClient::new(
+            fed.gateway_client(INSTITUTION),
+        )
+        .bidi(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut consumer = Consumer::open(&fed, INSTITUTION, PENSIONS, 10)
+        .await
+        .unwrap();
+    let mut desk = applications(&fed, CENTRE);
+    let mut filed = 0;
+    while opened.elapsed() < cap + cap / 2 {
+        let receipt = desk
+            .submit_application(submission(&format!("long-{filed}"), "gulbene"))
+            .await
+            .unwrap()
+            .into_inner()
+            .receipt
+            .unwrap();
+        let d = consumer.delivery().await;
+        assert_eq!(d.application.unwrap().name, receipt.application);
+        consumer.ack(&[d.delivery_id.as_str()]).await;
+        filed += 1;
+    }
+    let cut = loop {
+        match echo.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the echo stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(cut.code(), Code::DeadlineExceeded, "{cut:?}");
+    fed.stop().await;
 }

@@ -622,12 +622,12 @@ impl InboxService for RoutingApi {
             .ack(
                 &inbox,
                 &pull_consumer(&inbox),
-                &message.delivery_ids,
+                &[message.delivery_ids],
                 |_| false,
             )
             .await?;
         Ok(Response::new(pb::AckDeliveriesResponse {
-            result: Some(ack_result_pb(outcomes)),
+            result: outcomes.into_iter().next().map(ack_result_pb),
         }))
     }
 

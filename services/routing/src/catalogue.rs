@@ -65,7 +65,8 @@ pub struct Service {
     pub form_id: String,
     /// The form versions accepted.
     pub form_versions: Vec<String>,
-    /// The lowest level of assurance of a person filing online.
+    /// The lowest level of assurance of the person filing (the resident online, the clerk at a
+    /// centre).
     pub minimum_level: Level,
     /// The channels allowed.
     pub channels: Vec<Channel>,

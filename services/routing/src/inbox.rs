@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,8 @@ const REMEMBERED: usize = 4_096;
 /// How long a stream waits at most before looking at its inbox again, should a wake-up be
 /// lost (a replica's notification while its listener reconnected).
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
+/// Most acknowledgements taken into one transaction.
+const MAX_ACKS_AT_ONCE: usize = 64;
 /// The largest window a consumer may ask for.
 pub const MAX_WINDOW: u32 = 1_000;
 
@@ -185,7 +187,7 @@ pub async fn run(
     if let Err(error) = ended {
         let _ = outgoing.send(Err(error)).await;
     }
-    match routing.store().release_consumer(&consumer).await {
+    match routing.store().release_consumer(&inbox, &consumer).await {
         Ok(0) => {}
         Ok(released) => {
             tracing::info!(%inbox, released, "a consumer left; its deliveries are available again");
@@ -261,16 +263,39 @@ async fn serve_stream(
                     return Err(RoutingError::invalid("kind", what));
                 }
                 Some(Ok(Incoming::Ack(ids))) => {
-                    let outcomes = routing
-                        .ack(inbox, consumer, &ids, |id| sent.remembered.contains(id))
-                        .await?;
-                    for (id, outcome) in &outcomes {
-                        if *outcome == AckOutcome::Acknowledged {
-                            sent.out.remove(id);
+                    // Acknowledgements already waiting share one transaction.
+                    let mut acks = vec![ids];
+                    let mut then = None;
+                    while acks.len() < MAX_ACKS_AT_ONCE {
+                        match incoming.next().now_or_never() {
+                            Some(Some(Ok(Incoming::Ack(more)))) => acks.push(more),
+                            Some(other) => {
+                                then = Some(other);
+                                break;
+                            }
+                            None => break,
                         }
                     }
-                    if outgoing.send(Ok(Outgoing::AckResult(outcomes))).await.is_err() {
-                        return Ok(());
+                    let answers = routing
+                        .ack(inbox, consumer, &acks, |id| sent.remembered.contains(id))
+                        .await?;
+                    for outcomes in answers {
+                        for (id, outcome) in &outcomes {
+                            if *outcome == AckOutcome::Acknowledged {
+                                sent.out.remove(id);
+                            }
+                        }
+                        if outgoing.send(Ok(Outgoing::AckResult(outcomes))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    match then {
+                        None | Some(Some(Ok(Incoming::Ack(_)))) => {}
+                        Some(None) => return Ok(()),
+                        Some(Some(Err(error))) => return Err(error),
+                        Some(Some(Ok(Incoming::Misplaced(what)))) => {
+                            return Err(RoutingError::invalid("kind", what));
+                        }
                     }
                 }
             },

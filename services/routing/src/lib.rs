@@ -186,6 +186,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     tokio::spawn(routing.requests().clone().keep_pruned(shutdown.clone()));
+    tokio::spawn(keep_catalogue_fresh(routing.clone(), shutdown.clone()));
     if routing.store().database().backend == onestop_platform::db::Backend::Postgres {
         routing
             .inboxes()
@@ -203,4 +204,21 @@ pub async fn serve(
         .add(ServiceCaseServiceServer::new(api));
     onestop_platform::server::serve(&config.server, services, listener, shutdown).await?;
     Ok(())
+}
+
+/// How often a replica reads the catalogue again, for changes made through another replica.
+const CATALOGUE_RELOAD: Duration = Duration::from_secs(30);
+
+/// Reads the catalogue again every [`CATALOGUE_RELOAD`] until `shutdown`: an operator's change
+/// reaches the replica that made it at once and the others within that time.
+async fn keep_catalogue_fresh(routing: Arc<Routing>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(CATALOGUE_RELOAD) => {}
+        }
+        if let Err(error) = routing.reload_catalogue().await {
+            tracing::warn!(%error, "reading the catalogue again failed; the last one stays");
+        }
+    }
 }

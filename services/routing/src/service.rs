@@ -465,7 +465,7 @@ impl Routing {
         };
         let Some(person) = caller.person.as_deref() else {
             if submission.paper_intake.is_some() {
-                return Err(RoutingError::refused(
+                return Err(RoutingError::denied(
                     "CLERK_REQUIRED",
                     "paper intake is filed by a clerk: send the clerk's bearer token",
                 ));
@@ -510,9 +510,14 @@ impl Routing {
                 subject: actor.sub.clone(),
                 ..identity_of(person)
             });
+            // The resident was identified in person, against an identity document, when the
+            // mandate was registered; the token's login is the clerk's.
             provenance.applicant = Some(Identity {
                 subject: person.sub.clone(),
-                ..identity_of(person)
+                level: Level::High,
+                provider_id: "mandate".into(),
+                country: None,
+                auth_time: person.auth.time,
             });
             provenance.mandate = Some(MandateReference {
                 mandate_id: mandate.id.clone(),
@@ -556,7 +561,7 @@ impl Routing {
             }
             Ok(Subject::Resident(_) | Subject::Foreign(_)) => {
                 if submission.paper_intake.is_some() {
-                    return Err(RoutingError::refused(
+                    return Err(RoutingError::denied(
                         "CLERK_REQUIRED",
                         "paper intake is filed by a clerk, not by the resident",
                     ));
@@ -681,16 +686,12 @@ impl Routing {
             return self.recorded_change(&done).await;
         }
         check_step(&step)?;
-        let application = self.store.application(id).await?.ok_or_else(|| {
-            RoutingError::NotFound(format!("applications/{} does not exist", echo(id)))
-        })?;
+        // To whom it is not visible at all, it does not exist.
+        let application = self.application(caller, id).await?;
         if application.destination != member {
             return Err(RoutingError::denied(
                 "NOT_THE_DESTINATION",
-                format!(
-                    "only {} (where applications/{id} was routed) moves its status",
-                    application.destination
-                ),
+                format!("only the subsystem applications/{id} was routed to moves its status"),
             ));
         }
         if !application.status.may_become(step.status) {
@@ -810,35 +811,42 @@ impl Routing {
             .await?)
     }
 
-    /// Acknowledges deliveries for `consumer`; `was_sent` says whether this consumer was sent a
+    /// Acknowledges several acknowledgements' deliveries for `consumer` in one transaction,
+    /// answering each acknowledgement apart; `was_sent` says whether this consumer was sent a
     /// delivery (when it knows), to tell a late ack from a stranger's.
     pub async fn ack(
         &self,
         inbox: &str,
         consumer: &str,
-        ids: &[String],
+        acks: &[Vec<String>],
         was_sent: impl Fn(&str) -> bool,
-    ) -> Result<Vec<(String, AckOutcome)>, RoutingError> {
-        if ids.is_empty() || ids.len() > MAX_IDS {
+    ) -> Result<Vec<Vec<(String, AckOutcome)>>, RoutingError> {
+        if acks.iter().any(|ids| ids.is_empty() || ids.len() > MAX_IDS) {
             return Err(RoutingError::invalid(
                 "delivery_ids",
                 format!("must name 1-{MAX_IDS} deliveries"),
             ));
         }
-        let found = self
+        let ids: Vec<String> = acks.iter().flatten().cloned().collect();
+        let mut found = self
             .store
-            .ack(inbox, consumer, ids, onestop_platform::clock::now())
-            .await?;
-        Ok(ids
+            .ack(inbox, consumer, &ids, onestop_platform::clock::now())
+            .await?
+            .into_iter();
+        Ok(acks
             .iter()
-            .zip(found)
-            .map(|(id, found)| {
-                let outcome = match found {
-                    AckFound::Acknowledged => AckOutcome::Acknowledged,
-                    AckFound::OtherConsumer if was_sent(id) => AckOutcome::LeasedElsewhere,
-                    AckFound::OtherConsumer | AckFound::Unknown => AckOutcome::NotSent,
-                };
-                (id.clone(), outcome)
+            .map(|ids| {
+                ids.iter()
+                    .zip(found.by_ref())
+                    .map(|(id, found)| {
+                        let outcome = match found {
+                            AckFound::Acknowledged => AckOutcome::Acknowledged,
+                            AckFound::OtherConsumer if was_sent(id) => AckOutcome::LeasedElsewhere,
+                            AckFound::OtherConsumer | AckFound::Unknown => AckOutcome::NotSent,
+                        };
+                        (id.clone(), outcome)
+                    })
+                    .collect()
             })
             .collect())
     }

@@ -10,6 +10,7 @@ use onestop_platform::requests::{self, Request};
 use sqlx::any::AnyRow;
 use sqlx::{Any, AssertSqlSafe, Row, Transaction};
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{
     Application, CaseKind, ContactChannel, Decision, Delivery, Dimension, Parked, ServiceCase,
@@ -56,6 +57,16 @@ pub struct Notification {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Database,
+    /// On SQLite, the queue of the single writer of applications.
+    writer: Option<mpsc::Sender<Pending>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("id", &self.application.id)
+            .finish_non_exhaustive()
+    }
 }
 
 const APPLICATION_COLUMNS: &str = "a.id, a.service_id, a.form_id, a.form_version, a.data_json, \
@@ -91,9 +102,14 @@ fn placeholders(from: usize, n: usize) -> String {
 }
 
 impl Store {
-    /// The store over an open database.
+    /// The store over an open database (on SQLite, with its writer task started).
     pub fn new(db: Database) -> Self {
-        Self { db }
+        let writer = (db.backend == Backend::Sqlite).then(|| {
+            let (writer, waiting) = mpsc::channel(4 * MAX_BATCH);
+            tokio::spawn(write_batches(db.pool.clone(), waiting));
+            writer
+        });
+        Self { db, writer }
     }
 
     /// The database.
@@ -141,7 +157,10 @@ impl Store {
 
     /// Stores an accepted application with its first status, its delivery, its service case
     /// (for a centre) and the request record, in one transaction: when this returns, all of it
-    /// is durable. On PostgreSQL the commit also tells every replica's waiting consumers.
+    /// is durable. On SQLite, applications submitted at the same moment share one transaction
+    /// (one commit, one sync to disk) through the store's single writer; on PostgreSQL, whose
+    /// commits scale with connections, each has its own, and the commit also tells every
+    /// replica's waiting consumers.
     pub async fn insert_application(
         &self,
         application: &Application,
@@ -149,52 +168,28 @@ impl Store {
         case: Option<&ServiceCase>,
         request: &Request,
     ) -> Result<(), StoreError> {
-        let mut tx = self.db.pool.begin().await?;
-        let provenance = serde_json::to_string(&application.provenance)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let applicant = application.provenance.applicant.as_ref().map_or_else(
-            || application.provenance.submitted_by.clone(),
-            |a| a.subject.clone(),
-        );
-        sqlx::query(
-            "INSERT INTO applications (id, service_id, form_id, form_version, data_json, \
-             municipality_code, destination, provenance, applicant, centre_id, content_sha256, \
-             accept_time_ms, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&application.id)
-        .bind(&application.service_id)
-        .bind(&application.form_id)
-        .bind(&application.form_version)
-        .bind(&application.data_json)
-        .bind(&application.municipality_code)
-        .bind(&application.destination)
-        .bind(provenance)
-        .bind(applicant)
-        .bind(application.provenance.centre_id.clone().unwrap_or_default())
-        .bind(&application.content_sha256)
-        .bind(db::millis(application.accept_time))
-        .bind(application.status.as_str())
-        .execute(&mut *tx)
-        .await?;
-        for (seq, change) in application.history.iter().enumerate() {
-            insert_change(&mut tx, &application.id, seq as i64 + 1, change).await?;
-        }
-        sqlx::query(
-            "INSERT INTO deliveries (id, application_id, inbox, state, attempts) \
-             VALUES ($1, $2, $3, 'ready', 0)",
-        )
-        .bind(delivery_id)
-        .bind(&application.id)
-        .bind(&application.destination)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(case) = case {
-            insert_case(&mut tx, case).await?;
-        }
-        requests::record(&mut tx, request, &application.id, application.accept_time).await?;
-        self.announce(&mut tx, &application.destination).await?;
-        tx.commit().await?;
-        Ok(())
+        let Some(writer) = &self.writer else {
+            let mut tx = self.db.pool.begin().await?;
+            write_application(&mut tx, application, delivery_id, case, request).await?;
+            self.announce(&mut tx, &application.destination).await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            application: application.clone(),
+            delivery_id: delivery_id.to_owned(),
+            case: case.cloned(),
+            request: request.clone(),
+            reply,
+        };
+        writer
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Corrupt("the store's writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Corrupt("the store's writer has stopped".into()))?
     }
 
     async fn announce(&self, tx: &mut Transaction<'_, Any>, inbox: &str) -> Result<(), StoreError> {
@@ -472,16 +467,23 @@ impl Store {
         Ok(found)
     }
 
-    /// Makes the deliveries leased to `consumer` available again at once (its stream ended).
-    pub async fn release_consumer(&self, consumer: &str) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
+    /// Makes the deliveries of `inbox` leased to `consumer` available again at once (its
+    /// stream ended), telling the other replicas' consumers on PostgreSQL.
+    pub async fn release_consumer(&self, inbox: &str, consumer: &str) -> Result<u64, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let released = sqlx::query(
             "UPDATE deliveries SET state = 'ready', lease_until_ms = NULL \
              WHERE consumer = $1 AND state = 'leased'",
         )
         .bind(consumer)
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        if released > 0 {
+            self.announce(&mut tx, inbox).await?;
+        }
+        tx.commit().await?;
+        Ok(released)
     }
 
     /// When the next lease of `inbox` ends, if any delivery is leased.
@@ -664,6 +666,132 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The rows of one accepted application, in the caller's transaction.
+async fn write_application(
+    tx: &mut Transaction<'_, Any>,
+    application: &Application,
+    delivery_id: &str,
+    case: Option<&ServiceCase>,
+    request: &Request,
+) -> Result<(), StoreError> {
+    let provenance = serde_json::to_string(&application.provenance)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let applicant = application.provenance.applicant.as_ref().map_or_else(
+        || application.provenance.submitted_by.clone(),
+        |a| a.subject.clone(),
+    );
+    sqlx::query(
+        "INSERT INTO applications (id, service_id, form_id, form_version, data_json, \
+         municipality_code, destination, provenance, applicant, centre_id, content_sha256, \
+         accept_time_ms, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(&application.id)
+    .bind(&application.service_id)
+    .bind(&application.form_id)
+    .bind(&application.form_version)
+    .bind(&application.data_json)
+    .bind(&application.municipality_code)
+    .bind(&application.destination)
+    .bind(provenance)
+    .bind(applicant)
+    .bind(application.provenance.centre_id.clone().unwrap_or_default())
+    .bind(&application.content_sha256)
+    .bind(db::millis(application.accept_time))
+    .bind(application.status.as_str())
+    .execute(&mut **tx)
+    .await?;
+    for (seq, change) in application.history.iter().enumerate() {
+        insert_change(tx, &application.id, seq as i64 + 1, change).await?;
+    }
+    sqlx::query(
+        "INSERT INTO deliveries (id, application_id, inbox, state, attempts) \
+         VALUES ($1, $2, $3, 'ready', 0)",
+    )
+    .bind(delivery_id)
+    .bind(&application.id)
+    .bind(&application.destination)
+    .execute(&mut **tx)
+    .await?;
+    if let Some(case) = case {
+        insert_case(tx, case).await?;
+    }
+    requests::record(tx, request, &application.id, application.accept_time).await
+}
+
+/// An application waiting for the SQLite writer.
+struct Pending {
+    application: Application,
+    delivery_id: String,
+    case: Option<ServiceCase>,
+    request: Request,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Most applications one SQLite transaction takes.
+const MAX_BATCH: usize = 128;
+
+/// The SQLite writer: takes every application waiting and writes them in one transaction,
+/// each inside a savepoint so that one refused (a raced request id) leaves the others in.
+/// Replies only after the commit. Ends when the store is dropped.
+async fn write_batches(pool: sqlx::AnyPool, mut waiting: mpsc::Receiver<Pending>) {
+    while let Some(first) = waiting.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match waiting.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        match write_batch(&pool, &batch).await {
+            Ok(outcomes) => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.reply.send(outcome);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, applications = batch.len(), "a batch of applications failed");
+                let message = error.to_string();
+                for pending in batch {
+                    let failed = sqlx::Error::Protocol(format!("the batch failed: {message}"));
+                    let _ = pending.reply.send(Err(StoreError::from(failed)));
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(
+    pool: &sqlx::AnyPool,
+    batch: &[Pending],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for p in batch {
+        sqlx::query("SAVEPOINT application")
+            .execute(&mut *tx)
+            .await?;
+        let written = write_application(
+            &mut tx,
+            &p.application,
+            &p.delivery_id,
+            p.case.as_ref(),
+            &p.request,
+        )
+        .await;
+        if written.is_err() {
+            sqlx::query("ROLLBACK TO SAVEPOINT application")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("RELEASE SAVEPOINT application")
+            .execute(&mut *tx)
+            .await?;
+        outcomes.push(written);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
 }
 
 async fn insert_change(
