@@ -1,8 +1,10 @@
 //! The `onestop` command: run the whole federation on one machine (`up`), run one service from
-//! a configuration file (`serve`), and manage a development PKI (`pki`). The binary in
-//! `main.rs` only parses arguments and calls into [`federation`], [`services`] and [`pki`].
+//! a configuration file (`serve`), manage a development PKI (`pki`), and call the platform as a
+//! member system (`submit`, `inbox`, `status`, `stats`). The binary in `main.rs` only parses
+//! arguments and calls into [`federation`], [`services`], [`pki`] and [`client`].
 //! [`services`] is where every platform service is registered.
 
+pub mod client;
 pub mod federation;
 pub mod pki;
 pub mod services;

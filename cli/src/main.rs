@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use onestop_cli::client;
 use onestop_cli::federation::{self, Options};
 use onestop_cli::pki::{self, Subject};
 use onestop_cli::services;
@@ -58,7 +59,7 @@ enum Command {
     /// Run one service from a configuration file (ONESTOP__<SECTION>__<KEY> variables override,
     /// `__` between levels: ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS).
     Serve {
-        /// `gateway`, or a service: `forms`.
+        /// `gateway`, or a service: `forms`, `identity`, `routing`.
         service: String,
         /// The TOML configuration file.
         #[arg(long)]
@@ -68,6 +69,24 @@ enum Command {
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
+    },
+    /// Submit an application through the gateway (as a member system, or for a person with
+    /// --token) and print its receipt.
+    Submit(client::SubmitArgs),
+    /// Receive applications from an inbox, as the institution's system.
+    Inbox {
+        #[command(subcommand)]
+        command: client::InboxCommand,
+    },
+    /// Move an application's status (as its destination) or read it.
+    Status {
+        #[command(subcommand)]
+        command: client::StatusCommand,
+    },
+    /// Service-case statistics, such as a municipality's centres are paid on.
+    Stats {
+        #[command(subcommand)]
+        command: client::StatsCommand,
     },
 }
 
@@ -186,6 +205,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(up(data_dir, listen, admin, telemetry))
         }
         Command::Serve { service, config } => runtime()?.block_on(serve(service, config)),
+        Command::Submit(args) => runtime()?.block_on(client::submit(args)),
+        Command::Inbox { command } => runtime()?.block_on(client::inbox(command)),
+        Command::Status { command } => runtime()?.block_on(client::status(command)),
+        Command::Stats { command } => runtime()?.block_on(client::stats(command)),
     }
 }
 

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use onestop_platform::caller::Caller;
 use onestop_platform::clock::{self, now, timestamp};
+use onestop_platform::contract::{self, document_pb, level_pb, member_pb, person_id_pb};
 use onestop_platform::identity::Member;
 use onestop_platform::paging;
-use onestop_platform::person::{self, EidasId, Level};
+use onestop_platform::person::Level;
 use onestop_platform::requests::{Fingerprint, Request as Once};
 use onestop_platform::tokens::{Claims, Staff, Subject};
 use onestop_proto::identity::v1 as pb;
@@ -39,25 +40,8 @@ fn from_timestamp(
     clock::from_timestamp(t).ok_or_else(|| IdentityError::invalid(field, "not a valid time"))
 }
 
-fn level_pb(level: Level) -> i32 {
-    (match level {
-        Level::Low => pb::LevelOfAssurance::Low,
-        Level::Substantial => pb::LevelOfAssurance::Substantial,
-        Level::High => pb::LevelOfAssurance::High,
-    }) as i32
-}
-
 fn level_of(field: &str, value: i32) -> Result<Option<Level>, IdentityError> {
-    match pb::LevelOfAssurance::try_from(value) {
-        Ok(pb::LevelOfAssurance::Unspecified) => Ok(None),
-        Ok(pb::LevelOfAssurance::Low) => Ok(Some(Level::Low)),
-        Ok(pb::LevelOfAssurance::Substantial) => Ok(Some(Level::Substantial)),
-        Ok(pb::LevelOfAssurance::High) => Ok(Some(Level::High)),
-        Err(_) => Err(IdentityError::invalid(
-            field,
-            format!("unknown level {value}"),
-        )),
-    }
+    contract::level_of(value).map_err(|e| IdentityError::invalid(field, e))
 }
 
 fn tokens_pb(tokens: Tokens) -> pb::Tokens {
@@ -66,28 +50,6 @@ fn tokens_pb(tokens: Tokens) -> pb::Tokens {
         access_token_expire_time: Some(timestamp(tokens.access_expire_time)),
         refresh_token: tokens.refresh_token,
         session_expire_time: Some(timestamp(tokens.session_expire_time)),
-    }
-}
-
-fn member_pb(member: &Member) -> types::MemberId {
-    types::MemberId {
-        member_class: member.class.clone(),
-        member_code: member.code.clone(),
-        subsystem: member.subsystem.clone(),
-    }
-}
-
-fn person_id_pb(subject: &Subject) -> Option<types::PersonId> {
-    match subject {
-        Subject::Resident(code) => Some(types::PersonId {
-            scheme: types::PersonIdScheme::LvPersonalCode as i32,
-            value: code.clone(),
-        }),
-        Subject::Foreign(id) => Some(types::PersonId {
-            scheme: types::PersonIdScheme::Eidas as i32,
-            value: id.to_string(),
-        }),
-        Subject::Staff { .. } => None,
     }
 }
 
@@ -130,40 +92,18 @@ fn person_pb(profile: &Profile) -> pb::Person {
 
 /// A `PersonId` as a subject, checked.
 fn principal_of(field: &str, id: Option<types::PersonId>) -> Result<Subject, IdentityError> {
-    let id = id.ok_or_else(|| IdentityError::invalid(field, "required"))?;
-    match types::PersonIdScheme::try_from(id.scheme) {
-        Ok(types::PersonIdScheme::LvPersonalCode) => person::normalize_personal_code(&id.value)
-            .map(Subject::Resident)
-            .map_err(|m| IdentityError::invalid(&format!("{field}.value"), m)),
-        Ok(types::PersonIdScheme::Eidas) => EidasId::parse(&id.value)
-            .map(Subject::Foreign)
-            .map_err(|m| IdentityError::invalid(&format!("{field}.value"), m)),
-        _ => Err(IdentityError::invalid(
-            &format!("{field}.scheme"),
-            "a personal code or an eIDAS identifier",
-        )),
-    }
+    contract::subject_of(id.as_ref()).map_err(|(part, why)| {
+        let field = if part.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{field}.{part}")
+        };
+        IdentityError::invalid(&field, why)
+    })
 }
 
 fn document_of(value: i32) -> Result<&'static str, IdentityError> {
-    match pb::IdentityDocument::try_from(value) {
-        Ok(pb::IdentityDocument::Passport) => Ok("passport"),
-        Ok(pb::IdentityDocument::IdCard) => Ok("id_card"),
-        Ok(pb::IdentityDocument::ResidencePermit) => Ok("residence_permit"),
-        _ => Err(IdentityError::invalid(
-            "identity_document",
-            "say which identity document was checked",
-        )),
-    }
-}
-
-fn document_pb(name: &str) -> i32 {
-    (match name {
-        "passport" => pb::IdentityDocument::Passport,
-        "id_card" => pb::IdentityDocument::IdCard,
-        "residence_permit" => pb::IdentityDocument::ResidencePermit,
-        _ => pb::IdentityDocument::Unspecified,
-    }) as i32
+    contract::document_of(value).map_err(|e| IdentityError::invalid("identity_document", e))
 }
 
 fn mandate_pb(mandate: Mandate) -> pb::Mandate {
