@@ -184,7 +184,7 @@ fn provenance(d: &Delivery) -> &onestop_proto::routing::v1::Provenance {
 }
 
 async fn applications_reach_their_institution_with_provenance(backend: Backend) {
-    let World { fed, providers: _p } = world(backend).await;
+    let World { fed, providers } = world(backend).await;
     onestop_integration_tests::await_serving(
         fed.gateway_client(CENTRE),
         "onestop.routing.v1.ApplicationService",
@@ -269,6 +269,66 @@ async fn applications_reach_their_institution_with_provenance(backend: Backend) 
         .into_inner()
         .receipt
         .unwrap();
+
+    // A clerk of another municipality whose token names the Gulbene centre (a provider that
+    // claims a centre its municipality does not run) neither files there nor reads its
+    // applications.
+    providers
+        .tamper_next_id_token(
+            oidc::STAFF_PROVIDER,
+            serde_json::json!({ "centre": oidc::GULBENE_CENTRE }),
+        )
+        .await
+        .unwrap();
+    let forged = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_RUGAJI,
+        oidc::ACR_SUBSTANTIAL,
+        any,
+    )
+    .await
+    .unwrap();
+    let forged_token = tokens(&forged).access_token.clone();
+    let status = desk
+        .submit_application(bearer(
+            SubmitApplicationRequest {
+                paper_intake: Some(PaperIntake {
+                    resident: Some(PersonId {
+                        scheme: PersonIdScheme::LvPersonalCode as i32,
+                        value: oidc::LV_RESIDENT_2_PERSONAL_CODE.into(),
+                    }),
+                    identity_document: IdentityDocument::Passport as i32,
+                    paper_original_sha256: scan.clone(),
+                }),
+                ..submission("paper-forged", "gulbene")
+            },
+            &forged_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NOT_THE_CLERKS_CENTRE");
+    let status = desk
+        .get_application(bearer(
+            GetApplicationRequest {
+                name: paper.application.clone(),
+            },
+            &forged_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // The Gulbene clerk reads it.
+    desk.get_application(bearer(
+        GetApplicationRequest {
+            name: paper.application.clone(),
+        },
+        &clerk_token,
+    ))
+    .await
+    .unwrap();
 
     // The clerk files for a resident without eID under the resident's mandate; a mandate
     // that does not cover the service is refused.

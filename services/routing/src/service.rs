@@ -11,7 +11,7 @@ use onestop_platform::identity::{Member, Principal};
 use onestop_platform::person::Level;
 use onestop_platform::requests::{Request, Requests};
 use onestop_platform::status::echo;
-use onestop_platform::tokens::{Claims, Subject};
+use onestop_platform::tokens::{Claims, Staff, Subject};
 use ring::digest::{SHA256, digest};
 use time::OffsetDateTime;
 
@@ -503,7 +503,7 @@ impl Routing {
                 ));
             }
             level_at_least(person.auth.level, "clerk")?;
-            let centre = self.centre_for(catalogue, actor.staff.centre.as_deref(), service)?;
+            let centre = self.centre_for(catalogue, Some(&actor.staff), service)?;
             provenance.channel = Channel::AuthorisedEService;
             provenance.centre_id = Some(centre.id.clone());
             provenance.clerk = Some(Identity {
@@ -542,8 +542,7 @@ impl Routing {
                     ));
                 }
                 level_at_least(person.auth.level, "clerk")?;
-                let centre =
-                    self.centre_for(catalogue, staff.and_then(|s| s.centre.as_deref()), service)?;
+                let centre = self.centre_for(catalogue, staff, service)?;
                 provenance.channel = Channel::Centre;
                 provenance.centre_id = Some(centre.id.clone());
                 provenance.clerk = Some(identity_of(person));
@@ -579,18 +578,10 @@ impl Routing {
     fn centre_for<'c>(
         &self,
         catalogue: &'c Catalogue,
-        centre: Option<&str>,
+        staff: Option<&Staff>,
         service: &Service,
     ) -> Result<&'c Centre, RoutingError> {
-        let id = centre.ok_or_else(|| {
-            RoutingError::denied("CLERK_REQUIRED", "the clerk's token names no centre")
-        })?;
-        let centre = catalogue.centres.get(id).ok_or_else(|| {
-            RoutingError::refused(
-                "CENTRE_UNKNOWN",
-                format!("centre `{}` is not in the catalogue", echo(id)),
-            )
-        })?;
+        let centre = clerk_centre(catalogue, staff)?;
         if !centre.services.contains(&service.id) {
             return Err(RoutingError::refused(
                 "SERVICE_NOT_OFFERED_AT_CENTRE",
@@ -657,12 +648,14 @@ impl Routing {
                     p.applicant
                         .as_ref()
                         .is_some_and(|a| a.subject == person.sub && person.act.is_none())
-                        || person.staff.as_ref().is_some_and(|staff| {
-                            staff.centre.is_some() && staff.centre == p.centre_id
-                        })
-                        || person.act.as_ref().is_some_and(|actor| {
-                            actor.staff.centre.is_some() && actor.staff.centre == p.centre_id
-                        })
+                        || person
+                            .staff
+                            .as_ref()
+                            .or(person.act.as_ref().map(|actor| &actor.staff))
+                            .is_some_and(|staff| {
+                                clerk_centre(&self.catalogue(), Some(staff))
+                                    .is_ok_and(|c| p.centre_id.as_ref() == Some(&c.id))
+                            })
                 }
                 None => p.channel == Channel::System && p.submitted_by == member.to_string(),
             };
@@ -892,23 +885,12 @@ impl Routing {
         member_of(caller)?;
         let person = caller.person.as_deref();
         let staff = person.and_then(|p| p.staff.as_ref());
-        let Some(centre) = staff.and_then(|s| s.centre.clone()) else {
-            return Err(RoutingError::denied(
-                "CLERK_REQUIRED",
-                "service cases are registered by a clerk at a centre (a staff token naming a centre)",
-            ));
-        };
+        let catalogue = self.catalogue();
+        let centre = clerk_centre(&catalogue, staff)?.id.clone();
         if let Some(id) = self.requests.earlier(&request).await? {
             return self.store.case(&id).await?.ok_or_else(|| {
                 RoutingError::NotFound(format!("service-cases/{id} does not exist"))
             });
-        }
-        let catalogue = self.catalogue();
-        if !catalogue.centres.contains_key(&centre) {
-            return Err(RoutingError::refused(
-                "CENTRE_UNKNOWN",
-                format!("centre `{}` is not in the catalogue", echo(&centre)),
-            ));
         }
         let mut violations = Vec::new();
         if case.service_id.is_empty() {
@@ -999,6 +981,39 @@ impl Routing {
             .statistics(from, to, by, centres.as_deref())
             .await?)
     }
+}
+
+/// The centre a staff member works at: named by their token, in the catalogue, and run by
+/// their own institution (a municipality's staff provider vouches for its own centres only).
+fn clerk_centre<'c>(
+    catalogue: &'c Catalogue,
+    staff: Option<&Staff>,
+) -> Result<&'c Centre, RoutingError> {
+    let (staff, id) = staff
+        .and_then(|s| Some((s, s.centre.as_deref()?)))
+        .ok_or_else(|| {
+            RoutingError::denied("CLERK_REQUIRED", "the clerk's token names no centre")
+        })?;
+    let centre = catalogue.centres.get(id).ok_or_else(|| {
+        RoutingError::refused(
+            "CENTRE_UNKNOWN",
+            format!("centre `{}` is not in the catalogue", echo(id)),
+        )
+    })?;
+    let runs_it = Member::parse(&centre.municipality)
+        .ok()
+        .zip(Member::parse(&staff.institution).ok())
+        .is_some_and(|(runner, employer)| runner.same_institution(&employer));
+    if !runs_it {
+        return Err(RoutingError::denied(
+            "NOT_THE_CLERKS_CENTRE",
+            format!(
+                "centre `{}` is run by {}, not by the clerk's institution",
+                centre.id, centre.municipality
+            ),
+        ));
+    }
+    Ok(centre)
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, RoutingError> {
