@@ -166,13 +166,13 @@ fn code_name(code: tonic::Code) -> String {
 }
 
 /// A failed call as the command's error; `main` prints it to standard error and exits with 1.
-fn failed(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn failed(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(describe(&status))
 }
 
 /// Writes one line to standard output and flushes it, so that a program reading the pipe sees
 /// each item as soon as it comes.
-fn emit(text: &str) -> anyhow::Result<()> {
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{text}")?;
     out.flush()?;
@@ -180,12 +180,12 @@ fn emit(text: &str) -> anyhow::Result<()> {
 }
 
 /// Writes one JSON value, indented, for a person reading a single answer.
-fn emit_pretty(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn emit_pretty(value: &Value) -> anyhow::Result<()> {
     emit(&serde_json::to_string_pretty(value)?)
 }
 
 /// Writes a note to standard error, apart from the output a script reads.
-fn note(text: &str) {
+pub(crate) fn note(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 
@@ -263,7 +263,7 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
 
 /// The request id given, or a fresh UUIDv7 printed to standard error so that a retry after a
 /// lost answer can send the same one and get the first answer instead of a duplicate.
-fn request_id(given: Option<String>) -> String {
+pub(crate) fn request_id(given: Option<String>) -> String {
     given.unwrap_or_else(|| {
         let id = uuid::Uuid::now_v7().to_string();
         note(&format!("request id: {id} (retry with --request-id {id})"));
@@ -280,7 +280,7 @@ fn word(name: &str, prefix: &str) -> String {
 }
 
 /// A protobuf time as RFC 3339, or null when absent.
-fn time_json(time: Option<&prost_types::Timestamp>) -> Value {
+pub(crate) fn time_json(time: Option<&prost_types::Timestamp>) -> Value {
     time.and_then(|time| {
         let nanos = i128::from(time.seconds) * 1_000_000_000 + i128::from(time.nanos);
         OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()

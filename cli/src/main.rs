@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use onestop_cli::client;
+use onestop_cli::{client, mail};
 use onestop_cli::federation::{self, Options};
 use onestop_cli::pki::{self, Subject};
 use onestop_cli::services;
@@ -87,6 +87,21 @@ enum Command {
     Stats {
         #[command(subcommand)]
         command: client::StatsCommand,
+    },
+    /// A mailbox of the e-address: activate it, show it, look up who has one.
+    Mailbox {
+        #[command(subcommand)]
+        command: mail::MailboxCommand,
+    },
+    /// Send official messages with attachments, list and read a mailbox, download attachments.
+    Message {
+        #[command(subcommand)]
+        command: mail::MessageCommand,
+    },
+    /// Evidence of delivery: the keys, a message's bundle, and verifying a bundle offline.
+    Evidence {
+        #[command(subcommand)]
+        command: mail::EvidenceCommand,
     },
 }
 
@@ -209,6 +224,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inbox { command } => runtime()?.block_on(client::inbox(command)),
         Command::Status { command } => runtime()?.block_on(client::status(command)),
         Command::Stats { command } => runtime()?.block_on(client::stats(command)),
+        Command::Mailbox { command } => runtime()?.block_on(mail::mailbox(command)),
+        Command::Message { command } => runtime()?.block_on(mail::message(command)),
+        Command::Evidence { command } => runtime()?.block_on(mail::evidence(command)),
     }
 }
 

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 
+use onestop_eaddress::{EaddressConfig, EaddressSettings};
 use onestop_forms::{FormsConfig, FormsSettings};
 use onestop_identity::{IdentityConfig, IdentitySettings};
 use onestop_platform::config::{self, DatabaseConfig, ServerConfig, TelemetryConfig};
@@ -109,7 +110,7 @@ impl std::fmt::Debug for Service {
 
 /// Every service of the platform, in the order `onestop up` starts them.
 pub fn all() -> Vec<Service> {
-    vec![FORMS, IDENTITY, ROUTING]
+    vec![FORMS, IDENTITY, EADDRESS, ROUTING]
 }
 
 /// The service of that name.
@@ -187,6 +188,108 @@ min_level = "substantial"
     },
 };
 
+/// The e-address service.
+pub const EADDRESS: Service = Service {
+    name: "eaddress",
+    grpc_services: &[
+        onestop_proto::eaddress::v1::mailbox_service_server::SERVICE_NAME,
+        onestop_proto::eaddress::v1::message_service_server::SERVICE_NAME,
+        onestop_proto::eaddress::v1::evidence_service_server::SERVICE_NAME,
+    ],
+    long_lived: &[
+        "onestop.eaddress.v1.MessageService/UploadAttachment",
+        "onestop.eaddress.v1.MessageService/DownloadAttachment",
+    ],
+    default_policy: r#"# The demo institution sends official messages, reads its own mailbox and the evidence; the
+# front ends (the demo centre's desk and the demo institution's portal) let residents with a
+# token read and answer their own mailboxes.
+[[allow]]
+member = "GOV/VSAA"
+methods = [
+  "onestop.eaddress.v1.MailboxService/*",
+  "onestop.eaddress.v1.MessageService/*",
+  "onestop.eaddress.v1.EvidenceService/*",
+]
+
+[[allow]]
+member = "MUN/GULBENE/kac"
+methods = [
+  "onestop.eaddress.v1.MailboxService/*",
+  "onestop.eaddress.v1.MessageService/*",
+  "onestop.eaddress.v1.EvidenceService/*",
+]
+"#,
+    from_file: |path, env| Ok(eaddress(config::load(Some(path), env)?)),
+    local: |local| {
+        Ok(eaddress(EaddressConfig {
+            server: local.server,
+            database: local.database,
+            telemetry: TelemetryConfig::default(),
+            admin: Default::default(),
+            eaddress: eaddress_local_settings(&local.data_dir)?,
+        }))
+    },
+};
+
+/// The settings file the e-address reads on one machine, written with the development defaults
+/// on the first start.
+pub const EADDRESS_LOCAL_FILE: &str = "eaddress.toml";
+
+const EADDRESS_LOCAL_DEFAULT: &str = r#"# The e-address service on one machine (`onestop up`): the [eaddress] section of its
+# configuration, read at every start. Relative paths are relative to this directory. See
+# docs/eaddress.md for every key.
+
+attachments_dir = "eaddress/attachments"
+# The evidence signing key: made on the first start here (development only).
+evidence_key_dir = "eaddress/evidence-keys"
+generate_evidence_key = true
+# Latvia's rule: deemed delivered on the second working day after placement.
+default_delivery_rule = "working-days:2"
+
+# Content-free e-mail notices of new messages, through an SMTP server such as a local
+# MailHog or Postfix:
+# [smtp]
+# host = "127.0.0.1"
+# port = 1025
+# tls = "none"
+"#;
+
+/// Reads `<data dir>/eaddress.toml`, writing the development default first when it is missing.
+fn eaddress_local_settings(data_dir: &Path) -> anyhow::Result<EaddressSettings> {
+    let file = data_dir.join(EADDRESS_LOCAL_FILE);
+    if !file.exists() {
+        std::fs::write(&file, EADDRESS_LOCAL_DEFAULT)?;
+    }
+    let text = std::fs::read_to_string(&file)?;
+    let mut settings: EaddressSettings =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    for path in [&mut settings.attachments_dir, &mut settings.evidence_key_dir] {
+        if path.is_relative() {
+            *path = data_dir.join(&*path);
+        }
+    }
+    Ok(settings)
+}
+
+fn eaddress(config: EaddressConfig) -> Prepared {
+    let admin = config.admin.listen;
+    Prepared::new(
+        config.server.listen,
+        config.telemetry.clone(),
+        |listener, shutdown| {
+            Box::pin(async move {
+                let eaddress = onestop_eaddress::open(&config).await?;
+                let serving: Serving = Box::pin(async move {
+                    onestop_eaddress::serve(&config, eaddress, listener, shutdown).await?;
+                    Ok(())
+                });
+                Ok(serving)
+            })
+        },
+    )
+    .with_admin(admin)
+}
+
 /// The routing service.
 pub const ROUTING: Service = Service {
     name: "routing",
@@ -227,7 +330,10 @@ methods = [
             database: local.database,
             telemetry: TelemetryConfig::default(),
             admin: Default::default(),
-            routing: RoutingSettings::new(forms.to_string()),
+            routing: RoutingSettings {
+                eaddress_address: local.peers.get(EADDRESS.name).map(ToString::to_string),
+                ..RoutingSettings::new(forms.to_string())
+            },
         }))
     },
 };

@@ -7,6 +7,7 @@ pub mod echo;
 pub mod oidc;
 pub mod pg;
 pub mod relay;
+pub mod smtp;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

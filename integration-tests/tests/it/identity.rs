@@ -71,7 +71,7 @@ pub(crate) async fn world(backend: Backend) -> World {
     world_with(backend, |_| {}).await
 }
 
-async fn world_with(
+pub(crate) async fn world_with(
     backend: Backend,
     adjust: impl FnOnce(&mut onestop_cli::federation::Options) + Send + 'static,
 ) -> World {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks;
+mod eaddress;
 mod forms;
 mod gateway;
 mod identity;

@@ -40,6 +40,19 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Who a request is recorded for (see [`crate::requests`]): the system, and the person it
+    /// acted for, so that two people calling through one front end cannot collide on a
+    /// request id.
+    pub fn request_key(&self) -> String {
+        match &self.person {
+            Some(person) => match &person.act {
+                Some(actor) => format!("{}#{}#{}", self.identity, actor.sub, person.sub),
+                None => format!("{}#{}", self.identity, person.sub),
+            },
+            None => self.identity.to_string(),
+        }
+    }
+
     /// The caller of a request that passed [`Authenticate`]; `Unauthenticated` otherwise (a
     /// service wired without the interceptor fails closed).
     pub fn of<T>(request: &Request<T>) -> Result<&Caller, Status> {

@@ -51,7 +51,7 @@ fn once<T: prost::Message>(
     message: &T,
 ) -> Result<Once, RoutingError> {
     Ok(Once::new(
-        &service::request_caller(caller),
+        &caller.request_key(),
         request_id,
         method,
         Fingerprint::of(message),

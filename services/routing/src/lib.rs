@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod catalogue;
+pub mod decisions;
 pub mod error;
 pub mod forms;
 pub mod inbox;
@@ -77,6 +78,13 @@ pub struct RoutingSettings {
     /// Deliveries of one application before it is parked.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Where the e-address service listens (`host:port`): decisions are sent to applicants'
+    /// e-addresses there. Without it, decisions wait in the outbox.
+    #[serde(default)]
+    pub eaddress_address: Option<String>,
+    /// The name the e-address service's certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub eaddress_server_name: String,
 }
 
 fn default_server_name() -> String {
@@ -102,6 +110,8 @@ impl RoutingSettings {
             operators: default_operators(),
             lease_s: default_lease(),
             max_attempts: default_max_attempts(),
+            eaddress_address: None,
+            eaddress_server_name: default_server_name(),
         }
     }
 }
@@ -187,6 +197,25 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     tokio::spawn(routing.requests().clone().keep_pruned(shutdown.clone()));
     tokio::spawn(keep_catalogue_fresh(routing.clone(), shutdown.clone()));
+    match &config.routing.eaddress_address {
+        Some(address) => {
+            let eaddress = decisions::EaddressClient::connect(
+                &config.server,
+                address,
+                &config.routing.eaddress_server_name,
+            )
+            .map_err(|e| ServeError::Config(format!("routing.eaddress_address: {e}")))?;
+            tokio::spawn(decisions::keep_draining(
+                routing.store().clone(),
+                eaddress,
+                routing.decided().clone(),
+                shutdown.clone(),
+            ));
+        }
+        None => tracing::warn!(
+            "routing.eaddress_address is not set: decisions are kept in the outbox, not sent"
+        ),
+    }
     if routing.store().database().backend == onestop_platform::db::Backend::Postgres {
         routing
             .inboxes()

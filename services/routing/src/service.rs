@@ -94,6 +94,7 @@ pub struct Routing {
     leases: Leases,
     catalogue: RwLock<Arc<Catalogue>>,
     inboxes: Arc<Inboxes>,
+    decided: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -159,18 +160,6 @@ fn member_of(caller: &Caller) -> Result<&Member, RoutingError> {
     }
 }
 
-/// Who a request is recorded for: the system, and the person it acted for, so that two
-/// people filing through one front end cannot collide on a request id.
-pub fn request_caller(caller: &Caller) -> String {
-    match &caller.person {
-        Some(person) => match &person.act {
-            Some(actor) => format!("{}#{}#{}", caller.identity, actor.sub, person.sub),
-            None => format!("{}#{}", caller.identity, person.sub),
-        },
-        None => caller.identity.to_string(),
-    }
-}
-
 fn identity_of(claims: &Claims) -> Identity {
     Identity {
         subject: claims.sub.clone(),
@@ -208,6 +197,7 @@ impl Routing {
             leases,
             catalogue: RwLock::new(Arc::new(Catalogue::default())),
             inboxes: Arc::new(Inboxes::default()),
+            decided: Arc::new(tokio::sync::Notify::new()),
         };
         let stored = routing.load_catalogue().await?;
         let file = match file {
@@ -255,6 +245,11 @@ impl Routing {
     /// The inboxes' wake-ups.
     pub fn inboxes(&self) -> &Arc<Inboxes> {
         &self.inboxes
+    }
+
+    /// Notified when a decision's notification is written, for the outbox's drain.
+    pub fn decided(&self) -> &Arc<tokio::sync::Notify> {
+        &self.decided
     }
 
     /// How deliveries are leased.
@@ -723,7 +718,12 @@ impl Routing {
             )
             .await
         {
-            Ok(()) => Ok(change),
+            Ok(()) => {
+                if notification.is_some() {
+                    self.decided.notify_one();
+                }
+                Ok(change)
+            }
             Err(StoreError::Conflict) => match self.requests.earlier(&request).await? {
                 Some(done) => self.recorded_change(&done).await,
                 None => Err(RoutingError::refused(
@@ -1112,6 +1112,7 @@ fn decision_notice(application: &Application, change: &StatusChange) -> Notifica
     });
     Notification {
         id: new_id(),
+        application_id: application.id.clone(),
         recipient: p
             .applicant
             .as_ref()

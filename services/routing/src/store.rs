@@ -43,6 +43,8 @@ pub enum AckFound {
 pub struct Notification {
     /// Its id.
     pub id: String,
+    /// The application decided.
+    pub application_id: String,
     /// The applicant's subject, or the submitting member for a system's application.
     pub recipient: String,
     /// The centre where the applicant picks the decision up, if they filed there.
@@ -311,7 +313,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Notification>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, recipient, pickup_centre, status, payload FROM notifications \
+            "SELECT id, application_id, recipient, pickup_centre, status, payload FROM notifications \
              WHERE drain_time_ms IS NULL ORDER BY id LIMIT $1",
         )
         .bind(limit)
@@ -322,6 +324,7 @@ impl Store {
                 let status: String = row.try_get("status")?;
                 Ok(Notification {
                     id: row.try_get("id")?,
+                    application_id: row.try_get("application_id")?,
                     recipient: row.try_get("recipient")?,
                     pickup_centre: row.try_get("pickup_centre")?,
                     status: Status::parse(&status)
@@ -330,6 +333,45 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Marks a notification drained (delivered to the e-address service).
+    pub async fn mark_drained(&self, id: &str, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query("UPDATE notifications SET drain_time_ms = $1 WHERE id = $2")
+            .bind(db::millis(now))
+            .bind(id)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The decision document of an application's latest `decided` step: title, media type and
+    /// content.
+    pub async fn decision_document(
+        &self,
+        application_id: &str,
+    ) -> Result<Option<(String, String, Vec<u8>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT decision_title, decision_media_type, decision_base64 FROM status_changes \
+             WHERE application_id = $1 AND status = 'decided' AND decision_base64 IS NOT NULL \
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(application_id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let encoded: String = row.try_get("decision_base64")?;
+        use base64::Engine;
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| StoreError::Corrupt(format!("decision content: {e}")))?;
+        Ok(Some((
+            row.try_get("decision_title")?,
+            row.try_get("decision_media_type")?,
+            content,
+        )))
     }
 
     // ---- Deliveries
