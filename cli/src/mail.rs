@@ -27,6 +27,7 @@ const CHUNK: usize = 1024 * 1024;
 pub enum MailboxCommand {
     /// Activate the calling person's mailbox (`--token`).
     Activate {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// Where content-free notices of new messages go.
@@ -35,6 +36,7 @@ pub enum MailboxCommand {
     },
     /// Show the caller's own mailbox.
     Show {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// A member system's own address, or its company's; empty for a person's own.
@@ -43,6 +45,7 @@ pub enum MailboxCommand {
     },
     /// Which addresses have an active e-address (as a sender).
     Lookup {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// Addresses: `lv:DDMMYY-NNNNN`, `eidas:CC/DD/id`, `company:NNNNNNNNNNN`, `member:...`.
@@ -113,6 +116,7 @@ pub enum MessageCommand {
     Send(SendArgs),
     /// List a mailbox's messages, one JSON line each, newest first.
     List {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// Another person's mailbox (as their delegate), or a member system's own address.
@@ -127,6 +131,7 @@ pub enum MessageCommand {
     },
     /// Read one message (the first reading is recorded as evidence).
     Read {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// `messages/<id>`.
@@ -137,6 +142,7 @@ pub enum MessageCommand {
     },
     /// Download an attachment to a file.
     Download {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// `messages/<id>`.
@@ -221,10 +227,9 @@ async fn upload_file(
     }
     let sha256 = hex::encode(context.finish().as_ref());
     let header = pb::UploadAttachmentRequest {
-        part: Some(pb::upload_attachment_request::Part::Header(pb::UploadHeader {
-            size,
-            sha256,
-        })),
+        part: Some(pb::upload_attachment_request::Part::Header(
+            pb::UploadHeader { size, sha256 },
+        )),
     };
     let file = tokio::fs::File::open(path).await?;
     let chunks = futures_util::stream::unfold((file, false), |(mut file, done)| async move {
@@ -424,6 +429,7 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
 pub enum EvidenceCommand {
     /// Save the platform's evidence keys (a JSON array) to compare and verify against.
     Keys {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// Where to write them.
@@ -432,6 +438,7 @@ pub enum EvidenceCommand {
     },
     /// Save a message's evidence bundle (as its sender, or a recipient's side).
     Bundle {
+        /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
         /// `messages/<id>`.
@@ -481,7 +488,11 @@ pub async fn evidence(command: EvidenceCommand) -> anyhow::Result<()> {
             std::fs::write(&out, serde_json::to_string_pretty(&keys)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             for key in &keys {
-                note(&format!("{}: fingerprint {}", key.key_id, key.fingerprint()));
+                note(&format!(
+                    "{}: fingerprint {}",
+                    key.key_id,
+                    key.fingerprint()
+                ));
             }
             note(&format!("{} keys written to {}", keys.len(), out.display()));
             Ok(())

@@ -13,10 +13,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use onestop_cli::{client, mail};
 use onestop_cli::federation::{self, Options};
 use onestop_cli::pki::{self, Subject};
 use onestop_cli::services;
+use onestop_cli::{client, mail};
 use onestop_platform::config::{self, TelemetryConfig, default_trust_domain};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

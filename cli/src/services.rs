@@ -263,7 +263,10 @@ fn eaddress_local_settings(data_dir: &Path) -> anyhow::Result<EaddressSettings> 
     let text = std::fs::read_to_string(&file)?;
     let mut settings: EaddressSettings =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    for path in [&mut settings.attachments_dir, &mut settings.evidence_key_dir] {
+    for path in [
+        &mut settings.attachments_dir,
+        &mut settings.evidence_key_dir,
+    ] {
         if path.is_relative() {
             *path = data_dir.join(&*path);
         }

@@ -5,6 +5,7 @@
 //! real SMTP server, late but whole when it refuses; a routing decision reaches the applicant's
 //! mailbox once; bad input is refused and stores nothing.
 
+use std::future::Future;
 use std::time::Duration;
 
 use onestop_eaddress::calendar::{Calendar, DeliveryRule};
@@ -39,7 +40,7 @@ on_both_backends!(
 const RESIDENT: &str = "lv:121282-11236";
 const RESIDENT_2: &str = "lv:050390-12344";
 /// A valid personal code whose owner never activated a mailbox.
-const INACTIVE: &str = "lv:010190-12347";
+const INACTIVE: &str = "lv:010190-12349";
 const PENSIONS: &str = "member:GOV/VSAA/pensions";
 
 fn messages(fed: &TestFederation, system: &str) -> MessageServiceClient<Channel> {
@@ -59,7 +60,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The parts of an upload: header, then chunks of `chunk` bytes.
-fn upload_parts(content: &[u8], size: u64, sha256: &str, chunk: usize) -> Vec<UploadAttachmentRequest> {
+fn upload_parts(
+    content: &[u8],
+    size: u64,
+    sha256: &str,
+    chunk: usize,
+) -> Vec<UploadAttachmentRequest> {
     let mut parts = vec![UploadAttachmentRequest {
         part: Some(upload_attachment_request::Part::Header(UploadHeader {
             size,
@@ -76,7 +82,12 @@ async fn upload(
     client: &mut MessageServiceClient<Channel>,
     content: &[u8],
 ) -> Result<UploadAttachmentResponse, tonic::Status> {
-    let parts = upload_parts(content, content.len() as u64, &sha256_hex(content), 64 * 1024);
+    let parts = upload_parts(
+        content,
+        content.len() as u64,
+        &sha256_hex(content),
+        64 * 1024,
+    );
     client
         .upload_attachment(tokio_stream::iter(parts))
         .await
@@ -102,7 +113,7 @@ fn letter(request_id: &str, recipients: &[&str]) -> SendMessageRequest {
 async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = Option<T>>,
 {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tokio::time::timeout(Duration::from_secs(30), async {
@@ -162,12 +173,7 @@ async fn placed(fed: &TestFederation, token: &str, name: &str) -> Message {
 }
 
 /// The message's bundle once `records` of its records are signed and none waits.
-async fn bundle_with(
-    fed: &TestFederation,
-    system: &str,
-    name: &str,
-    records: usize,
-) -> Bundle {
+async fn bundle_with(fed: &TestFederation, system: &str, name: &str, records: usize) -> Bundle {
     eventually("the evidence is signed", || async {
         let answer = evidence_client(fed, system)
             .get_evidence_bundle(GetEvidenceBundleRequest {
@@ -210,7 +216,9 @@ fn events_of(records: &[evidence::Record], recipient: &str) -> Vec<Event> {
 
 async fn pool(fed: &TestFederation) -> sqlx::AnyPool {
     sqlx::any::install_default_drivers();
-    sqlx::AnyPool::connect(&fed.databases["eaddress"]).await.unwrap()
+    sqlx::AnyPool::connect(&fed.databases["eaddress"])
+        .await
+        .unwrap()
 }
 
 async fn count(pool: &sqlx::AnyPool, sql: &'static str) -> i64 {
@@ -237,7 +245,7 @@ async fn messages_reach_mailboxes_with_verifiable_evidence(backend: Backend) {
         .lookup_mailboxes(LookupMailboxesRequest {
             addresses: vec![
                 RESIDENT.into(),
-                "lv:01019012347".into(),
+                "lv:01019012349".into(),
                 "company:40003012345".into(),
             ],
         })
@@ -245,10 +253,17 @@ async fn messages_reach_mailboxes_with_verifiable_evidence(backend: Backend) {
         .unwrap()
         .into_inner()
         .mailboxes;
-    let states: Vec<(&str, bool)> = looked.iter().map(|m| (m.address.as_str(), m.active)).collect();
+    let states: Vec<(&str, bool)> = looked
+        .iter()
+        .map(|m| (m.address.as_str(), m.active))
+        .collect();
     assert_eq!(
         states,
-        [(RESIDENT, true), (INACTIVE, false), ("company:40003012345", true)]
+        [
+            (RESIDENT, true),
+            (INACTIVE, false),
+            ("company:40003012345", true)
+        ]
     );
 
     // The institution uploads a document and sends it to the resident and to someone without
@@ -263,7 +278,11 @@ async fn messages_reach_mailboxes_with_verifiable_evidence(backend: Backend) {
         file_name: "lemums.pdf".into(),
         media_type: "application/pdf".into(),
     });
-    let sent = institution.send_message(send.clone()).await.unwrap().into_inner();
+    let sent = institution
+        .send_message(send.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(sent.recipient_count, 2);
     // A retry answers the same message.
     let again = institution.send_message(send).await.unwrap().into_inner();
@@ -328,7 +347,12 @@ async fn messages_reach_mailboxes_with_verifiable_evidence(backend: Backend) {
         .find(|r| r.event == Event::NotDelivered)
         .unwrap();
     assert_eq!(not_delivered.reason, "no_active_mailbox");
-    assert!(verified.records.iter().all(|r| r.attachments[0].sha256 == uploaded.sha256));
+    assert!(
+        verified
+            .records
+            .iter()
+            .all(|r| r.attachments[0].sha256 == uploaded.sha256)
+    );
     // The resident's own bundle holds only their records, and verifies too.
     let own = evidence_client(&fed, CENTRE)
         .get_evidence_bundle(bearer(
@@ -420,7 +444,9 @@ async fn messages_reach_mailboxes_with_verifiable_evidence(backend: Backend) {
         .iter()
         .position(|e| {
             use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD.decode(&e.record).unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&e.record)
+                .unwrap();
             evidence::Record::decode(&bytes).map_or(true, |r| r.log_index == index as u64)
         })
         .unwrap();
@@ -510,12 +536,19 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
     assert_eq!(reason(&status), "DIGEST_MISMATCH");
     // Over the limit, declared or sent.
     let status = institution
-        .upload_attachment(tokio_stream::iter(upload_parts(&[], (1 << 30) + 1, &digest, 1)))
+        .upload_attachment(tokio_stream::iter(upload_parts(
+            &[],
+            (1 << 30) + 1,
+            &digest,
+            1,
+        )))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let status = institution
-        .upload_attachment(tokio_stream::iter(upload_parts(&content, 100, &digest, 4096)))
+        .upload_attachment(tokio_stream::iter(upload_parts(
+            &content, 100, &digest, 4096,
+        )))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -530,12 +563,27 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "UPLOAD_CUT_OFF", "{status:?}");
-    let broken = upload_parts(&content[..8192], content.len() as u64, &digest, 4096)
-        .into_iter()
-        .map(Ok::<_, std::io::Error>)
-        .chain(std::iter::once(Err(std::io::Error::other("the client died"))));
-    let broken = futures_util::StreamExt::map_while(tokio_stream::iter(broken), Result::ok);
-    let _ = institution.upload_attachment(broken).await;
+    // The client dies mid-upload: its stream is reset, and the partial file goes.
+    let (parts, outgoing) = tokio::sync::mpsc::channel(16);
+    for part in upload_parts(&content[..8192], content.len() as u64, &digest, 4096) {
+        parts.send(part).await.unwrap();
+    }
+    let mut dying = messages(&fed, INSTITUTION);
+    let call = tokio::spawn(async move {
+        dying
+            .upload_attachment(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+    });
+    eventually("the upload is under way", || async {
+        (uploads_left() == 1).then_some(())
+    })
+    .await;
+    call.abort();
+    drop(parts);
+    eventually("the cut-off upload is removed", || async {
+        (uploads_left() == 0).then_some(())
+    })
+    .await;
     assert_eq!(count(&db, "SELECT COUNT(*) FROM blobs").await, 0);
     assert_eq!(uploads_left(), 0, "refused uploads leave no file behind");
 
@@ -596,7 +644,10 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
     };
     // The delegate reads the open one, not the hidden one; a delegate's list leaves it out.
     desk.get_message(as_delegate(&open.name)).await.unwrap();
-    let status = desk.get_message(as_delegate(&hidden.name)).await.unwrap_err();
+    let status = desk
+        .get_message(as_delegate(&hidden.name))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(reason(&status), "HIDDEN_FROM_DELEGATES");
     let listed = desk
@@ -658,10 +709,16 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
     let mut foreign = reply.clone();
     foreign.request_id = "reply-2".into();
     foreign.thread_id = stranger.thread_id.clone();
-    let status = desk.send_message(bearer(foreign, &first)).await.unwrap_err();
+    let status = desk
+        .send_message(bearer(foreign, &first))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(reason(&status), "NOT_A_THREAD_PARTY");
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM messages").await, before + 1);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM messages").await,
+        before + 1
+    );
     let replied = desk
         .send_message(bearer(reply, &first))
         .await
@@ -700,9 +757,12 @@ async fn open_direct(url: &str, dir: &std::path::Path) -> Eaddress {
         calendar: Calendar::latvia(),
         rules: Rules {
             default: DeliveryRule::parse("working-days:2").unwrap(),
-            by_type: [("notice".to_owned(), DeliveryRule::parse("opened:30").unwrap())]
-                .into_iter()
-                .collect(),
+            by_type: [(
+                "notice".to_owned(),
+                DeliveryRule::parse("opened:30").unwrap(),
+            )]
+            .into_iter()
+            .collect(),
         },
         max_attachment_bytes: 1 << 20,
         trusted_senders: Vec::new(),
@@ -735,11 +795,21 @@ async fn deemed_delivery_counts_working_days_once(backend: Backend) {
         hidden_from_delegates: false,
     };
     let mut sent = Vec::new();
-    for (id, kind) in [("easter", "decision"), ("weekend", "decision"), ("opened", "notice")] {
+    for (id, kind) in [
+        ("easter", "decision"),
+        ("weekend", "decision"),
+        ("opened", "notice"),
+    ] {
         let out = send(id, kind);
         sent.push(
             first
-                .send(&institution, "GOV/VSAA/pensions", id, Fingerprint::of_bytes(id.as_bytes()), out)
+                .send(
+                    &institution,
+                    "GOV/VSAA/pensions",
+                    id,
+                    Fingerprint::of_bytes(id.as_bytes()),
+                    out,
+                )
                 .await
                 .unwrap(),
         );
@@ -751,20 +821,41 @@ async fn deemed_delivery_counts_working_days_once(backend: Backend) {
     let thursday = datetime!(2026-04-02 07:00 UTC);
     assert_eq!(first.dispatch(thursday).await.unwrap(), 3);
     // Before that moment nothing is deemed; the message with the "opened" rule never is.
-    assert_eq!(first.pass_deadlines(datetime!(2026-04-07 20:59 UTC)).await.unwrap(), 0);
+    assert_eq!(
+        first
+            .pass_deadlines(datetime!(2026-04-07 20:59 UTC))
+            .await
+            .unwrap(),
+        0
+    );
     // Two replicas (and the same one twice) at that moment: recorded once.
     let second = open_direct(&database.url, dir.path()).await;
     let deadline = datetime!(2026-04-07 21:00 UTC);
-    let (a, b) = tokio::join!(first.pass_deadlines(deadline), second.pass_deadlines(deadline));
+    let (a, b) = tokio::join!(
+        first.pass_deadlines(deadline),
+        second.pass_deadlines(deadline)
+    );
     assert_eq!(a.unwrap() + b.unwrap(), 2, "both decisions, once each");
     assert_eq!(first.pass_deadlines(deadline).await.unwrap(), 0);
     // After a restart, nothing is recorded again.
     drop(first);
     drop(second);
     let restarted = open_direct(&database.url, dir.path()).await;
-    assert_eq!(restarted.pass_deadlines(datetime!(2026-05-01 00:00 UTC)).await.unwrap(), 0);
+    assert_eq!(
+        restarted
+            .pass_deadlines(datetime!(2026-05-01 00:00 UTC))
+            .await
+            .unwrap(),
+        0
+    );
     // The "opened" rule's message expires after 30 days unopened.
-    assert_eq!(restarted.pass_deadlines(datetime!(2026-05-02 07:00 UTC)).await.unwrap(), 1);
+    assert_eq!(
+        restarted
+            .pass_deadlines(datetime!(2026-05-02 07:00 UTC))
+            .await
+            .unwrap(),
+        1
+    );
     restarted.sign_evidence().await.unwrap();
     let records = restarted.store().records(&sent[0].id, None).await.unwrap();
     let events: Vec<String> = records
@@ -775,25 +866,52 @@ async fn deemed_delivery_counts_working_days_once(backend: Backend) {
     assert_eq!(
         events,
         [
-            format!("accepted {} ", evidence::rfc3339_millis(onestop_platform::db::millis(sent[0].accept_time))),
+            format!(
+                "accepted {} ",
+                evidence::rfc3339_millis(onestop_platform::db::millis(sent[0].accept_time))
+            ),
             "placed 2026-04-02T07:00:00.000Z ".to_owned(),
             "deemed_delivered 2026-04-07T21:00:00.000Z working-days:2".to_owned(),
         ]
     );
     let expired = restarted.store().records(&sent[2].id, None).await.unwrap();
     let last = evidence::Record::decode(expired.last().unwrap().record.as_bytes()).unwrap();
-    assert_eq!((last.event, last.reason.as_str()), (Event::NotDelivered, "expired"));
+    assert_eq!(
+        (last.event, last.reason.as_str()),
+        (Event::NotDelivered, "expired")
+    );
 
     // Placed on a Friday (20 November 2026): Saturday and Sunday are skipped, so deemed from
     // Tuesday 24 November 00:00 Riga.
     let out = send("friday", "decision");
     let friday = restarted
-        .send(&institution, "GOV/VSAA/pensions", "friday", Fingerprint::of_bytes(b"friday"), out)
+        .send(
+            &institution,
+            "GOV/VSAA/pensions",
+            "friday",
+            Fingerprint::of_bytes(b"friday"),
+            out,
+        )
         .await
         .unwrap();
-    restarted.dispatch(datetime!(2026-11-20 12:00 UTC)).await.unwrap();
-    assert_eq!(restarted.pass_deadlines(datetime!(2026-11-23 21:59 UTC)).await.unwrap(), 0);
-    assert_eq!(restarted.pass_deadlines(datetime!(2026-11-23 22:00 UTC)).await.unwrap(), 1);
+    restarted
+        .dispatch(datetime!(2026-11-20 12:00 UTC))
+        .await
+        .unwrap();
+    assert_eq!(
+        restarted
+            .pass_deadlines(datetime!(2026-11-23 21:59 UTC))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        restarted
+            .pass_deadlines(datetime!(2026-11-23 22:00 UTC))
+            .await
+            .unwrap(),
+        1
+    );
     let state = restarted
         .store()
         .delivery(&friday.id, RESIDENT)
@@ -801,7 +919,10 @@ async fn deemed_delivery_counts_working_days_once(backend: Backend) {
         .unwrap()
         .unwrap()
         .state;
-    assert_eq!(state, onestop_eaddress::model::DeliveryState::DeemedDelivered);
+    assert_eq!(
+        state,
+        onestop_eaddress::model::DeliveryState::DeemedDelivered
+    );
     // Opening it afterwards still records the retrieval.
     let reader = restarted.reader(&resident, "").await.unwrap();
     restarted.read(&reader, &friday.id).await.unwrap();
@@ -813,7 +934,12 @@ async fn deemed_delivery_counts_working_days_once(backend: Backend) {
         .collect();
     assert_eq!(
         events,
-        [Event::Accepted, Event::Placed, Event::DeemedDelivered, Event::Retrieved]
+        [
+            Event::Accepted,
+            Event::Placed,
+            Event::DeemedDelivered,
+            Event::Retrieved
+        ]
     );
 }
 
@@ -857,10 +983,18 @@ async fn notices_reach_smtp_and_survive_refusals(backend: Backend) {
     smtp.set_refusing(false).await;
     let mail = smtp.next_mail().await;
     assert_eq!(mail.to, ["janis@example.lv"]);
-    assert!(!mail.body.contains(secret) && !mail.subject.contains(secret), "{mail:?}");
+    assert!(
+        !mail.body.contains(secret) && !mail.subject.contains(secret),
+        "{mail:?}"
+    );
     assert!(!mail.body.contains("VSAA"), "content-free: {mail:?}");
     eventually("the notice is recorded as sent", || async {
-        (count(&db, "SELECT COUNT(*) FROM notices WHERE sent_time_ms IS NOT NULL").await == 1)
+        (count(
+            &db,
+            "SELECT COUNT(*) FROM notices WHERE sent_time_ms IS NOT NULL",
+        )
+        .await
+            == 1)
             .then_some(())
     })
     .await;
@@ -915,11 +1049,13 @@ async fn decisions_reach_the_applicants_mailbox_once(backend: Backend) {
             title: "Lēmums".into(),
             media_type: "application/pdf".into(),
             content: decision.clone(),
+            content_sha256: sha256_hex(&decision),
         }),
     })
     .await
     .unwrap();
-    let is_decision = |m: &Message| m.document_type == "decision" && m.subject.contains(&receipt.application);
+    let is_decision =
+        |m: &Message| m.document_type == "decision" && m.subject.contains(&receipt.application);
     let arrived = eventually("the decision reaches the mailbox", || async {
         let page = messages(&fed, CENTRE)
             .list_messages(bearer(ListMessagesRequest::default(), &token))
@@ -935,26 +1071,39 @@ async fn decisions_reach_the_applicants_mailbox_once(backend: Backend) {
     // As if routing had died between sending and marking the notification drained: it is sent
     // again, and the e-address answers from its record.
     sqlx::any::install_default_drivers();
-    let routing_db = sqlx::AnyPool::connect(&fed.databases["routing"]).await.unwrap();
+    let routing_db = sqlx::AnyPool::connect(&fed.databases["routing"])
+        .await
+        .unwrap();
     sqlx::query("UPDATE notifications SET drain_time_ms = NULL")
         .execute(&routing_db)
         .await
         .unwrap();
     eventually("the outbox is drained again", || async {
-        (count(&routing_db, "SELECT COUNT(*) FROM notifications WHERE drain_time_ms IS NULL").await
+        (count(
+            &routing_db,
+            "SELECT COUNT(*) FROM notifications WHERE drain_time_ms IS NULL",
+        )
+        .await
             == 0)
             .then_some(())
     })
     .await;
     let db = pool(&fed).await;
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM messages WHERE document_type = 'decision'").await,
+        count(
+            &db,
+            "SELECT COUNT(*) FROM messages WHERE document_type = 'decision'"
+        )
+        .await,
         1
     );
     // The sender's evidence: accepted and placed, signed.
     let keys = published_keys(&fed).await;
     let bundle = bundle_with(&fed, INSTITUTION, &arrived.name, 2).await;
     let verified = evidence::verify_bundle(&bundle, Some(&keys), &[]).unwrap();
-    assert_eq!(events_of(&verified.records, RESIDENT), [Event::Accepted, Event::Placed]);
+    assert_eq!(
+        events_of(&verified.records, RESIDENT),
+        [Event::Accepted, Event::Placed]
+    );
     fed.stop().await;
 }

@@ -40,15 +40,19 @@ impl Address {
                 if rest.len() == 11 && rest.bytes().all(|b| b.is_ascii_digit()) {
                     Ok(Address::Company(rest.to_owned()))
                 } else {
-                    Err("a company's address is `company:` and its 11-digit registration number"
-                        .to_owned())
+                    Err(
+                        "a company's address is `company:` and its 11-digit registration number"
+                            .to_owned(),
+                    )
                 }
             }
             "member" => {
                 let member = Member::parse(rest).map_err(|e| e.to_string())?;
                 if member.subsystem.is_empty() {
-                    return Err("a member address names a subsystem: `member:CLASS/CODE/SUBSYSTEM`"
-                        .to_owned());
+                    return Err(
+                        "a member address names a subsystem: `member:CLASS/CODE/SUBSYSTEM`"
+                            .to_owned(),
+                    );
                 }
                 Ok(Address::Member(member.to_string()))
             }
@@ -123,7 +127,8 @@ mod tests {
             Address::parse("member:GOV/VSAA/pensions").map(|a| a.to_string()),
             Ok("member:GOV/VSAA/pensions".to_owned())
         );
-        let company = Address::parse("company:40003012345").unwrap_or(Address::Company(String::new()));
+        let company =
+            Address::parse("company:40003012345").unwrap_or(Address::Company(String::new()));
         let member = Member::parse("COM/40003012345/erp").unwrap_or_else(|_| unreachable!());
         assert!(company.belongs_to_member(&member));
     }

@@ -309,10 +309,7 @@ impl MessageService for EaddressApi {
             )
             .await?;
         Ok(Response::new(pb::ListMessagesResponse {
-            messages: page
-                .into_iter()
-                .map(|(m, d)| message_pb(m, d))
-                .collect(),
+            messages: page.into_iter().map(|(m, d)| message_pb(m, d)).collect(),
             next_page_token,
         }))
     }

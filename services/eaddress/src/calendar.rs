@@ -235,7 +235,10 @@ mod tests {
         let latvia = Calendar::latvia();
         assert!(!latvia.is_working_day(date(2026, 4, 3)), "Good Friday");
         assert!(!latvia.is_working_day(date(2026, 4, 6)), "Easter Monday");
-        assert!(!latvia.is_working_day(date(2028, 11, 20)), "18 November 2028 is a Saturday");
+        assert!(
+            !latvia.is_working_day(date(2028, 11, 20)),
+            "18 November 2028 is a Saturday"
+        );
         assert!(latvia.is_working_day(date(2026, 11, 17)));
         assert!(!latvia.is_working_day(date(2026, 11, 18)));
     }
@@ -246,16 +249,30 @@ mod tests {
         let rule = DeliveryRule::WorkingDays(2);
         // Thursday 19 November 2026 (local) → Monday 23 November.
         assert_eq!(
-            latvia.deadline(&rule, datetime!(2026-11-19 10:00 UTC)).deemed_at,
+            latvia
+                .deadline(&rule, datetime!(2026-11-19 10:00 UTC))
+                .deemed_at,
             Some(datetime!(2026-11-22 22:00 UTC))
         );
         // Friday → Tuesday; Saturday → Tuesday.
-        assert_eq!(latvia.add_working_days(date(2026, 11, 20), 2), date(2026, 11, 24));
-        assert_eq!(latvia.add_working_days(date(2026, 11, 21), 2), date(2026, 11, 24));
+        assert_eq!(
+            latvia.add_working_days(date(2026, 11, 20), 2),
+            date(2026, 11, 24)
+        );
+        assert_eq!(
+            latvia.add_working_days(date(2026, 11, 21), 2),
+            date(2026, 11, 24)
+        );
         // Thursday before Easter 2026 → Wednesday 8 April.
-        assert_eq!(latvia.add_working_days(date(2026, 4, 2), 2), date(2026, 4, 8));
+        assert_eq!(
+            latvia.add_working_days(date(2026, 4, 2), 2),
+            date(2026, 4, 8)
+        );
         // Late evening UTC is already the next day in Riga.
-        assert_eq!(latvia.local_date(datetime!(2026-11-19 22:30 UTC)), date(2026, 11, 20));
+        assert_eq!(
+            latvia.local_date(datetime!(2026-11-19 22:30 UTC)),
+            date(2026, 11, 20)
+        );
         // Summer time starts on 29 March 2026: midnight of 30 March is 21:00 UTC.
         assert_eq!(
             latvia.start_of_day_utc(date(2026, 3, 30)),
@@ -268,8 +285,18 @@ mod tests {
         for text in ["working-days:2", "opened:30", "opened:1"] {
             assert_eq!(DeliveryRule::parse(text).unwrap().to_string(), text);
         }
-        assert_eq!(DeliveryRule::parse("opened").unwrap().to_string(), "opened:30");
-        for bad in ["", "working-days", "working-days:0", "working-days:31", "opened:0", "deemed:2"] {
+        assert_eq!(
+            DeliveryRule::parse("opened").unwrap().to_string(),
+            "opened:30"
+        );
+        for bad in [
+            "",
+            "working-days",
+            "working-days:0",
+            "working-days:31",
+            "opened:0",
+            "deemed:2",
+        ] {
             assert!(DeliveryRule::parse(bad).is_err(), "{bad}");
         }
         let opened = DeliveryRule::parse("opened:30").unwrap();

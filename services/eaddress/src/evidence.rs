@@ -133,7 +133,11 @@ pub fn consistency_proof(leaves: &[Hash], first_size: u64) -> Result<Vec<Hash>, 
     fn subproof(m: usize, leaves: &[Hash], complete: bool) -> Vec<Hash> {
         let n = leaves.len();
         if m == n {
-            return if complete { Vec::new() } else { vec![root(leaves)] };
+            return if complete {
+                Vec::new()
+            } else {
+                vec![root(leaves)]
+            };
         }
         let k = split(n);
         if m <= k {
@@ -403,7 +407,10 @@ fn string(text: &str, out: &mut String) {
 fn encode_canonical(value: &impl Serialize) -> Vec<u8> {
     let mut out = String::new();
     // Records and tree heads are plain data: serialising them cannot fail.
-    canonical(&serde_json::to_value(value).unwrap_or(Value::Null), &mut out);
+    canonical(
+        &serde_json::to_value(value).unwrap_or(Value::Null),
+        &mut out,
+    );
     out.into_bytes()
 }
 
@@ -436,7 +443,10 @@ impl Record {
 
 /// RFC 3339 in UTC with milliseconds: `2026-11-24T10:15:30.123Z`.
 pub fn rfc3339_millis(time_ms: i64) -> String {
-    let (days, ms) = (time_ms.div_euclid(86_400_000), time_ms.rem_euclid(86_400_000));
+    let (days, ms) = (
+        time_ms.div_euclid(86_400_000),
+        time_ms.rem_euclid(86_400_000),
+    );
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -555,7 +565,9 @@ impl PublicKey {
 
     /// The lower-case hex SHA-256 of the raw public key, to compare with a published value.
     pub fn fingerprint(&self) -> String {
-        hex::encode(sha256(&STANDARD.decode(&self.public_key).unwrap_or_default()))
+        hex::encode(sha256(
+            &STANDARD.decode(&self.public_key).unwrap_or_default(),
+        ))
     }
 }
 
@@ -570,7 +582,12 @@ impl EvidenceKey {
 
     /// A key from a PKCS#8 document (v1, as OpenSSL writes it, or v2).
     pub fn from_pkcs8(kid: &str, der: &[u8]) -> Result<Self, String> {
-        if kid.is_empty() || kid.len() > 64 || !kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if kid.is_empty()
+            || kid.len() > 64
+            || !kid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(format!("key id `{kid}`: 1-64 letters, digits, `-` or `_`"));
         }
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
@@ -689,7 +706,9 @@ pub enum VerifyError {
         why: String,
     },
     /// An attachment is not the one the records name.
-    #[error("attachment {name}: SHA-256 {sha256} is not the digest of any attachment the records name")]
+    #[error(
+        "attachment {name}: SHA-256 {sha256} is not the digest of any attachment the records name"
+    )]
     Attachment {
         /// The file.
         name: String,
@@ -718,7 +737,10 @@ pub fn verify_bundle(
     attachments: &[(String, Hash)],
 ) -> Result<Verified, VerifyError> {
     if bundle.format != BUNDLE_FORMAT {
-        return Err(VerifyError::Format(format!("format is `{}`", bundle.format)));
+        return Err(VerifyError::Format(format!(
+            "format is `{}`",
+            bundle.format
+        )));
     }
     let keys: &[PublicKey] = trusted_keys.unwrap_or(&bundle.keys);
     let key = |key_id: &str| -> Result<&PublicKey, String> {
@@ -752,24 +774,34 @@ pub fn verify_bundle(
             log_index,
             why,
         };
-        let bytes = decode(&entry.record).map_err(|e| fail("?".into(), format!("record not base64: {e}")))?;
+        let bytes = decode(&entry.record)
+            .map_err(|e| fail("?".into(), format!("record not base64: {e}")))?;
         let record = Record::decode(&bytes).map_err(|e| fail("?".into(), e))?;
         let at = record.log_index.to_string();
         if record.message != bundle.message {
-            return Err(fail(at, format!("a record of {}, not of {}", record.message, bundle.message)));
+            return Err(fail(
+                at,
+                format!("a record of {}, not of {}", record.message, bundle.message),
+            ));
         }
         if last.is_some_and(|l| record.log_index <= l) {
             return Err(fail(at, "records out of log order".into()));
         }
         last = Some(record.log_index);
         if record.log_index >= head.tree_size {
-            return Err(fail(at, format!("outside the tree head of {} records", head.tree_size)));
+            return Err(fail(
+                at,
+                format!("outside the tree head of {} records", head.tree_size),
+            ));
         }
         let signer = key(&entry.key_id).map_err(|e| fail(at.clone(), e))?;
         let signature = decode(&entry.signature)
             .map_err(|e| fail(at.clone(), format!("signature not base64: {e}")))?;
         if !signer.verify(&bytes, &signature) {
-            return Err(fail(at, format!("the signature does not verify with key {}", signer.key_id)));
+            return Err(fail(
+                at,
+                format!("the signature does not verify with key {}", signer.key_id),
+            ));
         }
         if rfc3339_millis(record.time_ms) != record.time {
             return Err(fail(at, "time and time_ms disagree".into()));
@@ -783,8 +815,14 @@ pub fn verify_bundle(
             })
             .collect::<Result<Vec<Hash>, _>>()
             .map_err(|e| fail(at.clone(), format!("inclusion proof: {e}")))?;
-        verify_inclusion(&leaf_hash(&bytes), record.log_index, head.tree_size, &proof, &head.root_hash)
-            .map_err(|e| fail(at, format!("not in the signed tree: {e}")))?;
+        verify_inclusion(
+            &leaf_hash(&bytes),
+            record.log_index,
+            head.tree_size,
+            &proof,
+            &head.root_hash,
+        )
+        .map_err(|e| fail(at, format!("not in the signed tree: {e}")))?;
         records.push(record);
     }
 
@@ -814,7 +852,9 @@ mod tests {
     use super::*;
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| leaf_hash(format!("record {i}").as_bytes())).collect()
+        (0..n)
+            .map(|i| leaf_hash(format!("record {i}").as_bytes()))
+            .collect()
     }
 
     #[test]
@@ -829,8 +869,8 @@ mod tests {
             &[0x40, 0x41, 0x42, 0x43],
             &[0x50, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57],
             &[
-                0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c,
-                0x6d, 0x6e, 0x6f,
+                0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d,
+                0x6e, 0x6f,
             ],
         ];
         let hashes: Vec<Hash> = inputs.iter().map(|i| leaf_hash(i)).collect();
@@ -856,7 +896,10 @@ mod tests {
             for i in 0..n {
                 let proof = inclusion_proof(&l, i as u64).unwrap();
                 verify_inclusion(&l[i], i as u64, n as u64, &proof, &r).unwrap();
-                assert!(verify_inclusion(&l[i], ((i + 1) % n) as u64, n as u64, &proof, &r).is_err() || n == 1);
+                assert!(
+                    verify_inclusion(&l[i], ((i + 1) % n) as u64, n as u64, &proof, &r).is_err()
+                        || n == 1
+                );
                 for j in 0..proof.len() {
                     let mut bad = proof.clone();
                     bad[j][0] ^= 1;
@@ -991,25 +1034,55 @@ mod tests {
         r.time_ms += 1000;
         r.time = rfc3339_millis(r.time_ms);
         changed.entries[1].record = STANDARD.encode(r.encode());
-        assert_eq!(verify_bundle(&changed, Some(&keys), &[]).unwrap_err().entry(), Some(1));
+        assert_eq!(
+            verify_bundle(&changed, Some(&keys), &[])
+                .unwrap_err()
+                .entry(),
+            Some(1)
+        );
         // Re-signed by another key: not trusted.
         let (other, _) = EvidenceKey::generate("e1").unwrap();
         let mut forged = bundle.clone();
-        forged.entries[2].signature = STANDARD.encode(other.sign(&STANDARD.decode(&forged.entries[2].record).unwrap()));
-        assert_eq!(verify_bundle(&forged, Some(&keys), &[]).unwrap_err().entry(), Some(2));
+        forged.entries[2].signature =
+            STANDARD.encode(other.sign(&STANDARD.decode(&forged.entries[2].record).unwrap()));
+        assert_eq!(
+            verify_bundle(&forged, Some(&keys), &[])
+                .unwrap_err()
+                .entry(),
+            Some(2)
+        );
         // A tree head with another root.
         let mut head = bundle.clone();
-        head.tree_head.head = STANDARD.encode(TreeHead { tree_size: 5, root_hash: [0; 32], time_ms: 1 }.encode());
-        assert!(matches!(verify_bundle(&head, Some(&keys), &[]), Err(VerifyError::TreeHead(_))));
+        head.tree_head.head = STANDARD.encode(
+            TreeHead {
+                tree_size: 5,
+                root_hash: [0; 32],
+                time_ms: 1,
+            }
+            .encode(),
+        );
+        assert!(matches!(
+            verify_bundle(&head, Some(&keys), &[]),
+            Err(VerifyError::TreeHead(_))
+        ));
         // Entries out of order.
         let mut swapped = bundle.clone();
         swapped.entries.swap(0, 1);
-        assert_eq!(verify_bundle(&swapped, Some(&keys), &[]).unwrap_err().entry(), Some(1));
+        assert_eq!(
+            verify_bundle(&swapped, Some(&keys), &[])
+                .unwrap_err()
+                .entry(),
+            Some(1)
+        );
         // Another key when the published ones are given.
         let (stranger, _) = EvidenceKey::generate("e2").unwrap();
         let strangers = bundle_of(&log, &stranger, "messages/a");
         assert!(verify_bundle(&strangers, Some(&keys), &[]).is_err());
-        assert!(verify_bundle(&strangers, None, &[]).unwrap().keys_from_bundle);
+        assert!(
+            verify_bundle(&strangers, None, &[])
+                .unwrap()
+                .keys_from_bundle
+        );
         // A file that is not the attachment.
         let wrong = [("lēmums.pdf".to_owned(), sha256(b"pdf!"))];
         assert!(matches!(

@@ -219,7 +219,12 @@ pub async fn open(config: &EaddressConfig) -> Result<Arc<Eaddress>, ServeError> 
         .map_err(|e| bad("evidence_key_dir", e))?;
     let blobs = blobs::Blobs::open(&settings.attachments_dir)
         .await
-        .map_err(|e| bad("attachments_dir", format!("{}: {e}", settings.attachments_dir.display())))?;
+        .map_err(|e| {
+            bad(
+                "attachments_dir",
+                format!("{}: {e}", settings.attachments_dir.display()),
+            )
+        })?;
     let db = onestop_platform::db::open(&config.database, &store::MIGRATIONS).await?;
     let requests = Requests::new(&db, config.database.request_retention());
     let mut eaddress = Eaddress::new(Parts {

@@ -101,9 +101,13 @@ impl Mailer {
     /// A mailer for `settings` (it connects when it first sends).
     pub fn new(settings: &SmtpSettings) -> Result<Self, String> {
         let builder = match settings.tls {
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host),
-            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host)
-                .map_err(|e| e.to_string())?,
+            SmtpTls::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host)
+            }
+            SmtpTls::Starttls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host)
+                    .map_err(|e| e.to_string())?
+            }
             SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&settings.host)
                 .map_err(|e| e.to_string())?,
         };
@@ -202,7 +206,10 @@ mod tests {
         )
         .unwrap();
         let text = String::from_utf8(email.formatted()).unwrap();
-        assert!(text.contains("Message-ID: <n1@notices.onestop.lv>"), "{text}");
+        assert!(
+            text.contains("Message-ID: <n1@notices.onestop.lv>"),
+            "{text}"
+        );
         assert!(text.contains("https://onestop.lv/e-address"));
         assert!(notice_email("no-reply@onestop.lv", "not an address", "n2", "x").is_err());
     }

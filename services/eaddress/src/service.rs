@@ -300,7 +300,9 @@ fn check_token(field: &str, text: &str, max: usize) -> Result<(), EaddressError>
 /// A message id from its resource name.
 pub fn message_id(name: &str) -> Result<&str, EaddressError> {
     name.strip_prefix("messages/")
-        .filter(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .filter(|id| {
+            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
         .ok_or_else(|| invalid("name", "a message's name is `messages/{message_id}`"))
 }
 
@@ -433,8 +435,7 @@ impl Eaddress {
                 if address.is_empty() {
                     return Ok(Address::of_member(member));
                 }
-                let wanted =
-                    Address::parse(address).map_err(|e| invalid("address", e))?;
+                let wanted = Address::parse(address).map_err(|e| invalid("address", e))?;
                 if wanted.belongs_to_member(member) {
                     Ok(wanted)
                 } else {
@@ -464,7 +465,11 @@ impl Eaddress {
         let own = Self::person_only(who)?;
         check_email(notice_email)?;
         self.store
-            .activate(&own.to_string(), notice_email, onestop_platform::clock::now())
+            .activate(
+                &own.to_string(),
+                notice_email,
+                onestop_platform::clock::now(),
+            )
             .await?;
         self.mailbox(who, "").await
     }
@@ -566,7 +571,9 @@ impl Eaddress {
                 if !mandate.iter().any(|s| s == MANDATE_SCOPE) {
                     return Err(EaddressError::denied(
                         "MANDATE_DOES_NOT_COVER",
-                        format!("the mandate does not cover the resident's e-address (`{MANDATE_SCOPE}`)"),
+                        format!(
+                            "the mandate does not cover the resident's e-address (`{MANDATE_SCOPE}`)"
+                        ),
                     ));
                 }
                 Ok(Reader {
@@ -611,10 +618,16 @@ impl Eaddress {
         let mut violations = Vec::new();
         let subject_chars = out.subject.chars().count();
         if subject_chars == 0 || subject_chars > MAX_SUBJECT_CHARS {
-            violations.push(("subject".to_owned(), format!("1-{MAX_SUBJECT_CHARS} characters")));
+            violations.push((
+                "subject".to_owned(),
+                format!("1-{MAX_SUBJECT_CHARS} characters"),
+            ));
         }
         if out.body.chars().count() > MAX_BODY_CHARS {
-            violations.push(("body".to_owned(), format!("at most {MAX_BODY_CHARS} characters")));
+            violations.push((
+                "body".to_owned(),
+                format!("at most {MAX_BODY_CHARS} characters"),
+            ));
         }
         if let Err(EaddressError::Invalid(mut v)) =
             check_token("document_type", &out.document_type, 64)
@@ -666,7 +679,11 @@ impl Eaddress {
                     "1-255 characters, no `/` or control characters".to_owned(),
                 ));
             }
-            if media.len() > 127 || media.split_once('/').is_none_or(|(a, b)| a.is_empty() || b.is_empty()) {
+            if media.len() > 127
+                || media
+                    .split_once('/')
+                    .is_none_or(|(a, b)| a.is_empty() || b.is_empty())
+            {
                 violations.push((
                     format!("attachments[{i}].media_type"),
                     "a media type such as `application/pdf`".to_owned(),
@@ -734,7 +751,9 @@ impl Eaddress {
             let Some(size) = sizes.get(sha) else {
                 return Err(EaddressError::refused(
                     "ATTACHMENT_NOT_UPLOADED",
-                    format!("attachments[{i}]: no uploaded content has SHA-256 {sha}; upload it first"),
+                    format!(
+                        "attachments[{i}]: no uploaded content has SHA-256 {sha}; upload it first"
+                    ),
                 ));
             };
             attachments.push(Attachment {
@@ -791,7 +810,10 @@ impl Eaddress {
             Who::Component(id) if self.trusted_senders.contains(id) => {
                 let address = Address::parse(stated).map_err(|e| invalid("sender", e))?;
                 if address.is_person() {
-                    return Err(invalid("sender", "a component sends in an institution's name"));
+                    return Err(invalid(
+                        "sender",
+                        "a component sends in an institution's name",
+                    ));
                 }
                 Ok(address)
             }
@@ -809,7 +831,9 @@ impl Eaddress {
                 if clerk.is_some() && !mandate.iter().any(|s| s == MANDATE_SCOPE) {
                     return Err(EaddressError::denied(
                         "MANDATE_DOES_NOT_COVER",
-                        format!("the mandate does not cover the resident's e-address (`{MANDATE_SCOPE}`)"),
+                        format!(
+                            "the mandate does not cover the resident's e-address (`{MANDATE_SCOPE}`)"
+                        ),
                     ));
                 }
                 Ok(address.clone())
@@ -910,7 +934,8 @@ impl Eaddress {
         reader: &Reader,
         id: &str,
     ) -> Result<(Message, Delivery), EaddressError> {
-        let not_found = || EaddressError::NotFound(format!("no message messages/{id} in this mailbox"));
+        let not_found =
+            || EaddressError::NotFound(format!("no message messages/{id} in this mailbox"));
         let delivery = self
             .store
             .delivery(id, &reader.mailbox.to_string())
@@ -951,7 +976,9 @@ impl Eaddress {
         };
         message
             .and_then(|m| m.attachments.into_iter().find(|a| a.sha256 == sha256))
-            .ok_or_else(|| EaddressError::NotFound(format!("messages/{id} has no attachment {sha256}")))
+            .ok_or_else(|| {
+                EaddressError::NotFound(format!("messages/{id} has no attachment {sha256}"))
+            })
     }
 
     async fn is_sender(&self, who: &Who, id: &str) -> Result<bool, EaddressError> {
@@ -1021,7 +1048,9 @@ impl Eaddress {
             head: crate::store::base64_encode(&bytes),
             key_id: key.kid().to_owned(),
         };
-        self.store.publish_key(&key.public(), onestop_platform::clock::now()).await?;
+        self.store
+            .publish_key(&key.public(), onestop_platform::clock::now())
+            .await?;
         self.store.put_tree_head(&stored).await?;
         Ok(self.store.tree_head(size).await?)
     }
@@ -1032,7 +1061,9 @@ impl Eaddress {
             .tree_head(size)
             .await?
             .filter(|h| size == 0 || h.tree_size == size)
-            .ok_or_else(|| EaddressError::NotFound(format!("no tree head of size {size} was signed")))
+            .ok_or_else(|| {
+                EaddressError::NotFound(format!("no tree head of size {size} was signed"))
+            })
     }
 
     /// A consistency proof between two sizes, the second no larger than the newest tree head.
@@ -1068,7 +1099,9 @@ impl Eaddress {
             self.store
                 .delivery(id, &reader.mailbox.to_string())
                 .await?
-                .ok_or_else(|| EaddressError::NotFound(format!("no message messages/{id} for this mailbox")))?;
+                .ok_or_else(|| {
+                    EaddressError::NotFound(format!("no message messages/{id} for this mailbox"))
+                })?;
             Some(reader.mailbox)
         };
         let only = only.map(|a| a.to_string());
@@ -1200,7 +1233,10 @@ impl Eaddress {
                 .evidence_pending
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
             if pending > 0 {
-                tracing::warn!(pending, "no evidence key is available: evidence waits to be signed");
+                tracing::warn!(
+                    pending,
+                    "no evidence key is available: evidence waits to be signed"
+                );
             }
             return Ok(0);
         };
@@ -1322,6 +1358,9 @@ fn check_email(email: &str) -> Result<(), EaddressError> {
     if ok {
         Ok(())
     } else {
-        Err(invalid("notice_email", "an e-mail address such as name@example.lv"))
+        Err(invalid(
+            "notice_email",
+            "an e-mail address such as name@example.lv",
+        ))
     }
 }

@@ -214,15 +214,14 @@ impl Store {
         else {
             return Ok(None);
         };
-        let delegates = sqlx::query(
-            "SELECT delegate FROM delegates WHERE mailbox = $1 ORDER BY delegate",
-        )
-        .bind(address)
-        .fetch_all(&self.db.pool)
-        .await?
-        .iter()
-        .map(|row| row.try_get("delegate"))
-        .collect::<Result<Vec<String>, _>>()?;
+        let delegates =
+            sqlx::query("SELECT delegate FROM delegates WHERE mailbox = $1 ORDER BY delegate")
+                .bind(address)
+                .fetch_all(&self.db.pool)
+                .await?
+                .iter()
+                .map(|row| row.try_get("delegate"))
+                .collect::<Result<Vec<String>, _>>()?;
         let active: i64 = row.try_get("active")?;
         Ok(Some(Mailbox {
             address: row.try_get("address")?,
@@ -517,14 +516,14 @@ impl Store {
 
     /// Whether `party` takes part in a thread.
     pub async fn is_party(&self, thread_id: &str, party: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query(
-            "SELECT 1 AS one FROM thread_parties WHERE thread_id = $1 AND party = $2",
+        Ok(
+            sqlx::query("SELECT 1 AS one FROM thread_parties WHERE thread_id = $1 AND party = $2")
+                .bind(thread_id)
+                .bind(party)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .is_some(),
         )
-        .bind(thread_id)
-        .bind(party)
-        .fetch_optional(&self.db.pool)
-        .await?
-        .is_some())
     }
 
     /// A thread's parties.
@@ -755,7 +754,11 @@ impl Store {
     /// many replicas try. Whether this call recorded it.
     pub async fn pass_deadline(&self, due: &Due, now: OffsetDateTime) -> Result<bool, StoreError> {
         let (state, event, reason) = if due.due_kind == "expires" {
-            (DeliveryState::NotDelivered, Event::NotDelivered, "expired".to_owned())
+            (
+                DeliveryState::NotDelivered,
+                Event::NotDelivered,
+                "expired".to_owned(),
+            )
         } else {
             (
                 DeliveryState::DeemedDelivered,
@@ -764,31 +767,29 @@ impl Store {
             )
         };
         let mut tx = self.db.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT due_time_ms FROM deliveries WHERE message_id = $1 AND recipient = $2 \
-             AND state = 'placed' AND due_time_ms <= $3",
-        )
-        .bind(&due.message_id)
-        .bind(&due.recipient)
-        .bind(db::millis(now))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(false);
-        };
-        let due_ms: i64 = row.try_get("due_time_ms")?;
+        // The write comes first: on SQLite it takes the write lock at once (a read first would
+        // have to upgrade its lock, which fails at once under a concurrent writer).
         let changed = sqlx::query(
             "UPDATE deliveries SET state = $1 WHERE message_id = $2 AND recipient = $3 \
-             AND state = 'placed'",
+             AND state = 'placed' AND due_time_ms <= $4",
         )
         .bind(state.as_str())
         .bind(&due.message_id)
         .bind(&due.recipient)
+        .bind(db::millis(now))
         .execute(&mut *tx)
         .await?;
         if changed.rows_affected() == 0 {
             return Ok(false);
         }
+        let due_ms: i64 = sqlx::query(
+            "SELECT due_time_ms FROM deliveries WHERE message_id = $1 AND recipient = $2",
+        )
+        .bind(&due.message_id)
+        .bind(&due.recipient)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("due_time_ms")?;
         insert_pending(
             &mut tx,
             &[PendingEvidence {

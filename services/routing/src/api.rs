@@ -28,7 +28,7 @@ use crate::model::{
     AckOutcome, Application, CaseKind, Channel, ContactChannel, Delivery, Dimension, Identity,
     ServiceCase, Status as AppStatus, StatusChange,
 };
-use crate::service::{self, PaperIntake, Routing, StatusStep, Submission};
+use crate::service::{PaperIntake, Routing, StatusStep, Submission};
 
 /// The handlers of the four routing services.
 #[derive(Clone, Debug)]

@@ -37,7 +37,11 @@ pub struct EaddressClient {
 impl EaddressClient {
     /// A lazily connecting client to the e-address at `address`, which must present the
     /// `eaddress` component's certificate (named `server_name` in TLS).
-    pub fn connect(server: &ServerConfig, address: &str, server_name: &str) -> Result<Self, String> {
+    pub fn connect(
+        server: &ServerConfig,
+        address: &str,
+        server_name: &str,
+    ) -> Result<Self, String> {
         let material = TlsMaterial::load(&server.tls).map_err(|e| e.to_string())?;
         let identity = SpiffeId::platform(&server.trust_domain, "eaddress");
         let config = tls::client_config(&material, Some(&identity)).map_err(|e| e.to_string())?;
@@ -69,14 +73,20 @@ impl EaddressClient {
             let sha256 = sha256_hex(&content);
             let size = content.len() as u64;
             let mut parts = vec![pb::UploadAttachmentRequest {
-                part: Some(pb::upload_attachment_request::Part::Header(pb::UploadHeader {
-                    size,
-                    sha256: sha256.clone(),
-                })),
+                part: Some(pb::upload_attachment_request::Part::Header(
+                    pb::UploadHeader {
+                        size,
+                        sha256: sha256.clone(),
+                    },
+                )),
             }];
-            parts.extend(content.chunks(1 << 20).map(|chunk| pb::UploadAttachmentRequest {
-                part: Some(pb::upload_attachment_request::Part::Chunk(chunk.to_vec())),
-            }));
+            parts.extend(
+                content
+                    .chunks(1 << 20)
+                    .map(|chunk| pb::UploadAttachmentRequest {
+                        part: Some(pb::upload_attachment_request::Part::Chunk(chunk.to_vec())),
+                    }),
+            );
             let mut upload = tonic::Request::new(tokio_stream::iter(parts));
             upload.set_timeout(CALL_DEADLINE);
             self.client.clone().upload_attachment(upload).await?;
@@ -123,7 +133,11 @@ fn file_name(title: &str, media_type: &str) -> String {
         .map(|c| if c == '/' { '-' } else { c })
         .take(200)
         .collect();
-    let base = if base.trim().is_empty() { "decision".to_owned() } else { base };
+    let base = if base.trim().is_empty() {
+        "decision".to_owned()
+    } else {
+        base
+    };
     let extension = match media_type {
         "application/pdf" => ".pdf",
         "text/plain" => ".txt",

@@ -363,8 +363,7 @@ impl Store {
             return Ok(None);
         };
         let encoded: String = row.try_get("decision_base64")?;
-        use base64::Engine;
-        let content = base64::engine::general_purpose::STANDARD
+        let content = STANDARD
             .decode(encoded)
             .map_err(|e| StoreError::Corrupt(format!("decision content: {e}")))?;
         Ok(Some((
