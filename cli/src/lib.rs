@@ -1,11 +1,12 @@
 //! The `onestop` command: run the whole federation on one machine (`up`), run one service from
 //! a configuration file (`serve`), manage a development PKI (`pki`), and call the platform as a
 //! member system (`submit`, `inbox`, `status`, `stats`) or an e-address user (`mailbox`,
-//! `message`, `evidence`). The binary in `main.rs` only parses arguments and calls into
-//! [`federation`], [`services`], [`pki`], [`client`] and [`mail`].
+//! `message`, `evidence`), and log a person in at the development providers (`login`). The binary in `main.rs` only parses arguments and calls into
+//! [`federation`], [`services`], [`pki`], [`client`], [`mail`] and [`devlogin`].
 //! [`services`] is where every platform service is registered.
 
 pub mod client;
+pub mod devlogin;
 pub mod federation;
 pub mod mail;
 pub mod pki;

@@ -134,8 +134,9 @@ pub enum MessageCommand {
         /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
-        /// `messages/<id>`.
-        name: String,
+        /// The message, `messages/<id>`.
+        #[arg(value_name = "MESSAGE")]
+        message: String,
         /// The mailbox it is read from; empty for one's own.
         #[arg(long, default_value = "")]
         mailbox: String,
@@ -145,8 +146,9 @@ pub enum MessageCommand {
         /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
-        /// `messages/<id>`.
-        name: String,
+        /// The message, `messages/<id>`.
+        #[arg(value_name = "MESSAGE")]
+        message: String,
         /// The attachment's SHA-256.
         #[arg(long)]
         sha256: String,
@@ -322,11 +324,14 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
         }
         MessageCommand::Read {
             connection,
-            name,
+            message,
             mailbox,
         } => {
             let answer = MessageServiceClient::new(connection.open()?)
-                .get_message(pb::GetMessageRequest { name, mailbox })
+                .get_message(pb::GetMessageRequest {
+                    name: message,
+                    mailbox,
+                })
                 .await
                 .map_err(failed)?;
             let message = answer.into_inner().message.unwrap_or_default();
@@ -334,14 +339,14 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
         }
         MessageCommand::Download {
             connection,
-            name,
+            message,
             sha256,
             out,
             mailbox,
         } => {
             let mut chunks = MessageServiceClient::new(connection.open()?)
                 .download_attachment(pb::DownloadAttachmentRequest {
-                    name,
+                    name: message,
                     mailbox,
                     sha256,
                 })
@@ -441,8 +446,9 @@ pub enum EvidenceCommand {
         /// How to reach the gateway, as whom.
         #[command(flatten)]
         connection: Connection,
-        /// `messages/<id>`.
-        name: String,
+        /// The message, `messages/<id>`.
+        #[arg(value_name = "MESSAGE")]
+        message: String,
         /// Only this recipient's records (the sender); a recipient gets their own.
         #[arg(long, default_value = "")]
         recipient: String,
@@ -499,12 +505,15 @@ pub async fn evidence(command: EvidenceCommand) -> anyhow::Result<()> {
         }
         EvidenceCommand::Bundle {
             connection,
-            name,
+            message,
             recipient,
             out,
         } => {
             let answer = EvidenceServiceClient::new(connection.open()?)
-                .get_evidence_bundle(pb::GetEvidenceBundleRequest { name, recipient })
+                .get_evidence_bundle(pb::GetEvidenceBundleRequest {
+                    name: message,
+                    recipient,
+                })
                 .await
                 .map_err(failed)?
                 .into_inner();

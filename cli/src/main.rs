@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use onestop_cli::federation::{self, Options};
 use onestop_cli::pki::{self, Subject};
 use onestop_cli::services;
-use onestop_cli::{client, mail};
+use onestop_cli::{client, devlogin, mail};
 use onestop_platform::config::{self, TelemetryConfig, default_trust_domain};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +88,9 @@ enum Command {
         #[command(subcommand)]
         command: client::StatsCommand,
     },
+    /// Log a person in at the development OpenID providers (`scripts/dev-oidc`) and print their
+    /// platform token, for `--token` or `ONESTOP_TOKEN`.
+    Login(devlogin::LoginArgs),
     /// A mailbox of the e-address: activate it, show it, look up who has one.
     Mailbox {
         #[command(subcommand)]
@@ -224,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inbox { command } => runtime()?.block_on(client::inbox(command)),
         Command::Status { command } => runtime()?.block_on(client::status(command)),
         Command::Stats { command } => runtime()?.block_on(client::stats(command)),
+        Command::Login(args) => runtime()?.block_on(devlogin::login(args)),
         Command::Mailbox { command } => runtime()?.block_on(mail::mailbox(command)),
         Command::Message { command } => runtime()?.block_on(mail::message(command)),
         Command::Evidence { command } => runtime()?.block_on(mail::evidence(command)),
@@ -364,4 +368,15 @@ where
     let result = serve(listener, shutdown).await;
     telemetry.shutdown();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every command's arguments are well-formed (clap checks names, defaults and conflicts only
+    /// when a command is built, so a mistake would otherwise surface at a user's first call).
+    #[test]
+    fn the_commands_are_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -221,8 +221,12 @@ methods = [
 "#,
     from_file: |path, env| Ok(eaddress(config::load(Some(path), env)?)),
     local: |local| {
+        let mut server = local.server;
+        // An upload is one call that lasts as long as its content takes to arrive (a gigabyte
+        // over a slow line); the gateway's own per-method deadlines still bound other calls.
+        server.limits.request_timeout_ms = std::time::Duration::from_secs(3600);
         Ok(eaddress(EaddressConfig {
-            server: local.server,
+            server,
             database: local.database,
             telemetry: TelemetryConfig::default(),
             admin: Default::default(),

@@ -29,6 +29,16 @@ fn example_configurations_parse() {
     let routing: onestop_routing::RoutingConfig =
         onestop_platform::config::load(Some(&example("routing.toml")), &env).unwrap();
     assert_eq!(routing.routing.max_attempts, 5);
+    assert!(routing.routing.eaddress_address.is_some());
+    let eaddress: onestop_eaddress::EaddressConfig =
+        onestop_platform::config::load(Some(&example("eaddress.toml")), &env).unwrap();
+    assert_eq!(eaddress.eaddress.default_delivery_rule, "working-days:2");
+    assert!(eaddress.eaddress.smtp.is_some());
+    assert!(
+        gateway
+            .routes
+            .contains_key("onestop.eaddress.v1.MessageService")
+    );
     assert_eq!(
         gateway.gateway.method_deadlines_ms["onestop.routing.v1.InboxService/StreamInbox"],
         0

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use reqwest::Url;
-use reqwest::redirect::Policy;
 
 /// The identity service's client id at both providers.
 pub const CLIENT_ID: &str = "onestop-identity";
@@ -90,8 +89,6 @@ pub const ROLE_SPECIALIST: &str = "specialist";
 
 /// How long the providers may take to start, and any one request to them.
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// More steps than the provider's pages ever take: a loop guard, not a limit tests meet.
-const MAX_STEPS: usize = 20;
 
 /// The two providers, running until dropped (the node process is killed and reaped in Drop).
 pub struct Providers {
@@ -240,165 +237,7 @@ fn spawn_node(dir: &Path, client_secret: &str) -> anyhow::Result<Node> {
     })
 }
 
-/// What a person does at the provider's pages.
-#[derive(Clone, Copy, Debug)]
-pub struct Login<'a> {
-    /// The account to log in as, e.g. [`LV_RESIDENT`]; an unknown one makes [`browse`] fail
-    /// with the login page's error.
-    pub account: &'a str,
-    /// The level of assurance chosen on the login page, e.g. [`ACR_HIGH`]; the ID token
-    /// carries it as `acr` whatever the client asked for.
-    pub acr: &'a str,
-}
-
-/// Where the provider sent the browser back: the redirect URI's query.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Callback {
-    /// The whole URL the browser was sent to.
-    pub url: String,
-    /// `code`, on success.
-    pub code: Option<String>,
-    /// `state`, as the client sent it.
-    pub state: Option<String>,
-    /// `error`, when the provider refused the request (e.g. `invalid_scope`).
-    pub error: Option<String>,
-    /// `error_description`, with `error`.
-    pub error_description: Option<String>,
-    /// `iss` (RFC 9207), which oidc-provider always adds.
-    pub iss: Option<String>,
-}
-
-impl Callback {
-    fn from_url(url: &Url) -> Self {
-        let value = |name: &str| {
-            url.query_pairs()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.into_owned())
-        };
-        Self {
-            url: url.to_string(),
-            code: value("code"),
-            state: value("state"),
-            error: value("error"),
-            error_description: value("error_description"),
-            iss: value("iss"),
-        }
-    }
-}
-
-/// Acts as a browser: starts at `authorization_url`, follows redirects on the provider's origin
-/// with a cookie jar (redirects NOT followed automatically by reqwest; follow them by hand),
-/// fills in the login form with the account and acr, confirms consent, and stops at the first
-/// redirect leaving the provider's origin (the front end's redirect URI), returning its query.
-/// An error page or an unexpected status is an Err with the page's text.
-///
-/// Each call is a new browser (a new cookie jar), so the person always logs in and consents.
-pub async fn browse(authorization_url: &str, login: &Login<'_>) -> anyhow::Result<Callback> {
-    let start = Url::parse(authorization_url)
-        .with_context(|| format!("authorization URL {authorization_url}"))?;
-    let origin = start.origin();
-    // By hand, because the last redirect goes to a front end that does not exist: it is the
-    // answer, not somewhere to go.
-    let browser = reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(Policy::none())
-        .timeout(TIMEOUT)
-        .build()?;
-    let mut response = browser.get(start).send().await?;
-    let (mut logged_in, mut consented) = (false, false);
-    for _ in 0..MAX_STEPS {
-        let url = response.url().clone();
-        let status = response.status();
-        if status.is_redirection() {
-            let location = response
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .with_context(|| format!("a {status} without a Location from {url}"))?
-                .to_str()
-                .with_context(|| format!("the Location of the {status} from {url}"))?;
-            let next = url
-                .join(location)
-                .with_context(|| format!("Location {location:?} from {url}"))?;
-            if next.origin() != origin {
-                return Ok(Callback::from_url(&next));
-            }
-            response = browser.get(next).send().await?;
-            continue;
-        }
-        let page = response.text().await?;
-        if status != reqwest::StatusCode::OK {
-            bail!("{status} from {url}: {}", page_text(&page));
-        }
-        let action = form_action(&page)
-            .with_context(|| format!("no form at {url}: {}", page_text(&page)))?;
-        let target = url.join(&action)?;
-        if target.origin() != origin {
-            bail!("the form at {url} posts to another origin ({target}): not a page of ours");
-        }
-        if target.path().ends_with("/login") {
-            // The login page again after a login: the provider refused it.
-            if logged_in {
-                bail!("the login was refused at {url}: {}", page_text(&page));
-            }
-            logged_in = true;
-            let form = [("login", login.account), ("acr", login.acr)];
-            response = browser.post(target).form(&form).send().await?;
-        } else if target.path().ends_with("/confirm") {
-            if consented {
-                bail!("consent asked again at {url}: {}", page_text(&page));
-            }
-            consented = true;
-            response = browser
-                .post(target)
-                .form(&[] as &[(&str, &str)])
-                .send()
-                .await?;
-        } else {
-            bail!(
-                "an unexpected form at {url} (to {target}): {}",
-                page_text(&page)
-            );
-        }
-    }
-    bail!("the provider's pages took more than {MAX_STEPS} steps")
-}
-
-/// The `action` of the first form of a page (our own pages: one form each, attribute in double
-/// quotes).
-fn form_action(page: &str) -> Option<String> {
-    let form = &page[page.find("<form")?..];
-    let form = &form[..form.find('>')?];
-    let value = &form[form.find("action=\"")? + "action=\"".len()..];
-    Some(unescape(&value[..value.find('"')?]))
-}
-
-/// A page's text without its markup, for error messages.
-fn page_text(page: &str) -> String {
-    // The head's title repeats the heading; the body is what a person reads.
-    let body = page.find("<body").map_or(page, |start| &page[start..]);
-    let mut text = String::with_capacity(body.len());
-    let mut in_tag = false;
-    for c in body.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' if in_tag => {
-                in_tag = false;
-                text.push(' ');
-            }
-            _ if !in_tag => text.push(c),
-            _ => {}
-        }
-    }
-    unescape(&text.split_whitespace().collect::<Vec<_>>().join(" "))
-}
-
-fn unescape(text: &str) -> String {
-    text.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&amp;", "&")
-}
+pub use onestop_cli::devlogin::{Callback, Login, browse};
 
 /// Where the node side lives: `integration-tests/oidc`.
 /// The Node.js that `scripts/install-tools` checked to be recent enough (`.tools/bin/node`),

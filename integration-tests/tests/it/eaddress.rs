@@ -33,6 +33,7 @@ on_both_backends!(
     messages_reach_mailboxes_with_verifiable_evidence,
     bad_input_is_refused_and_stores_nothing,
     deemed_delivery_counts_working_days_once,
+    evidence_waits_for_a_key_and_is_never_skipped,
     notices_reach_smtp_and_survive_refusals,
     decisions_reach_the_applicants_mailbox_once,
 );
@@ -741,6 +742,10 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
 /// An e-address over `url` with its files in `dir`, without a server: for background work at
 /// chosen times.
 async fn open_direct(url: &str, dir: &std::path::Path) -> Eaddress {
+    open_direct_with(url, dir, true).await
+}
+
+async fn open_direct_with(url: &str, dir: &std::path::Path, generate_key: bool) -> Eaddress {
     let db = onestop_platform::db::open(
         &DatabaseConfig::at(url),
         &onestop_eaddress::store::MIGRATIONS,
@@ -766,7 +771,7 @@ async fn open_direct(url: &str, dir: &std::path::Path) -> Eaddress {
         },
         max_attachment_bytes: 1 << 20,
         trusted_senders: Vec::new(),
-        signer: Signer::open(&dir.join("keys"), true).unwrap(),
+        signer: Signer::open(&dir.join("keys"), generate_key).unwrap(),
         mailer: None,
     })
     .await
@@ -1106,4 +1111,58 @@ async fn decisions_reach_the_applicants_mailbox_once(backend: Backend) {
         [Event::Accepted, Event::Placed]
     );
     fed.stop().await;
+}
+
+async fn evidence_waits_for_a_key_and_is_never_skipped(backend: Backend) {
+    let database = TestDatabase::start(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No signing key yet (a secret not mounted, a key being provisioned).
+    let eaddress = open_direct_with(&database.url, dir.path(), false).await;
+    let institution = Who::Member(Member::parse("GOV/VSAA/pensions").unwrap());
+    let out = Outgoing {
+        sender: String::new(),
+        recipients: vec!["company:40003012345".into()],
+        subject: "Paziņojums".into(),
+        body: String::new(),
+        document_type: "letter".into(),
+        thread_id: String::new(),
+        attachments: Vec::new(),
+        hidden_from_delegates: false,
+    };
+    let sent = eaddress
+        .send(
+            &institution,
+            "GOV/VSAA/pensions",
+            "m1",
+            Fingerprint::of_bytes(b"m1"),
+            out,
+        )
+        .await
+        .expect("accepted without a key");
+    eaddress
+        .dispatch(onestop_platform::clock::now())
+        .await
+        .unwrap();
+    assert_eq!(eaddress.sign_evidence().await.unwrap(), 0);
+    assert_eq!(
+        eaddress
+            .store()
+            .pending_count(Some(&sent.id))
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(eaddress.bundle(&institution, &sent.id, "").await.is_err());
+    // A key arrives: the waiting evidence is signed, in order, none skipped.
+    let (_, der) = evidence::EvidenceKey::generate("e2026").unwrap();
+    std::fs::write(dir.path().join("keys/e2026.p8"), der).unwrap();
+    assert_eq!(eaddress.sign_evidence().await.unwrap(), 2);
+    assert_eq!(eaddress.store().pending_count(None).await.unwrap(), 0);
+    let (bundle, pending) = eaddress.bundle(&institution, &sent.id, "").await.unwrap();
+    assert_eq!(pending, 0);
+    let keys = eaddress.keys().await.unwrap();
+    let verified = evidence::verify_bundle(&bundle, Some(&keys), &[]).unwrap();
+    let events: Vec<Event> = verified.records.iter().map(|r| r.event).collect();
+    assert_eq!(events, [Event::Accepted, Event::Placed]);
+    assert!(verified.records.iter().all(|r| r.sender == PENSIONS));
 }

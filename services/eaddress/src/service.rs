@@ -1025,10 +1025,10 @@ impl Eaddress {
 
     /// Signs a tree head over the whole log as it is now, unless one of that size exists.
     async fn sign_tree_head(&self, size: u64) -> Result<Option<StoredTreeHead>, EaddressError> {
-        if let Some(head) = self.store.tree_head(size).await? {
-            if head.tree_size == size {
-                return Ok(Some(head));
-            }
+        if let Some(head) = self.store.tree_head(size).await?
+            && head.tree_size == size
+        {
+            return Ok(Some(head));
         }
         let Some(key) = self.signer.key() else {
             return Ok(None);
