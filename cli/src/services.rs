@@ -199,6 +199,7 @@ pub const EADDRESS: Service = Service {
     long_lived: &[
         "onestop.eaddress.v1.MessageService/UploadAttachment",
         "onestop.eaddress.v1.MessageService/DownloadAttachment",
+        "onestop.eaddress.v1.MessageService/StreamIncomingMessages",
     ],
     default_policy: r#"# The demo institution sends official messages, reads its own mailbox and the evidence; the
 # front ends (the demo centre's desk and the demo institution's portal) let residents with a

@@ -34,6 +34,7 @@ on_both_backends!(
     bad_input_is_refused_and_stores_nothing,
     deemed_delivery_counts_working_days_once,
     evidence_waits_for_a_key_and_is_never_skipped,
+    institutions_receive_their_messages_on_a_stream,
     notices_reach_smtp_and_survive_refusals,
     decisions_reach_the_applicants_mailbox_once,
 );
@@ -773,6 +774,7 @@ async fn open_direct_with(url: &str, dir: &std::path::Path, generate_key: bool) 
         trusted_senders: Vec::new(),
         signer: Signer::open(&dir.join("keys"), generate_key).unwrap(),
         mailer: None,
+        incoming_lease: Duration::from_secs(60),
     })
     .await
     .unwrap()
@@ -1165,4 +1167,174 @@ async fn evidence_waits_for_a_key_and_is_never_skipped(backend: Backend) {
     let events: Vec<Event> = verified.records.iter().map(|r| r.event).collect();
     assert_eq!(events, [Event::Accepted, Event::Placed]);
     assert!(verified.records.iter().all(|r| r.sender == PENSIONS));
+}
+
+/// An institution's open incoming stream.
+struct IncomingConsumer {
+    requests: tokio::sync::mpsc::Sender<StreamIncomingMessagesRequest>,
+    responses: tonic::Streaming<StreamIncomingMessagesResponse>,
+}
+
+impl IncomingConsumer {
+    async fn open(fed: &TestFederation, window: u32) -> Self {
+        let (requests, outgoing) = tokio::sync::mpsc::channel(16);
+        requests
+            .send(StreamIncomingMessagesRequest {
+                kind: Some(stream_incoming_messages_request::Kind::Open(OpenIncoming {
+                    mailbox: String::new(),
+                    max_unacknowledged: window,
+                })),
+            })
+            .await
+            .unwrap();
+        let responses = messages(fed, INSTITUTION)
+            .stream_incoming_messages(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            requests,
+            responses,
+        }
+    }
+
+    async fn next(&mut self) -> StreamIncomingMessagesResponse {
+        tokio::time::timeout(Duration::from_secs(30), self.responses.message())
+            .await
+            .expect("a message within 30 s")
+            .unwrap()
+            .expect("the stream is open")
+    }
+
+    async fn message(&mut self) -> IncomingMessage {
+        match self.next().await.kind {
+            Some(stream_incoming_messages_response::Kind::Message(m)) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    async fn ack(&mut self, names: &[&str]) -> AcknowledgeResult {
+        self.requests
+            .send(StreamIncomingMessagesRequest {
+                kind: Some(stream_incoming_messages_request::Kind::Ack(
+                    AcknowledgeMessages {
+                        names: names.iter().map(|n| (*n).to_owned()).collect(),
+                    },
+                )),
+            })
+            .await
+            .unwrap();
+        match self.next().await.kind {
+            Some(stream_incoming_messages_response::Kind::AckResult(r)) => r,
+            other => panic!("expected an ack result, got {other:?}"),
+        }
+    }
+}
+
+async fn institutions_receive_their_messages_on_a_stream(backend: Backend) {
+    let World { fed, providers: _p } = world(backend).await;
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(INSTITUTION),
+        "onestop.eaddress.v1.MessageService",
+    )
+    .await;
+    let token = resident_token(&fed, oidc::LV_RESIDENT).await;
+    activate(&fed, &token, "").await;
+    let asked = messages(&fed, INSTITUTION)
+        .send_message(letter("ask", &[RESIDENT]))
+        .await
+        .unwrap()
+        .into_inner();
+    placed(&fed, &token, &asked.name).await;
+
+    // A person cannot hold a mailbox's stream.
+    let (person_requests, outgoing) = tokio::sync::mpsc::channel(1);
+    person_requests
+        .send(StreamIncomingMessagesRequest {
+            kind: Some(stream_incoming_messages_request::Kind::Open(OpenIncoming {
+                mailbox: String::new(),
+                max_unacknowledged: 1,
+            })),
+        })
+        .await
+        .unwrap();
+    let status = messages(&fed, CENTRE)
+        .stream_incoming_messages(bearer(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "SYSTEMS_ONLY", "{status:?}");
+
+    // The institution's system holds its stream; the resident answers three times.
+    let mut consumer = IncomingConsumer::open(&fed, 2).await;
+    let mut replies = Vec::new();
+    for i in 0..3 {
+        let mut reply = letter(&format!("reply-{i}"), &[]);
+        reply.document_type = "reply".into();
+        reply.subject = format!("Atbilde {i}");
+        reply.thread_id = asked.thread_id.clone();
+        let sent = messages(&fed, CENTRE)
+            .send_message(bearer(reply, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        replies.push(sent.name);
+    }
+    let first = consumer.message().await;
+    let second = consumer.message().await;
+    let first_name = first.message.as_ref().unwrap().name.clone();
+    assert_eq!(first_name, replies[0]);
+    assert_eq!(second.message.as_ref().unwrap().name, replies[1]);
+    assert_eq!(first.message.as_ref().unwrap().sender, RESIDENT);
+    assert_eq!(first.attempt, 1);
+    // The window is full until an acknowledgement frees it; a stranger's name is refused.
+    let result = consumer.ack(&[&first_name, "messages/nosuchmessage"]).await;
+    assert_eq!(result.acknowledged, [first_name.clone()]);
+    assert_eq!(result.refused[0].reason, "DELIVERY_NOT_SENT");
+    let third = consumer.message().await;
+    assert_eq!(third.message.as_ref().unwrap().name, replies[2]);
+
+    // The stream goes away with two unacknowledged: a new one gets them again.
+    drop(consumer);
+    let mut again = IncomingConsumer::open(&fed, 10).await;
+    let redelivered = [again.message().await, again.message().await];
+    let names: Vec<&str> = redelivered
+        .iter()
+        .map(|m| m.message.as_ref().unwrap().name.as_str())
+        .collect();
+    assert_eq!(names, [replies[1].as_str(), replies[2].as_str()]);
+    assert!(redelivered.iter().all(|m| m.attempt == 2));
+    let result = again.ack(&names).await;
+    assert_eq!(result.acknowledged.len(), 2);
+    // Acknowledging again is harmless.
+    let result = again.ack(&names[..1]).await;
+    assert_eq!(result.acknowledged.len(), 1);
+
+    // The acknowledgement is the institution's retrieval, in the evidence the resident holds.
+    let keys = published_keys(&fed).await;
+    let bundle = eventually("the reply's evidence is signed", || async {
+        let answer = evidence_client(&fed, CENTRE)
+            .get_evidence_bundle(bearer(
+                GetEvidenceBundleRequest {
+                    name: replies[0].clone(),
+                    recipient: String::new(),
+                },
+                &token,
+            ))
+            .await
+            .ok()?
+            .into_inner();
+        let bundle: Bundle = serde_json::from_str(&answer.bundle_json).unwrap();
+        (answer.pending_records == 0 && bundle.entries.len() == 3).then_some(bundle)
+    })
+    .await;
+    let verified = evidence::verify_bundle(&bundle, Some(&keys), &[]).unwrap();
+    assert_eq!(
+        events_of(&verified.records, PENSIONS),
+        [Event::Accepted, Event::Placed, Event::Retrieved]
+    );
+    drop(again);
+    fed.stop().await;
 }

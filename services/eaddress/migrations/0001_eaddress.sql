@@ -62,7 +62,8 @@ CREATE TABLE thread_parties (
 
 -- A message for one recipient. state: accepted, placed, retrieved, deemed_delivered,
 -- not_delivered. due_kind: deemed (deemed delivered at due_time_ms unless opened first),
--- expires (not delivered at due_time_ms unless opened first), or empty.
+-- expires (not delivered at due_time_ms unless opened first), or empty. consumer,
+-- lease_until_ms and attempts: an institution's incoming stream's lease on it.
 CREATE TABLE deliveries (
     message_id        TEXT NOT NULL,
     recipient         TEXT NOT NULL,
@@ -72,6 +73,9 @@ CREATE TABLE deliveries (
     retrieve_time_ms  BIGINT,
     due_kind          TEXT NOT NULL,
     due_time_ms       BIGINT,
+    consumer          TEXT,
+    lease_until_ms    BIGINT,
+    attempts          BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (message_id, recipient)
 );
 CREATE INDEX deliveries_by_mailbox ON deliveries (recipient, accept_time_ms, message_id);

@@ -18,8 +18,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::blobs::{MAX_CHUNK_BYTES, Read, UploadError};
 use crate::error::EaddressError;
+use crate::incoming::IncomingMessage;
 use crate::model::{Delivery, DeliveryState, Mailbox, Message};
 use crate::service::{Eaddress, Outgoing, Who, message_id};
+use onestop_platform::inbox::{self, AckOutcome, Incoming, MAX_WINDOW};
 
 /// The handlers of the three e-address services.
 #[derive(Clone, Debug)]
@@ -151,6 +153,24 @@ impl MailboxService for EaddressApi {
 }
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<pb::DownloadAttachmentResponse, Status>> + Send>>;
+type IncomingStream =
+    Pin<Box<dyn Stream<Item = Result<pb::StreamIncomingMessagesResponse, Status>> + Send>>;
+
+fn ack_result_pb(outcomes: Vec<(String, AckOutcome)>) -> pb::AcknowledgeResult {
+    let mut result = pb::AcknowledgeResult::default();
+    for (id, outcome) in outcomes {
+        let name = format!("messages/{id}");
+        if outcome == AckOutcome::Acknowledged {
+            result.acknowledged.push(name);
+        } else {
+            result.refused.push(pb::RefusedAcknowledgement {
+                name,
+                reason: outcome.reason().to_owned(),
+            });
+        }
+    }
+    result
+}
 
 fn upload_error(error: UploadError) -> EaddressError {
     match error {
@@ -329,6 +349,95 @@ impl MessageService for EaddressApi {
     }
 
     type DownloadAttachmentStream = Chunks;
+    type StreamIncomingMessagesStream = IncomingStream;
+
+    async fn stream_incoming_messages(
+        &self,
+        request: Request<Streaming<pb::StreamIncomingMessagesRequest>>,
+    ) -> Result<Response<IncomingStream>, Status> {
+        let (who, _) = who(&request)?;
+        let mut requests = request.into_inner();
+        let open = match requests.message().await? {
+            Some(pb::StreamIncomingMessagesRequest {
+                kind: Some(pb::stream_incoming_messages_request::Kind::Open(open)),
+            }) => open,
+            Some(_) => {
+                return Err(
+                    EaddressError::invalid("kind", "the first message must be `open`").into(),
+                );
+            }
+            None => {
+                return Err(
+                    EaddressError::invalid("kind", "the stream ended before `open`").into(),
+                );
+            }
+        };
+        let mailbox = self.eaddress.incoming_mailbox(&who, &open.mailbox)?;
+        if open.max_unacknowledged == 0 || open.max_unacknowledged > MAX_WINDOW {
+            return Err(EaddressError::invalid(
+                "open.max_unacknowledged",
+                format!("must be 1-{MAX_WINDOW}"),
+            )
+            .into());
+        }
+        let incoming = requests.map(|message| match message {
+            Ok(pb::StreamIncomingMessagesRequest {
+                kind: Some(pb::stream_incoming_messages_request::Kind::Ack(ack)),
+            }) => ack
+                .names
+                .iter()
+                .map(|name| message_id(name).map(str::to_owned))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Incoming::Ack),
+            Ok(pb::StreamIncomingMessagesRequest {
+                kind: Some(pb::stream_incoming_messages_request::Kind::Open(_)),
+            }) => Ok(Incoming::Misplaced("`open` comes only first")),
+            Ok(_) => Ok(Incoming::Misplaced("a message must be `open` or `ack`")),
+            Err(status) => Err(EaddressError::Unavailable(format!(
+                "the consumer's stream failed: {}",
+                status.message()
+            ))),
+        });
+        // Small: what is queued here is already leased; the window is the consumer's own.
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(inbox::run(
+            self.eaddress.clone(),
+            mailbox,
+            open.max_unacknowledged,
+            Box::pin(incoming),
+            sender,
+            self.shutdown.clone(),
+        ));
+        let responses =
+            tokio_stream::wrappers::ReceiverStream::new(receiver).map(|item| match item {
+                Ok(inbox::Outgoing::Delivery(delivery)) => {
+                    let IncomingMessage {
+                        message,
+                        delivery,
+                        attempt,
+                        lease_until,
+                    } = *delivery;
+                    Ok(pb::StreamIncomingMessagesResponse {
+                        kind: Some(pb::stream_incoming_messages_response::Kind::Message(
+                            pb::IncomingMessage {
+                                message: Some(message_pb(message, delivery)),
+                                attempt,
+                                lease_expire_time: Some(timestamp(lease_until)),
+                            },
+                        )),
+                    })
+                }
+                Ok(inbox::Outgoing::AckResult(outcomes)) => {
+                    Ok(pb::StreamIncomingMessagesResponse {
+                        kind: Some(pb::stream_incoming_messages_response::Kind::AckResult(
+                            ack_result_pb(outcomes),
+                        )),
+                    })
+                }
+                Err(error) => Err(Status::from(error)),
+            });
+        Ok(Response::new(Box::pin(responses)))
+    }
 
     async fn download_attachment(
         &self,

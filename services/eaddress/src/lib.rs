@@ -6,7 +6,8 @@
 //! Layout, each layer calling only downward: [`api`] (tonic handlers) → [`service`] (use cases,
 //! who may do what, background work) → [`calendar`] (working days, delivery rules),
 //! [`evidence`] (record format, Merkle proofs, signatures, offline verification), [`notices`]
-//! (SMTP), [`blobs`] (attachment content on disk) and [`store`] (sqlx). [`address`] parses
+//! (SMTP), [`blobs`] (attachment content on disk) and [`store`] (sqlx); [`incoming`] serves an
+//! institution's incoming messages through the platform's inbox streams. [`address`] parses
 //! mailbox addresses, [`model`] holds the domain's records and [`error`] is where errors become
 //! gRPC statuses.
 
@@ -16,6 +17,7 @@ pub mod blobs;
 pub mod calendar;
 pub mod error;
 pub mod evidence;
+pub mod incoming;
 pub mod model;
 pub mod notices;
 pub mod service;
@@ -99,6 +101,10 @@ pub struct EaddressSettings {
     /// failure up to an hour.
     #[serde(default = "default_first_retry")]
     pub notice_first_retry_ms: u64,
+    /// How long an institution's incoming stream holds a message unacknowledged before it is
+    /// delivered again, seconds (1-3600).
+    #[serde(default = "default_incoming_lease")]
+    pub incoming_lease_s: u64,
 }
 
 fn default_max_attachment() -> u64 {
@@ -116,6 +122,9 @@ fn default_trusted() -> Vec<String> {
 fn default_first_retry() -> u64 {
     30_000
 }
+fn default_incoming_lease() -> u64 {
+    60
+}
 
 impl EaddressSettings {
     /// The settings with every default, keeping attachments and keys under `data_dir`.
@@ -132,6 +141,7 @@ impl EaddressSettings {
             trusted_senders: default_trusted(),
             smtp: None,
             notice_first_retry_ms: default_first_retry(),
+            incoming_lease_s: default_incoming_lease(),
         }
     }
 }
@@ -176,6 +186,9 @@ fn gauges() -> &'static Gauges {
 pub async fn open(config: &EaddressConfig) -> Result<Arc<Eaddress>, ServeError> {
     let settings = &config.eaddress;
     let bad = |key: &str, e: String| ServeError::Config(format!("eaddress.{key}: {e}"));
+    if settings.incoming_lease_s == 0 || settings.incoming_lease_s > 3600 {
+        return Err(bad("incoming_lease_s", "1-3600 seconds".into()));
+    }
     if settings.max_attachment_bytes == 0 || settings.max_attachment_bytes > 64 << 30 {
         return Err(bad("max_attachment_bytes", "1 byte to 64 GiB".into()));
     }
@@ -237,6 +250,7 @@ pub async fn open(config: &EaddressConfig) -> Result<Arc<Eaddress>, ServeError> 
         trusted_senders,
         signer,
         mailer,
+        incoming_lease: Duration::from_secs(settings.incoming_lease_s),
     })
     .await?;
     eaddress.gauges = gauges().clone();
@@ -254,6 +268,13 @@ pub async fn serve(
     tokio::spawn(keep_delivering(eaddress.clone(), shutdown.clone()));
     tokio::spawn(keep_noticing(eaddress.clone(), shutdown.clone()));
     tokio::spawn(keep_deadlines(eaddress.clone(), shutdown.clone()));
+    if eaddress.store().database().backend == onestop_platform::db::Backend::Postgres {
+        eaddress.inboxes().follow_postgres(
+            config.database.url.clone(),
+            store::INCOMING_CHANNEL,
+            shutdown.clone(),
+        );
+    }
     let mut services = Services::new(&config.server);
     services
         .health()

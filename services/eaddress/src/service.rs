@@ -241,6 +241,8 @@ pub struct Eaddress {
     leaves: Mutex<Vec<Hash>>,
     page_tokens: PageTokens,
     mailer: Option<(Mailer, std::time::Duration)>,
+    inboxes: Arc<onestop_platform::inbox::Inboxes>,
+    incoming_lease: std::time::Duration,
     /// Wake-ups for the background work.
     pub wake: Wake,
     /// Figures for metrics.
@@ -268,6 +270,9 @@ pub struct Parts {
     pub signer: Signer,
     /// Notices by e-mail, with the first retry's delay.
     pub mailer: Option<(Mailer, std::time::Duration)>,
+    /// How long an incoming stream holds a message unacknowledged before it is delivered
+    /// again.
+    pub incoming_lease: std::time::Duration,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> EaddressError {
@@ -329,6 +334,8 @@ impl Eaddress {
             leaves: Mutex::new(Vec::new()),
             page_tokens,
             mailer: parts.mailer,
+            inboxes: Arc::default(),
+            incoming_lease: parts.incoming_lease,
             wake: Wake::default(),
             gauges: Gauges::default(),
         };
@@ -356,6 +363,27 @@ impl Eaddress {
         &self.blobs
     }
 
+    /// The wake-ups of the incoming streams.
+    pub fn inboxes(&self) -> &Arc<onestop_platform::inbox::Inboxes> {
+        &self.inboxes
+    }
+
+    /// How long an incoming stream holds a message.
+    pub fn incoming_lease(&self) -> std::time::Duration {
+        self.incoming_lease
+    }
+
+    /// The mailbox whose incoming stream `who` may open: its own member or company mailbox.
+    pub fn incoming_mailbox(&self, who: &Who, mailbox: &str) -> Result<String, EaddressError> {
+        match who {
+            Who::Member(_) => Ok(self.own_mailbox(who, mailbox)?.to_string()),
+            _ => Err(EaddressError::denied(
+                "SYSTEMS_ONLY",
+                "an incoming stream is for an institution's or a company's own system",
+            )),
+        }
+    }
+
     /// The largest attachment accepted.
     pub fn max_attachment_bytes(&self) -> u64 {
         self.max_attachment_bytes
@@ -369,7 +397,9 @@ impl Eaddress {
         who: &Who,
         addresses: &[String],
     ) -> Result<Vec<(String, bool)>, EaddressError> {
-        if matches!(who, Who::Staff) {
+        // Whether someone has an e-address is for the systems that write to them, not for
+        // other people to find out.
+        if !matches!(who, Who::Member(_) | Who::Component(_)) {
             return Err(EaddressError::denied(
                 "SENDERS_ONLY",
                 "looking up mailboxes is for senders' systems",
@@ -1110,7 +1140,7 @@ impl Eaddress {
         let needed = entries.last().map_or(0, |e| e.log_index + 1);
         let mut head = self.store.tree_head(0).await?;
         if head.as_ref().is_none_or(|h| h.tree_size < needed) {
-            let size = self.store.leaf_hashes(0).await?.len() as u64;
+            let size = self.store.log_size().await?;
             head = self.sign_tree_head(size).await?.or(head);
         }
         let Some(head) = head else {
@@ -1219,6 +1249,17 @@ impl Eaddress {
         }
         let n = decided.len();
         self.store.place(&decided, now).await?;
+        let systems: HashSet<&str> = decided
+            .iter()
+            .filter(|(d, p)| {
+                matches!(p, Placement::Placed { .. })
+                    && !(d.recipient.starts_with("lv:") || d.recipient.starts_with("eidas:"))
+            })
+            .map(|(d, _)| d.recipient.as_str())
+            .collect();
+        for mailbox in systems {
+            self.inboxes.wake(mailbox);
+        }
         self.wake.evidence.notify_one();
         self.wake.notices.notify_one();
         Ok(n)

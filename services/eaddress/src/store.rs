@@ -24,6 +24,13 @@ pub static MIGRATIONS: Migrations = Migrations {
 };
 static PORTABLE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The PostgreSQL channel on which a commit names the institution's mailbox it placed in.
+pub const INCOMING_CHANNEL: &str = "onestop_eaddress_incoming";
+
+fn is_person(address: &str) -> bool {
+    address.starts_with("lv:") || address.starts_with("eidas:")
+}
+
 /// Rows per multi-row insert: well under both backends' limits on bound parameters.
 const ROWS_PER_INSERT: usize = 200;
 
@@ -138,6 +145,17 @@ pub struct Due {
     pub due_kind: String,
     /// The message's delivery rule.
     pub delivery_rule: String,
+}
+
+/// What an acknowledgement found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckFound {
+    /// Acknowledged now, or before by this consumer.
+    Acknowledged,
+    /// Another consumer holds it, or had it last.
+    OtherConsumer,
+    /// Not in this mailbox, or never delivered.
+    Unknown,
 }
 
 /// A signed record of the log, as stored.
@@ -683,6 +701,21 @@ impl Store {
             });
         }
         insert_pending(&mut tx, &events).await?;
+        if self.db.backend == db::Backend::Postgres {
+            // Streams of institutions' mailboxes on other replicas wake up too.
+            let mailboxes: std::collections::BTreeSet<&str> = events
+                .iter()
+                .filter(|e| e.event == Event::Placed && !is_person(&e.recipient))
+                .map(|e| e.recipient.as_str())
+                .collect();
+            for mailbox in mailboxes {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(INCOMING_CHANNEL)
+                    .bind(mailbox)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -806,6 +839,144 @@ impl Store {
         Ok(true)
     }
 
+    // ---- An institution's incoming stream
+
+    /// Leases up to `limit` unopened messages of `mailbox` to `consumer` until `until`: those
+    /// nobody holds, and those whose lease ended. Oldest first; (message id, attempt).
+    pub async fn claim_incoming(
+        &self,
+        mailbox: &str,
+        consumer: &str,
+        limit: u32,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE deliveries SET consumer = $1, lease_until_ms = $2, attempts = attempts + 1 \
+             WHERE recipient = $3 AND retrieve_time_ms IS NULL \
+             AND state IN ('placed', 'deemed_delivered') \
+             AND (lease_until_ms IS NULL OR lease_until_ms <= $4) \
+             AND message_id IN (SELECT message_id FROM deliveries WHERE recipient = $3 \
+               AND retrieve_time_ms IS NULL AND state IN ('placed', 'deemed_delivered') \
+               AND (lease_until_ms IS NULL OR lease_until_ms <= $4) \
+               ORDER BY accept_time_ms, message_id LIMIT $5) \
+             RETURNING message_id, attempts, accept_time_ms",
+        )
+        .bind(consumer)
+        .bind(db::millis(until))
+        .bind(mailbox)
+        .bind(db::millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                let attempts: i64 = row.try_get("attempts")?;
+                let accepted: i64 = row.try_get("accept_time_ms")?;
+                Ok((
+                    accepted,
+                    row.try_get::<String, _>("message_id")?,
+                    u32::try_from(attempts).unwrap_or(u32::MAX),
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // RETURNING gives no order: oldest first, as claimed.
+        claimed.sort();
+        Ok(claimed.into_iter().map(|(_, id, n)| (id, n)).collect())
+    }
+
+    /// Acknowledges `ids` of `mailbox` for `consumer` at `now` in one transaction: each
+    /// becomes retrieved (with its evidence) if this consumer holds it, and the answer says
+    /// what was found for each.
+    pub async fn ack_incoming(
+        &self,
+        mailbox: &str,
+        consumer: &str,
+        ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<Vec<AckFound>, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let mut found = Vec::with_capacity(ids.len());
+        let mut events = Vec::new();
+        for id in ids {
+            let done = sqlx::query(
+                "UPDATE deliveries SET state = 'retrieved', retrieve_time_ms = $1, \
+                 lease_until_ms = NULL WHERE recipient = $2 AND message_id = $3 \
+                 AND consumer = $4 AND retrieve_time_ms IS NULL",
+            )
+            .bind(db::millis(now))
+            .bind(mailbox)
+            .bind(id)
+            .bind(consumer)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                events.push(PendingEvidence {
+                    id: new_id(),
+                    message_id: id.clone(),
+                    recipient: mailbox.to_owned(),
+                    event: Event::Retrieved,
+                    reason: String::new(),
+                    time: now,
+                });
+                found.push(AckFound::Acknowledged);
+                continue;
+            }
+            let row = sqlx::query(
+                "SELECT consumer, retrieve_time_ms FROM deliveries \
+                 WHERE recipient = $1 AND message_id = $2",
+            )
+            .bind(mailbox)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            found.push(match row {
+                None => AckFound::Unknown,
+                Some(row) => {
+                    let holder: Option<String> = row.try_get("consumer")?;
+                    let retrieved: Option<i64> = row.try_get("retrieve_time_ms")?;
+                    match holder {
+                        Some(h) if h == consumer && retrieved.is_some() => AckFound::Acknowledged,
+                        Some(_) => AckFound::OtherConsumer,
+                        None => AckFound::Unknown,
+                    }
+                }
+            });
+        }
+        insert_pending(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// Ends `consumer`'s leases in `mailbox` (its stream went away); how many.
+    pub async fn release_incoming(&self, mailbox: &str, consumer: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE deliveries SET lease_until_ms = NULL WHERE recipient = $1 AND consumer = $2 \
+             AND retrieve_time_ms IS NULL AND lease_until_ms IS NOT NULL",
+        )
+        .bind(mailbox)
+        .bind(consumer)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// When the next lease on `mailbox`'s unopened messages ends.
+    pub async fn next_incoming_lease_end(
+        &self,
+        mailbox: &str,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        let row = sqlx::query(
+            "SELECT MIN(lease_until_ms) AS next FROM deliveries WHERE recipient = $1 \
+             AND retrieve_time_ms IS NULL AND lease_until_ms IS NOT NULL",
+        )
+        .bind(mailbox)
+        .fetch_one(&self.db.pool)
+        .await?;
+        optional_time(row.try_get("next")?)
+    }
+
     // ---- The evidence log
 
     /// Appends up to `limit` pending events to the log, oldest first, as records signed by
@@ -910,6 +1081,15 @@ impl Store {
         .await?;
         let n: i64 = row.try_get("n")?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// How many records the log holds.
+    pub async fn log_size(&self) -> Result<u64, StoreError> {
+        let size: i64 = sqlx::query("SELECT size FROM evidence_head WHERE id = 1")
+            .fetch_one(&self.db.pool)
+            .await?
+            .try_get("size")?;
+        Ok(u64::try_from(size).unwrap_or(0))
     }
 
     /// The log's leaf hashes from `from` on, in order.

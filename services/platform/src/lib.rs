@@ -4,7 +4,8 @@
 //!
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
 //! (certificates, rustls) → [`accept`] (admitting connections) → [`caller`] (who calls a service) → [`server`]
-//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`requests`], [`paging`], [`status`] and [`streams`] beside them.
+//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`requests`], [`paging`], [`status`], [`streams`] and [`inbox`] (consumer streams of
+//! deliveries) beside them.
 
 pub mod accept;
 pub mod caller;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod contract;
 pub mod db;
 pub mod identity;
+pub mod inbox;
 pub mod metrics;
 pub mod paging;
 pub mod person;

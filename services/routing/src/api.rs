@@ -23,12 +23,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalogue::{self, Tier};
 use crate::error::RoutingError;
-use crate::inbox::{self, Incoming, MAX_WINDOW, Outgoing};
 use crate::model::{
-    AckOutcome, Application, CaseKind, Channel, ContactChannel, Delivery, Dimension, Identity,
-    ServiceCase, Status as AppStatus, StatusChange,
+    Application, CaseKind, Channel, ContactChannel, Delivery, Dimension, Identity, ServiceCase,
+    Status as AppStatus, StatusChange,
 };
 use crate::service::{PaperIntake, Routing, StatusStep, Submission};
+use onestop_platform::inbox::{self, AckOutcome, Incoming, MAX_WINDOW, Outgoing};
 
 /// The handlers of the four routing services.
 #[derive(Clone, Debug)]
@@ -623,7 +623,7 @@ impl InboxService for RoutingApi {
                 &inbox,
                 &pull_consumer(&inbox),
                 &[message.delivery_ids],
-                |_| false,
+                &|_| false,
             )
             .await?;
         Ok(Response::new(pb::AckDeliveriesResponse {

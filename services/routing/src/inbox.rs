@@ -1,308 +1,63 @@
-//! Institution inboxes as consumer streams: flow control (never more unacknowledged
-//! deliveries on a stream than the consumer allows), leases, acknowledgements, and wake-ups
-//! when a commit adds to an inbox — in process, and across replicas through PostgreSQL's
-//! LISTEN/NOTIFY — rather than polling.
-//!
-//! A stream holds in memory only the ids it has out (at most its window) and the one batch
-//! it is handing to the transport; a consumer that stops reading blocks its own stream's
-//! sending and nothing else, and its leases expire so that others get the work.
+//! Institution inboxes: routing's deliveries served through the platform's consumer streams
+//! ([`onestop_platform::inbox`]: flow control, leases, acknowledgements, wake-ups).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use futures_util::{FutureExt, Stream, StreamExt};
+use onestop_platform::inbox::{AckOutcome, Inboxes, Leased, Source};
 use time::OffsetDateTime;
-use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
 
 use crate::error::RoutingError;
-use crate::model::{AckOutcome, Delivery};
+use crate::model::Delivery;
 use crate::service::Routing;
 
-/// Most deliveries claimed at once for one stream.
-const BATCH: u32 = 16;
-/// How many delivery ids a stream remembers having sent (to tell a late ack from a
-/// stranger's); older ones are forgotten first.
-const REMEMBERED: usize = 4_096;
-/// How long a stream waits at most before looking at its inbox again, should a wake-up be
-/// lost (a replica's notification while its listener reconnected).
-const IDLE_RECHECK: Duration = Duration::from_secs(30);
-/// Most acknowledgements taken into one transaction.
-const MAX_ACKS_AT_ONCE: usize = 64;
-/// The largest window a consumer may ask for.
-pub const MAX_WINDOW: u32 = 1_000;
-
-/// Wake-ups of the streams waiting on each inbox.
-#[derive(Debug, Default)]
-pub struct Inboxes {
-    waiting: Mutex<HashMap<String, Arc<Notify>>>,
-}
-
-impl Inboxes {
-    /// The wake-up of `inbox`.
-    fn waker(&self, inbox: &str) -> Arc<Notify> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget inboxes nobody waits on any more, so that the map stays as small as the
-        // number of inboxes with consumers.
-        if waiting.len() > 64 {
-            waiting.retain(|_, notify| Arc::strong_count(notify) > 1);
-        }
-        waiting.entry(inbox.to_owned()).or_default().clone()
+impl Leased for Delivery {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    /// Wakes the streams waiting on `inbox` (after a commit added to it).
-    pub fn wake(&self, inbox: &str) {
-        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(notify) = waiting.get(inbox) {
-            notify.notify_waiters();
-        }
-    }
-
-    /// Follows commits made by other replicas on PostgreSQL (LISTEN on
-    /// [`crate::store::INBOX_CHANNEL`]) until `shutdown`; nothing to do on SQLite, where one
-    /// process owns the database.
-    pub fn follow_postgres(self: &Arc<Self>, url: String, shutdown: CancellationToken) {
-        let inboxes = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let listened = async {
-                    let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
-                    listener.listen(crate::store::INBOX_CHANNEL).await?;
-                    loop {
-                        let notification = listener.recv().await?;
-                        inboxes.wake(notification.payload());
-                    }
-                    #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
-                };
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    result = listened => {
-                        if let Err(error) = result {
-                            tracing::warn!(%error, "listening for inbox commits failed; again in 1 s");
-                        }
-                    }
-                }
-                // Commits missed meanwhile are found by the streams' own recheck.
-                inboxes.wake_all();
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        });
-    }
-
-    fn wake_all(&self) {
-        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        for notify in waiting.values() {
-            notify.notify_waiters();
-        }
+    fn lease_until(&self) -> OffsetDateTime {
+        self.lease_until
     }
 }
 
-/// What a consumer says after opening.
-#[derive(Debug)]
-pub enum Incoming {
-    /// Deliveries processed.
-    Ack(Vec<String>),
-    /// Something a stream may not carry here (a second `open`, an empty message).
-    Misplaced(&'static str),
-}
+impl Source for Routing {
+    type Delivery = Delivery;
+    type Error = RoutingError;
 
-/// What the platform says on a stream.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// A delivery.
-    Delivery(Box<Delivery>),
-    /// The answer to one acknowledgement.
-    AckResult(Vec<(String, AckOutcome)>),
-}
-
-/// Why a stream ended from the platform's side.
-pub type Ended = RoutingError;
-
-/// The ids a stream has sent: those still out, with their lease ends, and a bounded memory of
-/// every id sent.
-struct Sent {
-    out: HashMap<String, OffsetDateTime>,
-    remembered: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl Sent {
-    fn new() -> Self {
-        Self {
-            out: HashMap::new(),
-            remembered: HashSet::new(),
-            order: VecDeque::new(),
-        }
+    fn inboxes(&self) -> &Inboxes {
+        self.inboxes()
     }
 
-    fn add(&mut self, id: &str, lease_until: OffsetDateTime) {
-        self.out.insert(id.to_owned(), lease_until);
-        if self.remembered.insert(id.to_owned()) {
-            self.order.push_back(id.to_owned());
-            if self.order.len() > REMEMBERED
-                && let Some(old) = self.order.pop_front()
-            {
-                self.remembered.remove(&old);
-            }
-        }
+    async fn claim(
+        &self,
+        inbox: &str,
+        consumer: &str,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, RoutingError> {
+        Routing::claim(self, inbox, consumer, limit).await
     }
 
-    /// Forgets what is out past its lease: it counts against the window no more.
-    fn expire(&mut self, now: OffsetDateTime) {
-        self.out.retain(|_, until| *until > now);
+    async fn ack(
+        &self,
+        inbox: &str,
+        consumer: &str,
+        acks: &[Vec<String>],
+        was_sent: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Vec<Vec<(String, AckOutcome)>>, RoutingError> {
+        Routing::ack(self, inbox, consumer, acks, was_sent).await
     }
 
-    fn next_expiry(&self) -> Option<OffsetDateTime> {
-        self.out.values().min().copied()
+    async fn release_consumer(&self, inbox: &str, consumer: &str) -> Result<u64, RoutingError> {
+        Ok(self.store().release_consumer(inbox, consumer).await?)
     }
-}
 
-/// Runs one consumer's stream on `inbox` (already checked to be the caller's) until the
-/// consumer goes away, `incoming` fails, or `shutdown`; then makes what it still had out
-/// available to the inbox's other consumers at once.
-pub async fn run(
-    routing: Arc<Routing>,
-    inbox: String,
-    window: u32,
-    mut incoming: impl Stream<Item = Result<Incoming, Ended>> + Unpin + Send,
-    outgoing: mpsc::Sender<Result<Outgoing, Ended>>,
-    shutdown: CancellationToken,
-) {
-    let consumer = format!("stream:{}", uuid::Uuid::now_v7());
-    let ended = serve_stream(
-        &routing,
-        &inbox,
-        &consumer,
-        window,
-        &mut incoming,
-        &outgoing,
-        &shutdown,
-    )
-    .await;
-    if let Err(error) = ended {
-        let _ = outgoing.send(Err(error)).await;
+    async fn next_lease_end(&self, inbox: &str) -> Result<Option<OffsetDateTime>, RoutingError> {
+        Ok(self.store().next_lease_end(inbox).await?)
     }
-    match routing.store().release_consumer(&inbox, &consumer).await {
-        Ok(0) => {}
-        Ok(released) => {
-            tracing::info!(%inbox, released, "a consumer left; its deliveries are available again");
-            routing.inboxes().wake(&inbox);
-        }
-        // The leases end on their own.
-        Err(error) => tracing::warn!(%error, %inbox, "releasing a consumer's deliveries failed"),
+
+    fn misplaced(&self, what: &'static str) -> RoutingError {
+        RoutingError::invalid("kind", what)
     }
-}
 
-async fn serve_stream(
-    routing: &Routing,
-    inbox: &str,
-    consumer: &str,
-    window: u32,
-    incoming: &mut (impl Stream<Item = Result<Incoming, Ended>> + Unpin + Send),
-    outgoing: &mpsc::Sender<Result<Outgoing, Ended>>,
-    shutdown: &CancellationToken,
-) -> Result<(), Ended> {
-    let waker = routing.inboxes().waker(inbox);
-    let mut sent = Sent::new();
-    loop {
-        // Registered before looking, so that a commit landing while we look still wakes us.
-        let woken = waker.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-
-        let now = onestop_platform::clock::now();
-        sent.expire(now);
-        let free = window.saturating_sub(sent.out.len() as u32);
-        let mut full_batch = false;
-        if free > 0 {
-            let limit = free.min(BATCH);
-            let batch = routing.claim(inbox, consumer, limit).await?;
-            full_batch = batch.len() as u32 == limit;
-            for delivery in batch {
-                sent.add(&delivery.id, delivery.lease_until);
-                // Waits while the consumer is not reading: the stream's memory is this one
-                // message and the transport's flow-control window.
-                tokio::select! {
-                    () = shutdown.cancelled() => return Err(shutting_down()),
-                    sending = outgoing.send(Ok(Outgoing::Delivery(Box::new(delivery)))) => {
-                        if sending.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-        }
-        if full_batch {
-            continue;
-        }
-        // Wake for: new work, an ack, our own leases ending (window frees), others' leases
-        // ending (redelivery), shutdown.
-        let mut wake_at = now + IDLE_RECHECK;
-        if let Some(expiry) = sent.next_expiry() {
-            wake_at = wake_at.min(expiry);
-        }
-        if free > 0
-            && let Some(end) = routing.store().next_lease_end(inbox).await?
-        {
-            wake_at = wake_at.min(end.max(now + Duration::from_millis(10)));
-        }
-        let sleep = (wake_at - now).try_into().unwrap_or(Duration::ZERO);
-        tokio::select! {
-            () = shutdown.cancelled() => return Err(shutting_down()),
-            () = &mut woken => {}
-            () = tokio::time::sleep(sleep) => {}
-            message = incoming.next() => match message {
-                None => return Ok(()),
-                Some(Err(error)) => return Err(error),
-                Some(Ok(Incoming::Misplaced(what))) => {
-                    return Err(RoutingError::invalid("kind", what));
-                }
-                Some(Ok(Incoming::Ack(ids))) => {
-                    // Acknowledgements already waiting share one transaction.
-                    let mut acks = vec![ids];
-                    let mut then = None;
-                    while acks.len() < MAX_ACKS_AT_ONCE {
-                        match incoming.next().now_or_never() {
-                            Some(Some(Ok(Incoming::Ack(more)))) => acks.push(more),
-                            Some(other) => {
-                                then = Some(other);
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
-                    let answers = routing
-                        .ack(inbox, consumer, &acks, |id| sent.remembered.contains(id))
-                        .await?;
-                    for outcomes in answers {
-                        for (id, outcome) in &outcomes {
-                            if *outcome == AckOutcome::Acknowledged {
-                                sent.out.remove(id);
-                            }
-                        }
-                        if outgoing.send(Ok(Outgoing::AckResult(outcomes))).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    match then {
-                        None | Some(Some(Ok(Incoming::Ack(_)))) => {}
-                        Some(None) => return Ok(()),
-                        Some(Some(Err(error))) => return Err(error),
-                        Some(Some(Ok(Incoming::Misplaced(what)))) => {
-                            return Err(RoutingError::invalid("kind", what));
-                        }
-                    }
-                }
-            },
-        }
+    fn shutting_down(&self) -> RoutingError {
+        RoutingError::Unavailable("the routing service is shutting down; reconnect".into())
     }
-}
-
-fn shutting_down() -> Ended {
-    RoutingError::Unavailable("the routing service is shutting down; reconnect".into())
 }

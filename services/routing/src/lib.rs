@@ -217,9 +217,11 @@ pub async fn serve(
         ),
     }
     if routing.store().database().backend == onestop_platform::db::Backend::Postgres {
-        routing
-            .inboxes()
-            .follow_postgres(config.database.url.clone(), shutdown.clone());
+        routing.inboxes().follow_postgres(
+            config.database.url.clone(),
+            store::INBOX_CHANNEL,
+            shutdown.clone(),
+        );
     }
     let mut services = Services::new(&config.server);
     services

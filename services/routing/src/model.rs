@@ -217,28 +217,6 @@ pub struct Parked {
     pub park_time: OffsetDateTime,
 }
 
-/// What happened to an acknowledgement.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AckOutcome {
-    /// Acknowledged (now or before).
-    Acknowledged,
-    /// Never sent to this consumer, or unknown in the inbox.
-    NotSent,
-    /// Its lease expired and another consumer holds it now.
-    LeasedElsewhere,
-}
-
-impl AckOutcome {
-    /// The reason the contract gives for a refusal.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AckOutcome::Acknowledged => "ACKNOWLEDGED",
-            AckOutcome::NotSent => "DELIVERY_NOT_SENT",
-            AckOutcome::LeasedElsewhere => "DELIVERY_LEASED_ELSEWHERE",
-        }
-    }
-}
-
 /// How a client contacted a centre.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -18,13 +18,12 @@ use time::OffsetDateTime;
 use crate::catalogue::{self, Catalogue, CatalogueFile, Centre, Destination, EntryError, Service};
 use crate::error::RoutingError;
 use crate::forms::Forms;
-use crate::inbox::Inboxes;
 use crate::model::{
-    AckOutcome, Application, CaseKind, Channel, ContactChannel, Decision, Delivery, Dimension,
-    Identity, MandateReference, Parked, Provenance, ServiceCase, StatisticsRow, Status,
-    StatusChange,
+    Application, CaseKind, Channel, ContactChannel, Decision, Delivery, Dimension, Identity,
+    MandateReference, Parked, Provenance, ServiceCase, StatisticsRow, Status, StatusChange,
 };
 use crate::store::{AckFound, Notification, Store};
+use onestop_platform::inbox::{AckOutcome, Inboxes};
 
 /// The largest application data, in bytes.
 pub const MAX_DATA_BYTES: usize = 256 * 1024;
@@ -812,7 +811,7 @@ impl Routing {
         inbox: &str,
         consumer: &str,
         acks: &[Vec<String>],
-        was_sent: impl Fn(&str) -> bool,
+        was_sent: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Vec<Vec<(String, AckOutcome)>>, RoutingError> {
         if acks.iter().any(|ids| ids.is_empty() || ids.len() > MAX_IDS) {
             return Err(RoutingError::invalid(
