@@ -10,6 +10,7 @@ use onestop_integration_tests::oidc;
 use onestop_integration_tests::{Backend, TestFederation};
 use onestop_platform::config::DatabaseConfig;
 use onestop_platform::identity::Member;
+use onestop_platform::inbox::AckFound;
 use onestop_platform::requests::{Fingerprint, Request as Once};
 use onestop_proto::identity::v1::{
     ExchangeMandateRequest, IdentityDocument, LevelOfAssurance, RegisterMandateRequest,
@@ -20,7 +21,7 @@ use onestop_proto::routing::v1::service_case_service_client::ServiceCaseServiceC
 use onestop_proto::routing::v1::*;
 use onestop_proto::r#type::v1::{MemberId, PersonId, PersonIdScheme};
 use onestop_routing::model::{Application, Channel as AppChannel, Provenance, Status};
-use onestop_routing::store::{AckFound, Store};
+use onestop_routing::store::Store;
 use sqlx::Row;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -9,10 +9,6 @@ use time::OffsetDateTime;
 use crate::error::EaddressError;
 use crate::model::{Delivery, Message};
 use crate::service::Eaddress;
-use crate::store::AckFound;
-
-/// Acknowledged ids in one acknowledgement, at most.
-pub const MAX_IDS: usize = 1_000;
 
 /// A message leased to a stream.
 #[derive(Clone, Debug)]
@@ -84,35 +80,15 @@ impl Source for Eaddress {
         acks: &[Vec<String>],
         was_sent: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Vec<Vec<(String, AckOutcome)>>, EaddressError> {
-        if acks.iter().any(|ids| ids.is_empty() || ids.len() > MAX_IDS) {
-            return Err(EaddressError::invalid(
-                "ack.names",
-                format!("must name 1-{MAX_IDS} messages"),
-            ));
-        }
+        onestop_platform::inbox::check_acks(acks)
+            .map_err(|e| EaddressError::invalid("ack.names", e))?;
         let ids: Vec<String> = acks.iter().flatten().cloned().collect();
-        let mut found = self
+        let found = self
             .store()
             .ack_incoming(inbox, consumer, &ids, onestop_platform::clock::now())
-            .await?
-            .into_iter();
+            .await?;
         self.wake.evidence.notify_one();
-        Ok(acks
-            .iter()
-            .map(|ids| {
-                ids.iter()
-                    .zip(found.by_ref())
-                    .map(|(id, found)| {
-                        let outcome = match found {
-                            AckFound::Acknowledged => AckOutcome::Acknowledged,
-                            AckFound::OtherConsumer if was_sent(id) => AckOutcome::LeasedElsewhere,
-                            AckFound::OtherConsumer | AckFound::Unknown => AckOutcome::NotSent,
-                        };
-                        (id.clone(), outcome)
-                    })
-                    .collect()
-            })
-            .collect())
+        Ok(onestop_platform::inbox::outcomes(acks, found, was_sent))
     }
 
     async fn release_consumer(&self, inbox: &str, consumer: &str) -> Result<u64, EaddressError> {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use onestop_platform::db::{self, Database, Migrations, StoreError};
+use onestop_platform::inbox::AckFound;
 use onestop_platform::requests::{self, Request};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -145,17 +146,6 @@ pub struct Due {
     pub due_kind: String,
     /// The message's delivery rule.
     pub delivery_rule: String,
-}
-
-/// What an acknowledgement found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AckFound {
-    /// Acknowledged now, or before by this consumer.
-    Acknowledged,
-    /// Another consumer holds it, or had it last.
-    OtherConsumer,
-    /// Not in this mailbox, or never delivered.
-    Unknown,
 }
 
 /// A signed record of the log, as stored.

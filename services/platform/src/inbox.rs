@@ -54,6 +54,58 @@ impl AckOutcome {
     }
 }
 
+/// What a store found when it acknowledged one id for a consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckFound {
+    /// Acknowledged now, or before by this consumer.
+    Acknowledged,
+    /// Another consumer holds it, or had it last.
+    OtherConsumer,
+    /// Not in this inbox, or never delivered.
+    Unknown,
+}
+
+/// Most ids in one acknowledgement.
+pub const MAX_ACK_IDS: usize = 1_000;
+
+/// Checks that each acknowledgement names 1-[`MAX_ACK_IDS`] ids.
+pub fn check_acks(acks: &[Vec<String>]) -> Result<(), String> {
+    if acks
+        .iter()
+        .any(|ids| ids.is_empty() || ids.len() > MAX_ACK_IDS)
+    {
+        Err(format!("must name 1-{MAX_ACK_IDS} deliveries"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The answers to several acknowledgements from what the store found for their ids in order
+/// (`found` is as long as all of them together): an id another consumer holds is
+/// `LeasedElsewhere` only if this consumer was sent it, otherwise it is no business of this one.
+pub fn outcomes(
+    acks: &[Vec<String>],
+    found: Vec<AckFound>,
+    was_sent: &(dyn Fn(&str) -> bool + Sync),
+) -> Vec<Vec<(String, AckOutcome)>> {
+    let mut found = found.into_iter();
+    acks.iter()
+        .map(|ids| {
+            ids.iter()
+                .zip(found.by_ref())
+                .map(|(id, found)| {
+                    let outcome = match found {
+                        AckFound::Acknowledged => AckOutcome::Acknowledged,
+                        AckFound::OtherConsumer if was_sent(id) => AckOutcome::LeasedElsewhere,
+                        AckFound::OtherConsumer | AckFound::Unknown => AckOutcome::NotSent,
+                    };
+                    (id.clone(), outcome)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// A delivery leased to a consumer.
 pub trait Leased: Send + 'static {
     /// Its id in the inbox, which the consumer acknowledges.

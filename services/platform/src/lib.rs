@@ -4,7 +4,7 @@
 //!
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
 //! (certificates, rustls) → [`accept`] (admitting connections) → [`caller`] (who calls a service) → [`server`]
-//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`requests`], [`paging`], [`status`], [`streams`] and [`inbox`] (consumer streams of
+//! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`requests`], [`paging`], [`status`], [`failure`] (a service's errors as statuses), [`streams`] and [`inbox`] (consumer streams of
 //! deliveries) beside them.
 
 pub mod accept;
@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod contract;
 pub mod db;
+pub mod failure;
 pub mod identity;
 pub mod inbox;
 pub mod metrics;

@@ -61,7 +61,7 @@ impl Forms {
             Err(status) => match status.code() {
                 // About the data or the form version: the caller's to fix.
                 Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
-                    Err(RoutingError::Forms(status))
+                    Err(RoutingError::Upstream(status))
                 }
                 Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
                     Err(RoutingError::Unavailable(format!(

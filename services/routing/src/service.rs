@@ -22,7 +22,7 @@ use crate::model::{
     Application, CaseKind, Channel, ContactChannel, Decision, Delivery, Dimension, Identity,
     MandateReference, Parked, Provenance, ServiceCase, StatisticsRow, Status, StatusChange,
 };
-use crate::store::{AckFound, Notification, Store};
+use crate::store::{Notification, Store};
 use onestop_platform::inbox::{AckOutcome, Inboxes};
 
 /// The largest application data, in bytes.
@@ -813,34 +813,14 @@ impl Routing {
         acks: &[Vec<String>],
         was_sent: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Vec<Vec<(String, AckOutcome)>>, RoutingError> {
-        if acks.iter().any(|ids| ids.is_empty() || ids.len() > MAX_IDS) {
-            return Err(RoutingError::invalid(
-                "delivery_ids",
-                format!("must name 1-{MAX_IDS} deliveries"),
-            ));
-        }
+        onestop_platform::inbox::check_acks(acks)
+            .map_err(|e| RoutingError::invalid("delivery_ids", e))?;
         let ids: Vec<String> = acks.iter().flatten().cloned().collect();
-        let mut found = self
+        let found = self
             .store
             .ack(inbox, consumer, &ids, onestop_platform::clock::now())
-            .await?
-            .into_iter();
-        Ok(acks
-            .iter()
-            .map(|ids| {
-                ids.iter()
-                    .zip(found.by_ref())
-                    .map(|(id, found)| {
-                        let outcome = match found {
-                            AckFound::Acknowledged => AckOutcome::Acknowledged,
-                            AckFound::OtherConsumer if was_sent(id) => AckOutcome::LeasedElsewhere,
-                            AckFound::OtherConsumer | AckFound::Unknown => AckOutcome::NotSent,
-                        };
-                        (id.clone(), outcome)
-                    })
-                    .collect()
-            })
-            .collect())
+            .await?;
+        Ok(onestop_platform::inbox::outcomes(acks, found, was_sent))
     }
 
     /// A page of parked deliveries.

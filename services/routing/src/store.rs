@@ -6,6 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use onestop_platform::db::{self, Backend, Database, Migrations, StoreError};
+use onestop_platform::inbox::AckFound;
 use onestop_platform::requests::{self, Request};
 use sqlx::any::AnyRow;
 use sqlx::{Any, AssertSqlSafe, Row, Transaction};
@@ -26,17 +27,6 @@ static PORTABLE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The PostgreSQL channel on which a commit names the inbox it added to.
 pub const INBOX_CHANNEL: &str = "onestop_routing_inbox";
-
-/// What an acknowledgement found in the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AckFound {
-    /// Acknowledged now, or before by this consumer.
-    Acknowledged,
-    /// Another consumer holds it, or had it last.
-    OtherConsumer,
-    /// Not in this inbox, or never delivered.
-    Unknown,
-}
 
 /// A decision for the applicant's e-address.
 #[derive(Clone, Debug)]
