@@ -141,6 +141,23 @@ pub enum MessageCommand {
         #[arg(long, default_value = "")]
         mailbox: String,
     },
+    /// Receive the messages to a member system's mailbox as they arrive (one JSON line each),
+    /// acknowledging each once printed, until `--count` messages, Ctrl-C or SIGTERM; what was
+    /// not acknowledged is delivered again to the next stream.
+    Incoming {
+        /// How to reach the gateway, as whom.
+        #[command(flatten)]
+        connection: Connection,
+        /// The mailbox: the caller's own `member:` address (the default) or its company's.
+        #[arg(long, default_value = "")]
+        mailbox: String,
+        /// Messages out unacknowledged at once (1-1000).
+        #[arg(long, default_value_t = 10)]
+        max_unacknowledged: u32,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Download an attachment to a file.
     Download {
         /// How to reach the gateway, as whom.
@@ -337,6 +354,12 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
             let message = answer.into_inner().message.unwrap_or_default();
             emit_pretty(&message_json(&message))
         }
+        MessageCommand::Incoming {
+            connection,
+            mailbox,
+            max_unacknowledged,
+            count,
+        } => incoming(connection, mailbox, max_unacknowledged, count).await,
         MessageCommand::Download {
             connection,
             message,
@@ -377,6 +400,76 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `onestop message incoming`.
+async fn incoming(
+    connection: Connection,
+    mailbox: String,
+    window: u32,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use pb::{stream_incoming_messages_request as request, stream_incoming_messages_response as response};
+    let mut client = MessageServiceClient::new(connection.open()?);
+    let (requests, outgoing) = tokio::sync::mpsc::channel(16);
+    let send = |kind| {
+        let requests = requests.clone();
+        async move {
+            requests
+                .send(pb::StreamIncomingMessagesRequest { kind: Some(kind) })
+                .await
+                .map_err(|_| anyhow::anyhow!("the stream has closed"))
+        }
+    };
+    // No more in flight than will be printed, so that fewer go out only to come back.
+    let window = count.map_or(window, |c| window.min(u32::try_from(c).unwrap_or(u32::MAX)).max(1));
+    send(request::Kind::Open(pb::OpenIncoming {
+        mailbox,
+        max_unacknowledged: window,
+    }))
+    .await?;
+    let mut responses = client
+        .stream_incoming_messages(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .map_err(failed)?
+        .into_inner();
+    let stop = onestop_platform::shutdown_signal();
+    tokio::pin!(stop);
+    let (mut received, mut pending_acks) = (0u64, 0u64);
+    while !(pending_acks == 0 && count.is_some_and(|c| received >= c)) {
+        let message = tokio::select! {
+            () = &mut stop => return Ok(()),
+            message = responses.message() => message.map_err(failed)?,
+        };
+        let Some(message) = message else {
+            bail!("the platform ended the stream");
+        };
+        match message.kind {
+            Some(response::Kind::Message(incoming)) => {
+                if count.is_some_and(|c| received >= c) {
+                    continue;
+                }
+                let message = incoming.message.unwrap_or_default();
+                let mut line = message_json(&message);
+                line["attempt"] = json!(incoming.attempt);
+                emit(&line.to_string())?;
+                received += 1;
+                send(request::Kind::Ack(pb::AcknowledgeMessages {
+                    names: vec![message.name],
+                }))
+                .await?;
+                pending_acks += 1;
+            }
+            Some(response::Kind::AckResult(result)) => {
+                pending_acks = pending_acks.saturating_sub(1);
+                for refused in result.refused {
+                    note(&format!("acknowledgement of {} refused: {}", refused.name, refused.reason));
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<()> {
