@@ -409,7 +409,9 @@ async fn incoming(
     window: u32,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
-    use pb::{stream_incoming_messages_request as request, stream_incoming_messages_response as response};
+    use pb::{
+        stream_incoming_messages_request as request, stream_incoming_messages_response as response,
+    };
     let mut client = MessageServiceClient::new(connection.open()?);
     let (requests, outgoing) = tokio::sync::mpsc::channel(16);
     let send = |kind| {
@@ -422,7 +424,9 @@ async fn incoming(
         }
     };
     // No more in flight than will be printed, so that fewer go out only to come back.
-    let window = count.map_or(window, |c| window.min(u32::try_from(c).unwrap_or(u32::MAX)).max(1));
+    let window = count.map_or(window, |c| {
+        window.min(u32::try_from(c).unwrap_or(u32::MAX)).max(1)
+    });
     send(request::Kind::Open(pb::OpenIncoming {
         mailbox,
         max_unacknowledged: window,
@@ -463,7 +467,10 @@ async fn incoming(
             Some(response::Kind::AckResult(result)) => {
                 pending_acks = pending_acks.saturating_sub(1);
                 for refused in result.refused {
-                    note(&format!("acknowledgement of {} refused: {}", refused.name, refused.reason));
+                    note(&format!(
+                        "acknowledgement of {} refused: {}",
+                        refused.name, refused.reason
+                    ));
                 }
             }
             None => {}

@@ -652,6 +652,17 @@ async fn bad_input_is_refused_and_stores_nothing(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(reason(&status), "HIDDEN_FROM_DELEGATES");
+    let status = evidence_client(&fed, CENTRE)
+        .get_evidence_bundle(bearer(
+            GetEvidenceBundleRequest {
+                name: hidden.name.clone(),
+                recipient: RESIDENT.into(),
+            },
+            &second,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "HIDDEN_FROM_DELEGATES", "{status:?}");
     let listed = desk
         .list_messages(bearer(
             ListMessagesRequest {

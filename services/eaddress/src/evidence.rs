@@ -51,16 +51,126 @@ fn split(n: usize) -> usize {
     k
 }
 
+/// A Merkle tree over leaf hashes (RFC 6962, 2.1), with every complete, aligned subtree's hash
+/// kept (about twice the leaves), so that the root and any proof cost a few dozen hashes
+/// rather than a pass over the whole log.
+#[derive(Clone, Debug)]
+pub struct MerkleTree {
+    /// `levels[k][j]`: the hash of leaves `j·2^k .. (j+1)·2^k`.
+    levels: Vec<Vec<Hash>>,
+}
+
+impl MerkleTree {
+    /// The tree of `leaves` (leaf hashes).
+    pub fn new(leaves: &[Hash]) -> Self {
+        let mut levels = vec![leaves.to_vec()];
+        while let Some(below) = levels.last().filter(|l| l.len() > 1) {
+            let above = below
+                .chunks_exact(2)
+                .map(|pair| node_hash(&pair[0], &pair[1]))
+                .collect();
+            levels.push(above);
+        }
+        Self { levels }
+    }
+
+    /// How many leaves it has.
+    pub fn size(&self) -> usize {
+        self.levels[0].len()
+    }
+
+    /// MTH of leaves `start..end` (a subtree RFC 6962 names: its left parts are always
+    /// complete and aligned).
+    fn subtree(&self, start: usize, end: usize) -> Hash {
+        let n = end - start;
+        if n == 0 {
+            return sha256(b"");
+        }
+        if n.is_power_of_two() && start % n == 0 {
+            return self.levels[n.trailing_zeros() as usize][start / n];
+        }
+        let k = split(n);
+        node_hash(
+            &self.subtree(start, start + k),
+            &self.subtree(start + k, end),
+        )
+    }
+
+    /// The root.
+    pub fn root(&self) -> Hash {
+        self.subtree(0, self.size())
+    }
+
+    /// The inclusion proof (audit path, RFC 6962 2.1.1) of leaf `index`.
+    pub fn inclusion_proof(&self, index: u64) -> Result<Vec<Hash>, ProofError> {
+        let size = self.size();
+        let m = usize::try_from(index).unwrap_or(usize::MAX);
+        if m >= size {
+            return Err(ProofError::IndexOutOfRange {
+                index,
+                size: size as u64,
+            });
+        }
+        // PATH(m, D[start..end]), from the leaf up.
+        let mut path = Vec::new();
+        let (mut start, mut end) = (0, size);
+        let mut siblings = Vec::new();
+        while end - start > 1 {
+            let k = split(end - start);
+            if m < start + k {
+                siblings.push((start + k, end));
+                end = start + k;
+            } else {
+                siblings.push((start, start + k));
+                start += k;
+            }
+        }
+        for (a, b) in siblings.into_iter().rev() {
+            path.push(self.subtree(a, b));
+        }
+        Ok(path)
+    }
+
+    /// The consistency proof (RFC 6962 2.1.2) that this tree contains its first `first_size`
+    /// leaves' tree.
+    pub fn consistency_proof(&self, first_size: u64) -> Result<Vec<Hash>, ProofError> {
+        let n = self.size();
+        let m = usize::try_from(first_size).unwrap_or(usize::MAX);
+        if m == 0 || m > n {
+            return Err(ProofError::BadSizes {
+                first: first_size,
+                second: n as u64,
+            });
+        }
+        // SUBPROOF(m, D[start..end], complete), collected top-down and returned bottom-up.
+        let mut proof = Vec::new();
+        let (mut start, mut end, mut m, mut complete) = (0, n, m, true);
+        loop {
+            if m == end - start {
+                if !complete {
+                    proof.push(self.subtree(start, end));
+                }
+                break;
+            }
+            let k = split(end - start);
+            if m <= k {
+                proof.push(self.subtree(start + k, end));
+                end = start + k;
+            } else {
+                proof.push(self.subtree(start, start + k));
+                start += k;
+                m -= k;
+                complete = false;
+            }
+        }
+        proof.reverse();
+        Ok(proof)
+    }
+}
+
 /// The Merkle tree hash (RFC 6962, 2.1) over leaf hashes; the empty tree's is SHA-256("").
 pub fn root(leaves: &[Hash]) -> Hash {
-    match leaves.len() {
-        0 => sha256(b""),
-        1 => leaves[0],
-        n => {
-            let k = split(n);
-            node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
-        }
-    }
+    MerkleTree::new(leaves).root()
 }
 
 /// Why a proof cannot be made or does not verify.
@@ -92,65 +202,13 @@ pub enum ProofError {
 
 /// The inclusion proof (audit path, RFC 6962 2.1.1) of leaf `index` in the tree of `leaves`.
 pub fn inclusion_proof(leaves: &[Hash], index: u64) -> Result<Vec<Hash>, ProofError> {
-    let size = leaves.len();
-    let m = usize::try_from(index).unwrap_or(usize::MAX);
-    if m >= size {
-        return Err(ProofError::IndexOutOfRange {
-            index,
-            size: size as u64,
-        });
-    }
-    fn path(m: usize, leaves: &[Hash]) -> Vec<Hash> {
-        let n = leaves.len();
-        if n <= 1 {
-            return Vec::new();
-        }
-        let k = split(n);
-        if m < k {
-            let mut p = path(m, &leaves[..k]);
-            p.push(root(&leaves[k..]));
-            p
-        } else {
-            let mut p = path(m - k, &leaves[k..]);
-            p.push(root(&leaves[..k]));
-            p
-        }
-    }
-    Ok(path(m, leaves))
+    MerkleTree::new(leaves).inclusion_proof(index)
 }
 
 /// The consistency proof (RFC 6962 2.1.2) that the tree of `leaves` contains the tree of its
 /// first `first_size` leaves.
 pub fn consistency_proof(leaves: &[Hash], first_size: u64) -> Result<Vec<Hash>, ProofError> {
-    let n = leaves.len();
-    let m = usize::try_from(first_size).unwrap_or(usize::MAX);
-    if m == 0 || m > n {
-        return Err(ProofError::BadSizes {
-            first: first_size,
-            second: n as u64,
-        });
-    }
-    fn subproof(m: usize, leaves: &[Hash], complete: bool) -> Vec<Hash> {
-        let n = leaves.len();
-        if m == n {
-            return if complete {
-                Vec::new()
-            } else {
-                vec![root(leaves)]
-            };
-        }
-        let k = split(n);
-        if m <= k {
-            let mut p = subproof(m, &leaves[..k], complete);
-            p.push(root(&leaves[k..]));
-            p
-        } else {
-            let mut p = subproof(m - k, &leaves[k..], false);
-            p.push(root(&leaves[..k]));
-            p
-        }
-    }
-    Ok(subproof(m, leaves, true))
+    MerkleTree::new(leaves).consistency_proof(first_size)
 }
 
 /// Verifies that `leaf` is at `index` in the tree of `tree_size` with `root` (RFC 9162
@@ -886,6 +944,78 @@ mod tests {
             hex::encode(root(&[])),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    /// RFC 6962's definitions, written out naively, to check the kept-levels tree against.
+    fn naive_root(l: &[Hash]) -> Hash {
+        match l.len() {
+            0 => sha256(b""),
+            1 => l[0],
+            n => {
+                let k = split(n);
+                node_hash(&naive_root(&l[..k]), &naive_root(&l[k..]))
+            }
+        }
+    }
+
+    fn naive_path(m: usize, l: &[Hash]) -> Vec<Hash> {
+        if l.len() <= 1 {
+            return Vec::new();
+        }
+        let k = split(l.len());
+        let mut p = if m < k {
+            naive_path(m, &l[..k])
+        } else {
+            naive_path(m - k, &l[k..])
+        };
+        p.push(if m < k {
+            naive_root(&l[k..])
+        } else {
+            naive_root(&l[..k])
+        });
+        p
+    }
+
+    fn naive_subproof(m: usize, l: &[Hash], complete: bool) -> Vec<Hash> {
+        let n = l.len();
+        if m == n {
+            return if complete {
+                Vec::new()
+            } else {
+                vec![naive_root(l)]
+            };
+        }
+        let k = split(n);
+        let (mut p, other) = if m <= k {
+            (naive_subproof(m, &l[..k], complete), naive_root(&l[k..]))
+        } else {
+            (naive_subproof(m - k, &l[k..], false), naive_root(&l[..k]))
+        };
+        p.push(other);
+        p
+    }
+
+    #[test]
+    fn the_kept_levels_agree_with_the_definitions() {
+        for n in 0..=70usize {
+            let l = leaves(n);
+            let tree = MerkleTree::new(&l);
+            assert_eq!(tree.root(), naive_root(&l), "root of {n}");
+            for i in 0..n {
+                assert_eq!(
+                    tree.inclusion_proof(i as u64).unwrap(),
+                    naive_path(i, &l),
+                    "path {i} of {n}"
+                );
+            }
+            for m in 1..=n {
+                assert_eq!(
+                    tree.consistency_proof(m as u64).unwrap(),
+                    naive_subproof(m, &l, true),
+                    "consistency {m} of {n}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -311,6 +311,13 @@ pub fn message_id(name: &str) -> Result<&str, EaddressError> {
         .ok_or_else(|| invalid("name", "a message's name is `messages/{message_id}`"))
 }
 
+fn hidden_from_delegates() -> EaddressError {
+    EaddressError::denied(
+        "HIDDEN_FROM_DELEGATES",
+        "the sender made this message visible to the mailbox's owner only",
+    )
+}
+
 fn not_your_mailbox() -> EaddressError {
     EaddressError::denied(
         "NOT_YOUR_MAILBOX",
@@ -980,10 +987,7 @@ impl Eaddress {
             .ok_or_else(not_found)?;
         let message = self.store.message(id).await?.ok_or_else(not_found)?;
         if message.hidden_from_delegates && !reader.include_hidden {
-            return Err(EaddressError::denied(
-                "HIDDEN_FROM_DELEGATES",
-                "the sender made this message visible to the mailbox's owner only",
-            ));
+            return Err(hidden_from_delegates());
         }
         Ok((message, delivery))
     }
@@ -1132,6 +1136,14 @@ impl Eaddress {
                 .ok_or_else(|| {
                     EaddressError::NotFound(format!("no message messages/{id} for this mailbox"))
                 })?;
+            let hidden = self
+                .store
+                .message(id)
+                .await?
+                .is_some_and(|m| m.hidden_from_delegates);
+            if hidden && !reader.include_hidden {
+                return Err(hidden_from_delegates());
+            }
             Some(reader.mailbox)
         };
         let only = only.map(|a| a.to_string());
@@ -1149,7 +1161,7 @@ impl Eaddress {
             ));
         };
         entries.retain(|e| e.log_index < head.tree_size);
-        let leaves = self.leaves(head.tree_size).await?;
+        let tree = evidence::MerkleTree::new(&self.leaves(head.tree_size).await?);
         let keys = self.store.keys().await?;
         let mut used: HashSet<&str> = entries.iter().map(|e| e.key_id.as_str()).collect();
         used.insert(&head.key_id);
@@ -1159,7 +1171,8 @@ impl Eaddress {
             entries: entries
                 .iter()
                 .map(|e| {
-                    let proof = evidence::inclusion_proof(&leaves, e.log_index)
+                    let proof = tree
+                        .inclusion_proof(e.log_index)
                         .map_err(|err| EaddressError::Internal(err.to_string()))?;
                     Ok(evidence::Entry {
                         record: crate::store::base64_encode(e.record.as_bytes()),
