@@ -11,12 +11,16 @@
 //! 4. Applications end to end ([`routing`]): submit through the gateway, validate, store, route,
 //!    stream to consumers, ack, each service its own process; on SQLite and PostgreSQL, at full
 //!    speed and at 200 a second; then 10,000 idle inbox streams and their memory.
+//! 5. The e-address ([`eaddress`]): a 1 GiB attachment up and down through the gateway with the
+//!    service's memory sampled, one message to 10,000 recipients until their evidence is
+//!    signed, and small messages a second.
 //!
 //! Run with `cargo build --release --bin onestop -p onestop-bench && target/release/onestop-bench
-//! [SECONDS [proxies|validation|tokens|routing [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
+//! [SECONDS [proxies|validation|tokens|routing|eaddress [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
 //! nginx and HAProxy come from `scripts/install-proxies`; a path whose proxy is missing is left
 //! out. Everything shares the machine's two cores; figures vary by some 10% from run to run.
 
+mod eaddress;
 mod proxies;
 mod routing;
 mod tokens;
@@ -146,6 +150,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_none() || only.as_deref() == Some("routing") {
         routing::measure(seconds).await?;
+    }
+    if only.is_none() || only.as_deref() == Some("eaddress") {
+        eaddress::measure(seconds).await?;
     }
     Ok(())
 }
