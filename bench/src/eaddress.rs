@@ -266,18 +266,21 @@ async fn many_recipients(
         .await?
         .into_inner();
     let answered = started.elapsed();
+    // Recipients are placed in the order of their addresses: when the last one's records are
+    // signed and none of the message's waits, every recipient's are.
+    let last = "company:40000009999";
     let mut evidence = EvidenceServiceClient::new(channel(&fed.gateway, &fed.pki, "institution")?);
     let complete = loop {
         let answer = evidence
             .get_evidence_bundle(GetEvidenceBundleRequest {
                 name: sent.name.clone(),
-                recipient: String::new(),
+                recipient: last.into(),
             })
             .await?
             .into_inner();
         let bundle: serde_json::Value = serde_json::from_str(&answer.bundle_json)?;
         let entries = bundle["entries"].as_array().map_or(0, Vec::len);
-        if answer.pending_records == 0 && entries == 20_000 {
+        if answer.pending_records == 0 && entries == 2 {
             break started.elapsed();
         }
         anyhow::ensure!(
@@ -288,7 +291,7 @@ async fn many_recipients(
     };
     say(&format!(
         "E-address, one message to 10,000 recipients: the call answered in {:.0} ms; every \
-         recipient placed with signed evidence (20,000 records, bundle verified size) after {:.1} s",
+         recipient placed, with its accepted and placed records signed into the log, after {:.1} s",
         answered.as_secs_f64() * 1000.0,
         complete.as_secs_f64()
     ));

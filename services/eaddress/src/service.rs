@@ -40,6 +40,9 @@ pub const MAX_DELEGATES: usize = 20;
 pub const MANDATE_SCOPE: &str = "e-address";
 /// How long uploaded content that no message names is kept.
 pub const UNUSED_UPLOAD_TTL: time::Duration = time::Duration::days(1);
+/// Records in one evidence bundle, at most: a bundle must fit in one answer (about 1 KiB a
+/// record with its proof).
+pub const MAX_BUNDLE_RECORDS: usize = 2_000;
 /// Rows one background pass handles, at most.
 const BATCH: i64 = 500;
 
@@ -1148,6 +1151,12 @@ impl Eaddress {
         };
         let only = only.map(|a| a.to_string());
         let mut entries: Vec<LogEntry> = self.store.records(id, only.as_deref()).await?;
+        if entries.len() > MAX_BUNDLE_RECORDS {
+            return Err(EaddressError::TooLarge(format!(
+                "the message has {} evidence records, more than one bundle holds ({MAX_BUNDLE_RECORDS}): ask for one recipient's bundle with `recipient`",
+                entries.len()
+            )));
+        }
         let pending = self.store.pending_count(Some(id)).await?;
         let needed = entries.last().map_or(0, |e| e.log_index + 1);
         let mut head = self.store.tree_head(0).await?;
