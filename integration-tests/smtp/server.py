@@ -1,7 +1,8 @@
 """A real SMTP server for the tests (aiosmtpd): listens on 127.0.0.1 on a free port, prints
 `listening <port>`, then one JSON line per message it accepts. Started with `refuse`, it answers
 every recipient with a temporary failure (451) until told `accept` on standard input (and back
-with `refuse`); it confirms each switch with `mode <accept|refuse>`. It exits when standard input
+with `refuse`); told `reject`, it answers every recipient with a permanent failure (550). It
+confirms each switch with `mode <accept|refuse|reject>`. It exits when standard input
 closes."""
 
 import asyncio
@@ -14,12 +15,14 @@ from aiosmtpd.smtp import SMTP
 
 
 class Handler:
-    def __init__(self, refusing):
-        self.refusing = refusing
+    def __init__(self, mode):
+        self.mode = mode
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.refusing:
+        if self.mode == "refuse":
             return "451 4.3.0 try again later"
+        if self.mode == "reject":
+            return "550 5.1.1 no such mailbox"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -42,7 +45,7 @@ class Handler:
 
 
 async def main():
-    handler = Handler(len(sys.argv) > 1 and sys.argv[1] == "refuse")
+    handler = Handler(sys.argv[1] if len(sys.argv) > 1 else "accept")
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(handler), "127.0.0.1", 0)
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
@@ -53,8 +56,8 @@ async def main():
         if not line:
             break
         command = line.decode().strip()
-        if command in ("accept", "refuse"):
-            handler.refusing = command == "refuse"
+        if command in ("accept", "refuse", "reject"):
+            handler.mode = command
             print(f"mode {command}", flush=True)
     server.close()
 

@@ -1,6 +1,6 @@
 //! A real SMTP server for the tests: Python's aiosmtpd (Debian's `python3-aiosmtpd`), run by
 //! `smtp/server.py` on a free port. It reports every message it accepts, and can refuse every
-//! recipient with a temporary failure until told otherwise.
+//! recipient with a temporary failure, or reject them for good, until told otherwise.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -107,7 +107,16 @@ impl SmtpServer {
 
     /// Makes it refuse (temporarily) or accept recipients from now on.
     pub async fn set_refusing(&mut self, refusing: bool) {
-        let mode = if refusing { "refuse" } else { "accept" };
+        self.switch(if refusing { "refuse" } else { "accept" })
+            .await;
+    }
+
+    /// Makes it reject every recipient for good (550) from now on.
+    pub async fn reject_all(&mut self) {
+        self.switch("reject").await;
+    }
+
+    async fn switch(&mut self, mode: &str) {
         self.stdin
             .write_all(format!("{mode}\n").as_bytes())
             .await

@@ -965,6 +965,7 @@ async fn notices_reach_smtp_and_survive_refusals(backend: Backend) {
     let mut smtp = SmtpServer::start(true).await;
     let port = smtp.port();
     let World { fed, providers: _p } = world_with(backend, move |options| {
+        options.admin = Some("127.0.0.1:0".parse().unwrap());
         std::fs::write(
             options.data_dir.join("eaddress.toml"),
             format!(
@@ -1017,6 +1018,40 @@ async fn notices_reach_smtp_and_survive_refusals(backend: Backend) {
     })
     .await;
     assert!(smtp.try_mail().is_none(), "one notice per message");
+
+    // A server that rejects the address for good: the notice is given up at once (and
+    // logged), the message is placed all the same.
+    smtp.reject_all().await;
+    let rejected = institution
+        .send_message(letter("rejected", &[RESIDENT]))
+        .await
+        .unwrap()
+        .into_inner();
+    placed(&fed, &token, &rejected.name).await;
+    eventually("the rejected notice is given up", || async {
+        (count(&db, "SELECT COUNT(*) FROM notices WHERE gave_up = 1").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM notices WHERE gave_up = 1 AND attempts = 1"
+        )
+        .await,
+        1,
+        "a permanent failure is not retried"
+    );
+    assert!(smtp.try_mail().is_none());
+    // Operators see what waits (the figures are the process's, shared with other tests here).
+    let (_, metrics) = onestop_integration_tests::http_get(fed.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("onestop_eaddress_notices_unsent"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("onestop_eaddress_evidence_pending"),
+        "{metrics}"
+    );
     fed.stop().await;
 }
 
