@@ -38,6 +38,9 @@ use crate::limits::{Budget, MemberRates, MemberSlots};
 use crate::people::People;
 use crate::policy::Policy;
 use crate::proxy::Gateway;
+
+/// The `ErrorInfo.domain` of the gateway's own statuses.
+pub const DOMAIN: &str = "gateway.onestop.lv";
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// The configuration of the gateway process.

@@ -23,6 +23,7 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use crate::DOMAIN;
 use crate::body::{Activity, Guarded, Metered};
 use crate::limits::{self, Budget, Exhausted, MemberRates, MemberSlots};
 use crate::people::PersonRefusal;
@@ -42,9 +43,6 @@ const MAX_LOCAL_MESSAGE: usize = 4 * 1024;
 
 /// The longest method path looked at; no method of the contract comes near it.
 const MAX_PATH: usize = 256;
-
-/// The `ErrorInfo.domain` of the gateway's own refusals.
-const DOMAIN: &str = "gateway.onestop.lv";
 
 /// What every call through the gateway shares.
 pub struct Gateway {

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -267,6 +267,7 @@ impl Upstream {
                     return Ok(response.map(|body| Answer {
                         body,
                         _counted: counted,
+                        ended: false,
                     }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -459,9 +460,15 @@ impl Drop for InFlight {
 }
 
 /// A service's answer, counted on its connection until it has been read or dropped.
+///
+/// When the connection fails after the answer has begun (the replica died mid-call), the
+/// answer ends with `UNAVAILABLE` trailers of the platform's shape instead of an error: the
+/// caller gets a status it can act on, where an error would reset its stream with HTTP/2's
+/// `INTERNAL_ERROR` and reach it as `INTERNAL`.
 pub struct Answer {
     body: Incoming,
     _counted: InFlight,
+    ended: bool,
 }
 
 impl http_body::Body for Answer {
@@ -472,16 +479,43 @@ impl http_body::Body for Answer {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            Some(Err(error)) => {
+                self.ended = true;
+                tracing::warn!(%error, "connection to a service lost during a call");
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(lost_during_call()))))
+            }
+            other => Poll::Ready(other),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
+}
+
+/// The trailers of a call whose service connection was lost after the answer began.
+fn lost_during_call() -> http::HeaderMap {
+    let status = onestop_platform::status::with_details(
+        tonic::Code::Unavailable,
+        crate::DOMAIN,
+        "UPSTREAM_LOST",
+        "the connection to the service was lost during the call; the service may or may not \
+         have acted on it"
+            .into(),
+        Vec::new(),
+    );
+    let mut trailers = http::HeaderMap::new();
+    // Fails only for a message that cannot be a header, which this fixed one can.
+    let _ = status.add_header(&mut trailers);
+    trailers
 }
 
 /// The upstream as a tonic transport, for the gateway's own calls to it (health, key sets).

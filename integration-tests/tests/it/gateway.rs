@@ -518,7 +518,13 @@ async fn calls_continue_when_a_replica_dies(backend: Backend) {
         failed.first()
     );
     for status in &failed {
+        // Not delivered, or lost with the replica mid-answer: both a status, never a reset.
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        let reason = crate::reason(status);
+        assert!(
+            reason == "UPSTREAM_UNAVAILABLE" || reason == "UPSTREAM_LOST",
+            "{status:?}"
+        );
     }
     // Afterwards, every call is served by the replica left.
     let mut forms = FormsServiceClient::new(fed.gateway_client(CENTRE));
@@ -533,6 +539,69 @@ async fn calls_continue_when_a_replica_dies(backend: Backend) {
 }
 
 crate::on_both_backends!(calls_continue_when_a_replica_dies);
+
+/// Streams open on a replica whose host vanishes end with `UNAVAILABLE` / `UPSTREAM_LOST`, a
+/// status the caller can act on (not a reset stream that reaches it as `INTERNAL`); streams on
+/// the other replica go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_a_replica_that_dies_end_with_a_status() {
+    use onestop_integration_tests::relay::Relay;
+    let relay = Relay::bind().await.unwrap();
+    let address = relay.address.to_string();
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.replicas.push(("echo".into(), address));
+    })
+    .await;
+    // The second replica is the same server reached through the relay.
+    relay.point_to(fed.echo);
+    let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
+    // Replicas take turns: of four streams, two run through the relay.
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut answers = echo
+            .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("bidi")
+            .into_inner();
+        let ping = EchoRequest {
+            text: format!("stream {i}"),
+            ..Default::default()
+        };
+        tx.send(ping).await.unwrap();
+        let answer = answers.message().await.unwrap().expect("an answer");
+        assert_eq!(answer.text, format!("stream {i}"));
+        streams.push((tx, answers));
+    }
+    assert!(relay.relayed() > 0, "a stream ran through the relay");
+    relay.kill();
+    let (mut lost, mut alive) = (0, 0);
+    for (i, (tx, mut answers)) in streams.into_iter().enumerate() {
+        let again = EchoRequest {
+            text: format!("again {i}"),
+            ..Default::default()
+        };
+        // A stream already ended may refuse the message; its answer says why.
+        let _ = tx.send(again).await;
+        match answers.message().await {
+            Ok(Some(answer)) => {
+                assert_eq!(answer.text, format!("again {i}"));
+                alive += 1;
+            }
+            Ok(None) => panic!("stream {i} ended without a status"),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert_eq!(crate::reason(&status), "UPSTREAM_LOST", "{status:?}");
+                lost += 1;
+            }
+        }
+    }
+    assert!(
+        lost >= 1 && alive >= 1,
+        "{lost} streams lost, {alive} alive"
+    );
+    fed.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transport_errors_come_in_the_platform_shape() {
