@@ -180,7 +180,12 @@ impl Providers {
             staff: announced.staff,
             tamper: announced.tamper,
             client_secret,
-            http: reqwest::Client::builder().timeout(TIMEOUT).build()?,
+            // The providers (Node.js) close idle connections after 5 s; reusing one then
+            // could meet the close halfway.
+            http: reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .pool_idle_timeout(onestop_identity::providers::IDLE_CONNECTION_REUSE)
+                .build()?,
             _node: node,
         })
     }

@@ -29,6 +29,9 @@ use crate::error::IdentityError;
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// How long a provider may take to answer one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle connection to a provider is kept for reuse: below the idle timeouts
+/// servers commonly use (Node.js 5 s, nginx 75 s).
+pub const IDLE_CONNECTION_REUSE: Duration = Duration::from_secs(2);
 /// How long discovered metadata (endpoints, keys) is used before it is fetched again.
 pub const METADATA_LIFETIME: Duration = Duration::from_secs(600);
 /// The most clock difference allowed when checking an ID token's expiry.
@@ -301,6 +304,11 @@ impl Provider {
             // anywhere.
             .redirect(reqwest::redirect::Policy::none())
             .timeout(REQUEST_TIMEOUT)
+            // An idle connection is not reused after this: a provider whose server closes idle
+            // connections (Node.js after 5 s, for one) could close it just as a request is
+            // written on it, and that request would fail. A login's few requests come within
+            // moments of each other and still share one connection.
+            .pool_idle_timeout(IDLE_CONNECTION_REUSE)
             .build()
             .map_err(|e| format!("provider {id}: HTTP client: {e}"))?;
         Ok(Self {
