@@ -340,20 +340,7 @@ async fn one_member_cannot_hold_more_than_its_share_of_calls() {
     // Two open streams, each answered once so that both are known to be in flight.
     let mut open = Vec::new();
     for i in 0..2 {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let mut answers = echo
-            .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("a stream within the share")
-            .into_inner();
-        tx.send(EchoRequest {
-            text: format!("open {i}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        answers.message().await.unwrap().expect("an answer");
-        open.push((tx, answers));
+        open.push(answered_stream(&mut echo, format!("open {i}")).await);
     }
 
     // A third call of the same institution, from another subsystem and connection, is refused.
@@ -465,6 +452,31 @@ async fn a_message_over_the_size_limit_is_refused_and_harms_nothing() {
     fed.stop().await;
 }
 
+/// An echo stream that has answered its first message (`text`), so it is known to be open
+/// end to end: the sender of further messages and the answers.
+async fn answered_stream(
+    echo: &mut EchoServiceClient<tonic::transport::Channel>,
+    text: String,
+) -> (
+    tokio::sync::mpsc::Sender<EchoRequest>,
+    tonic::Streaming<onestop_integration_tests::echo::pb::EchoResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut answers = echo
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("a stream")
+        .into_inner();
+    let first = EchoRequest {
+        text: text.clone(),
+        ..Default::default()
+    };
+    tx.send(first).await.unwrap();
+    let answer = answers.message().await.unwrap().expect("an answer");
+    assert_eq!(answer.text, text);
+    (tx, answers)
+}
+
 /// Two replicas of the forms service behind one route; one dies (its host vanishes) while
 /// calls are running. Calls go on on the other, and at most those in flight on the dead one
 /// at that moment fail.
@@ -558,20 +570,7 @@ async fn streams_on_a_replica_that_dies_end_with_a_status() {
     // Replicas take turns: of four streams, two run through the relay.
     let mut streams = Vec::new();
     for i in 0..4 {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let mut answers = echo
-            .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("bidi")
-            .into_inner();
-        let ping = EchoRequest {
-            text: format!("stream {i}"),
-            ..Default::default()
-        };
-        tx.send(ping).await.unwrap();
-        let answer = answers.message().await.unwrap().expect("an answer");
-        assert_eq!(answer.text, format!("stream {i}"));
-        streams.push((tx, answers));
+        streams.push(answered_stream(&mut echo, format!("stream {i}")).await);
     }
     assert!(relay.relayed() > 0, "a stream ran through the relay");
     relay.kill();
