@@ -38,10 +38,10 @@ use crate::limits::{Budget, MemberRates, MemberSlots};
 use crate::people::People;
 use crate::policy::Policy;
 use crate::proxy::Gateway;
+use crate::upstream::{Upstream, UpstreamSettings};
 
 /// The `ErrorInfo.domain` of the gateway's own statuses.
 pub const DOMAIN: &str = "gateway.onestop.lv";
-use crate::upstream::{Upstream, UpstreamSettings};
 
 /// The configuration of the gateway process.
 #[derive(Clone, Debug, Deserialize)]
