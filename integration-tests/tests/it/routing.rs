@@ -39,6 +39,7 @@ on_both_backends!(
     bad_input_is_refused_and_stores_nothing,
     leases_expire_and_deliveries_park,
     the_inbox_stream_outlives_the_gateway_deadline_cap,
+    a_desk_files_for_its_own_municipalitys_centres_only,
 );
 
 const PENSION: &str = "vsaa-old-age-pension";
@@ -50,6 +51,24 @@ fn pension_data() -> String {
         "/../services/forms/seed/examples/vsaa-old-age-pension.valid.json"
     ))
     .unwrap()
+}
+
+/// The pension form's example about the person with `personal_code`.
+fn pension_data_about(personal_code: &str) -> String {
+    let mut data: serde_json::Value = serde_json::from_str(&pension_data()).unwrap();
+    data["applicant"]["personal_code"] = personal_code.into();
+    data.to_string()
+}
+
+fn paper_intake(personal_code: &str) -> PaperIntake {
+    PaperIntake {
+        resident: Some(PersonId {
+            scheme: PersonIdScheme::LvPersonalCode as i32,
+            value: personal_code.into(),
+        }),
+        identity_document: IdentityDocument::Passport as i32,
+        paper_original_sha256: "5e".repeat(32),
+    }
 }
 
 fn member_id(text: &str) -> MemberId {
@@ -1027,5 +1046,150 @@ async fn the_inbox_stream_outlives_the_gateway_deadline_cap(backend: Backend) {
         }
     };
     assert_eq!(cut.code(), Code::DeadlineExceeded, "{cut:?}");
+    fed.stop().await;
+}
+
+/// A clerk of Rugāji logged in at Gulbene's desk (its token names Rugāji's centre, which
+/// Rugāji runs) credits nothing to Rugāji's centre through Gulbene's desk: no paper intake, no
+/// application under a mandate, no service case. A Gulbene clerk at the same desk does.
+async fn a_desk_files_for_its_own_municipalitys_centres_only(backend: Backend) {
+    let World { fed, providers: _p } = world(backend).await;
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(CENTRE),
+        "onestop.routing.v1.ApplicationService",
+    )
+    .await;
+    let any = LevelOfAssurance::Unspecified;
+    let mut desk = applications(&fed, CENTRE);
+    let visitor = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_RUGAJI,
+        oidc::ACR_SUBSTANTIAL,
+        any,
+    )
+    .await
+    .unwrap();
+    let visitor_token = tokens(&visitor).access_token.clone();
+    let resident = oidc::LV_RESIDENT_2_PERSONAL_CODE;
+    let paper = |request_id: &str| SubmitApplicationRequest {
+        paper_intake: Some(paper_intake(resident)),
+        data_json: pension_data_about(resident),
+        ..submission(request_id, "gulbene")
+    };
+
+    let status = desk
+        .submit_application(bearer(paper("visitor-paper"), &visitor_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NOT_THE_DESKS_CENTRE");
+
+    // Under a mandate: refused at identity when the mandate is registered, or here.
+    let mut mandates = identity(&fed, CENTRE);
+    let registered = mandates
+        .register_mandate(bearer(
+            RegisterMandateRequest {
+                request_id: "visitor-mandate".into(),
+                principal: Some(PersonId {
+                    scheme: PersonIdScheme::LvPersonalCode as i32,
+                    value: resident.into(),
+                }),
+                services: vec![PENSION.into()],
+                valid_from: None,
+                valid_until: Some(in_days(30)),
+                document_sha256: "ad".repeat(32),
+                identity_document: IdentityDocument::IdCard as i32,
+            },
+            &visitor_token,
+        ))
+        .await;
+    match registered {
+        Ok(mandate) => {
+            let acting = mandates
+                .exchange_mandate(bearer(
+                    ExchangeMandateRequest {
+                        name: mandate.into_inner().mandate.unwrap().name,
+                        services: vec![],
+                    },
+                    &visitor_token,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .access_token;
+            let status = desk
+                .submit_application(bearer(
+                    SubmitApplicationRequest {
+                        data_json: pension_data_about(resident),
+                        ..submission("visitor-mandate", "gulbene")
+                    },
+                    &acting,
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert_eq!(reason(&status), "NOT_THE_DESKS_CENTRE");
+        }
+        Err(status) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+    }
+
+    let mut cases = ServiceCaseServiceClient::new(fed.gateway_client(CENTRE));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let consultation = |request_id: &str| RegisterServiceCaseRequest {
+        request_id: request_id.into(),
+        service_case: Some(ServiceCase {
+            topic: "Pension age".into(),
+            channel: ContactChannel::InPerson as i32,
+            kind: CaseKind::Consultation as i32,
+            start_time: Some(prost_types::Timestamp {
+                seconds: now - 600,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: now - 300,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+    };
+    let status = cases
+        .register_service_case(bearer(consultation("visitor-case"), &visitor_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NOT_THE_DESKS_CENTRE");
+    assert_eq!(count(&fed, "applications").await, 0, "nothing filed");
+    assert_eq!(count(&fed, "service_cases").await, 0, "nothing counted");
+
+    // The same requests by Gulbene's own clerk are credited to Gulbene's centre.
+    let clerk = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_GULBENE,
+        oidc::ACR_SUBSTANTIAL,
+        any,
+    )
+    .await
+    .unwrap();
+    let clerk_token = tokens(&clerk).access_token.clone();
+    desk.submit_application(bearer(paper("own-paper"), &clerk_token))
+        .await
+        .unwrap();
+    let case = cases
+        .register_service_case(bearer(consultation("own-case"), &clerk_token))
+        .await
+        .unwrap()
+        .into_inner()
+        .service_case
+        .unwrap();
+    assert_eq!(case.centre_id, oidc::GULBENE_CENTRE);
+    assert_eq!(
+        count(&fed, "service_cases").await,
+        2,
+        "the paper intake and the case"
+    );
     fed.stop().await;
 }

@@ -497,7 +497,7 @@ impl Routing {
                 ));
             }
             level_at_least(person.auth.level, "clerk")?;
-            let centre = self.centre_for(catalogue, Some(&actor.staff), service)?;
+            let centre = self.centre_for(catalogue, member, Some(&actor.staff), service)?;
             provenance.channel = Channel::AuthorisedEService;
             provenance.centre_id = Some(centre.id.clone());
             provenance.clerk = Some(Identity {
@@ -536,7 +536,7 @@ impl Routing {
                     ));
                 }
                 level_at_least(person.auth.level, "clerk")?;
-                let centre = self.centre_for(catalogue, staff, service)?;
+                let centre = self.centre_for(catalogue, member, staff, service)?;
                 provenance.channel = Channel::Centre;
                 provenance.centre_id = Some(centre.id.clone());
                 provenance.clerk = Some(identity_of(person));
@@ -572,10 +572,11 @@ impl Routing {
     fn centre_for<'c>(
         &self,
         catalogue: &'c Catalogue,
+        desk: &Member,
         staff: Option<&Staff>,
         service: &Service,
     ) -> Result<&'c Centre, RoutingError> {
-        let centre = clerk_centre(catalogue, staff)?;
+        let centre = clerk_centre(catalogue, desk, staff)?;
         if !centre.services.contains(&service.id) {
             return Err(RoutingError::refused(
                 "SERVICE_NOT_OFFERED_AT_CENTRE",
@@ -647,7 +648,7 @@ impl Routing {
                             .as_ref()
                             .or(person.act.as_ref().map(|actor| &actor.staff))
                             .is_some_and(|staff| {
-                                clerk_centre(&self.catalogue(), Some(staff))
+                                clerk_centre(&self.catalogue(), member, Some(staff))
                                     .is_ok_and(|c| p.centre_id.as_ref() == Some(&c.id))
                             })
                 }
@@ -861,11 +862,11 @@ impl Routing {
         request: Request,
         mut case: ServiceCase,
     ) -> Result<ServiceCase, RoutingError> {
-        member_of(caller)?;
+        let member = member_of(caller)?;
         let person = caller.person.as_deref();
         let staff = person.and_then(|p| p.staff.as_ref());
         let catalogue = self.catalogue();
-        let centre = clerk_centre(&catalogue, staff)?.id.clone();
+        let centre = clerk_centre(&catalogue, member, staff)?.id.clone();
         if let Some(id) = self.requests.earlier(&request).await? {
             return self.store.case(&id).await?.ok_or_else(|| {
                 RoutingError::NotFound(format!("service-cases/{id} does not exist"))
@@ -962,10 +963,14 @@ impl Routing {
     }
 }
 
-/// The centre a staff member works at: named by their token, in the catalogue, and run by
-/// their own institution (a municipality's staff provider vouches for its own centres only).
+/// The centre a staff member works at: named by their token, in the catalogue, run by their
+/// own institution (a municipality's staff provider vouches for its own centres only) and by
+/// the institution of the desk system calling (a municipality's desk files for its own centres
+/// only, whoever logs in at it): the centre is what a case is credited to, and municipalities
+/// are paid on their centres' cases.
 fn clerk_centre<'c>(
     catalogue: &'c Catalogue,
+    desk: &Member,
     staff: Option<&Staff>,
 ) -> Result<&'c Centre, RoutingError> {
     let (staff, id) = staff
@@ -979,8 +984,9 @@ fn clerk_centre<'c>(
             format!("centre `{}` is not in the catalogue", echo(id)),
         )
     })?;
-    let runs_it = Member::parse(&centre.municipality)
-        .ok()
+    let runner = Member::parse(&centre.municipality).ok();
+    let runs_it = runner
+        .as_ref()
         .zip(Member::parse(&staff.institution).ok())
         .is_some_and(|(runner, employer)| runner.same_institution(&employer));
     if !runs_it {
@@ -988,6 +994,16 @@ fn clerk_centre<'c>(
             "NOT_THE_CLERKS_CENTRE",
             format!(
                 "centre `{}` is run by {}, not by the clerk's institution",
+                centre.id, centre.municipality
+            ),
+        ));
+    }
+    if !runner.is_some_and(|runner| runner.same_institution(desk)) {
+        return Err(RoutingError::denied(
+            "NOT_THE_DESKS_CENTRE",
+            format!(
+                "centre `{}` is run by {}, not by {desk}: a desk files for its own \
+                 institution's centres only",
                 centre.id, centre.municipality
             ),
         ));
