@@ -3,13 +3,14 @@
 //!   sends the HTTP/2 preface, or never calls, holds nothing for long);
 //! - when no call has run for `idle_timeout` (GOAWAY, so that the client reconnects when it
 //!   needs to);
-//! - when its certificate expires (cut off: a call may not outlive the certificate);
+//! - when its certificate expires or is revoked: its streams end with `UNAUTHENTICATED` and
+//!   the connection is cut off a moment later (see `onestop_platform::accept`);
 //! - after its first refusal, when its certificate names no member or the member has too many
 //!   connections (GOAWAY; such a connection may carry one call, to be told why);
 //! - on shutdown (GOAWAY; calls in flight run to the end of the drain).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use onestop_platform::accept::MtlsStream;
@@ -70,10 +71,6 @@ impl Connections {
         let peer = stream.peer().clone();
         let caller = Arc::new(Caller::new(&peer.identity, peer.cert.clone(), &gateway));
         let admitted = caller.is_admitted();
-        let expires = caller
-            .cert()
-            .and_then(|cert| cert.not_after.duration_since(SystemTime::now()).ok())
-            .map(|left| Instant::now() + left);
         let activity = Activity::new();
         let service = {
             let activity = activity.clone();
@@ -98,8 +95,6 @@ impl Connections {
         let accepted = Instant::now();
         async move {
             tokio::pin!(connection);
-            let far = accepted + Duration::from_secs(86_400 * 365);
-            let expires = expires.unwrap_or(far);
             let mut first_seen = false;
             let why = loop {
                 // The next moment something may have to be closed.
@@ -124,10 +119,6 @@ impl Connections {
                     }
                     // A refused connection is closed once its refusal has been sent in full.
                     () = activity.call_ended.notified(), if !admitted => break "refused",
-                    () = tokio::time::sleep_until(expires) => {
-                        tracing::info!(remote = %peer.remote_addr, "certificate expired; connection cut off");
-                        return;
-                    }
                     () = tokio::time::sleep_until(idle_deadline) => {
                         if !activity.any_call() {
                             tracing::info!(remote = %peer.remote_addr, "no call within the first-request timeout; connection closed");

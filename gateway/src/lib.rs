@@ -25,6 +25,7 @@ use std::time::Duration;
 use onestop_platform::accept::{self, AcceptLimits};
 use onestop_platform::config::{AdminConfig, ServerConfig, TelemetryConfig};
 use onestop_platform::identity::SpiffeId;
+use onestop_platform::reload::Reloading;
 use onestop_platform::tls::{self, ClientAuth, ServerTls, TlsFiles, TlsMaterial};
 use prost::Message;
 use serde::Deserialize;
@@ -239,7 +240,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let limits = config.server.limits;
-    let policy = Policy::load(&config.gateway.policy)?;
+    let policy_file = config.gateway.policy.clone();
+    let policy = Arc::new(Reloading::new(
+        "access policy",
+        Some(policy_file.clone()),
+        move || Policy::load(&policy_file),
+    )?);
+    policy.watch(config.server.reload_interval_ms, shutdown.clone());
     let tls = ServerTls::load(&config.server.tls, ClientAuth::Optional)?;
     tls.watch(config.server.reload_interval_ms, shutdown.clone());
     let client_material = TlsMaterial::load(&config.upstream.tls)?;

@@ -12,8 +12,9 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use onestop_platform::caller::{CALLER_HEADER, PERSON_HEADER};
 use onestop_platform::identity::{Member, Principal};
+use onestop_platform::reload::Reloading;
 use onestop_platform::status::{self as platform_status, echo};
-use onestop_platform::streams::UntilShutdown;
+use onestop_platform::streams::{self, EndsWhen, Later};
 use onestop_platform::telemetry::{self, TRACE_ID_HEADER};
 use onestop_platform::tls::{PeerCert, PeerIdentity, ServerTls};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -27,7 +28,7 @@ use crate::DOMAIN;
 use crate::body::{Activity, Guarded, Metered};
 use crate::limits::{self, Budget, Exhausted, MemberRates, MemberSlots};
 use crate::people::PersonRefusal;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 use crate::upstream::Upstream;
 
 /// Services the gateway answers itself, for every identified member.
@@ -48,8 +49,8 @@ const MAX_PATH: usize = 256;
 pub struct Gateway {
     /// Service name → upstream.
     pub upstreams: HashMap<String, Arc<Upstream>>,
-    /// Access rights.
-    pub policy: Policy,
+    /// Access rights, read again when the file changes.
+    pub policy: Arc<Reloading<Policy, PolicyError>>,
     /// People's tokens and rates.
     pub people: Arc<crate::people::People>,
     /// Per-member rates of calls and stream messages.
@@ -213,7 +214,6 @@ impl Gateway {
             record.unknown_method();
         }
         let member = caller.name();
-        let shutdown = self.shutdown.clone();
         let trace = trace_id.clone();
         let deadline = response
             .extensions()
@@ -221,16 +221,87 @@ impl Gateway {
             .map(|d| d.0);
         let mut response = response.map(|body| {
             let guarded = Guarded::new(body, call, permit, record, member, trace);
-            let body = Body::new(UntilShutdown::new(guarded, shutdown));
-            match deadline {
-                Some(deadline) => Body::new(crate::body::UntilDeadline::new(body, deadline)),
-                None => body,
-            }
+            let gateway = self.clone();
+            let ends = Later::new(move || gateway.ends_early(caller, method, deadline));
+            Body::new(EndsWhen::new(guarded, ends))
         });
         if let Some(trace_id) = trace_id {
             response.headers_mut().insert(TRACE_ID_HEADER, trace_id);
         }
         response
+    }
+
+    /// Waits for what ends a call's answer before the service ends it, and gives the trailers
+    /// that say why: the gateway's shutdown; the call's deadline (services do not cut their own
+    /// streams at the deadline, only the wait for the first answer); the caller's certificate
+    /// revoked or expired; the caller's right to the method withdrawn from the access policy.
+    /// Made only when the answer first waits, so most unary answers never pay for it.
+    async fn ends_early(
+        self: Arc<Self>,
+        caller: Arc<Caller>,
+        method: String,
+        deadline: Option<tokio::time::Instant>,
+    ) -> HeaderMap {
+        let deadline = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        let revoked = async {
+            match caller.cert() {
+                Some(cert) => streams::certificate_unusable(self.tls.clone(), cert.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let denied = async {
+            // The gateway's own health and reflection are every member's, not the policy's.
+            let local = method
+                .split_once('/')
+                .is_some_and(|(service, _)| LOCAL_SERVICES.contains(&service));
+            let Ok(admitted) = &caller.admitted else {
+                return std::future::pending().await;
+            };
+            if local {
+                return std::future::pending().await;
+            }
+            let mut changes = self.policy.changes();
+            loop {
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !self.policy.current().allows(&admitted.member, &method) {
+                    return &admitted.member;
+                }
+            }
+        };
+        let status = |code, reason: &str, message: String| {
+            streams::trailers_of(&platform_status::with_info(
+                code,
+                DOMAIN,
+                reason,
+                Vec::new(),
+                message,
+                Vec::new(),
+            ))
+        };
+        tokio::select! {
+            () = self.shutdown.cancelled() => streams::shutting_down(),
+            () = deadline => status(
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+                "the call reached its deadline".into(),
+            ),
+            why = revoked => status(Code::Unauthenticated, "CERTIFICATE_UNUSABLE", why.into()),
+            member = denied => {
+                tracing::info!(%member, %method, "stream ended: the access policy no longer allows it");
+                status(
+                    Code::PermissionDenied,
+                    "ACCESS_DENIED",
+                    format!("member {member} may no longer call {method}"),
+                )
+            }
+        }
     }
 
     /// Whether a path names a service the gateway serves or routes (so that it may be a label).
@@ -370,7 +441,8 @@ impl Gateway {
         };
 
         // 5. Whether this member may make it.
-        if !self.policy.allows(member, path) {
+        let policy = self.policy.current();
+        if !policy.allows(member, path) {
             tracing::info!(%member, %method, "call denied by the access policy");
             return refused(
                 Code::PermissionDenied,
@@ -402,7 +474,7 @@ impl Gateway {
                 return refused(Code::Unauthenticated, reason, message);
             }
         };
-        if let Some(required) = self.policy.person_required(path) {
+        if let Some(required) = policy.person_required(path) {
             let level = [("required_level".to_owned(), required.as_str().to_owned())];
             match &person {
                 None => {

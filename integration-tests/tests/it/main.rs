@@ -4,6 +4,7 @@
 // In tests a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod attacks;
 mod eaddress;
 mod forms;

@@ -14,6 +14,7 @@
 //! again instead of spinning.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -61,13 +62,64 @@ impl From<&Limits> for AcceptLimits {
     }
 }
 
+/// How long a connection whose certificate was revoked (or expired) stays open: long enough
+/// for its streams to be told why, in a status (see [`crate::streams::certificate_unusable`]).
+pub const CUT_OFF_GRACE: Duration = Duration::from_secs(1);
+
 /// A TLS connection whose handshake succeeded, with the peer read once. It holds its place
-/// under the connection limits until it is dropped.
+/// under the connection limits until it is dropped, and it is cut off [`CUT_OFF_GRACE`] after
+/// its certificate is revoked or expires: from then on reading and writing it fail, so that
+/// whatever serves it ends every call on it.
 pub struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
+    cut_off: CutOff,
     _connection: OwnedSemaphorePermit,
     _unidentified: Option<SourceSlot>,
+}
+
+/// When a connection is cut off.
+enum CutOff {
+    /// Its certificate may still become unusable.
+    Pending(Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// It has no certificate to lose (a stranger's connection, closed after one refusal).
+    Never,
+    /// It has been cut off.
+    Done,
+}
+
+impl CutOff {
+    fn new(tls: &Arc<ServerTls>, peer: &Peer) -> Self {
+        match &peer.cert {
+            Some(cert) => {
+                let (tls, cert) = (tls.clone(), cert.clone());
+                let remote_addr = peer.remote_addr;
+                CutOff::Pending(Box::pin(async move {
+                    let why = crate::streams::certificate_unusable(tls, cert).await;
+                    tokio::time::sleep(CUT_OFF_GRACE).await;
+                    tracing::info!(%remote_addr, why, "connection cut off");
+                }))
+            }
+            None => CutOff::Never,
+        }
+    }
+
+    /// An error once the connection is cut off.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let CutOff::Pending(cut) = self {
+            if cut.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            *self = CutOff::Done;
+        }
+        match self {
+            CutOff::Done => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's certificate is no longer valid",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl MtlsStream {
@@ -83,6 +135,7 @@ impl AsyncRead for MtlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.cut_off.check(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -93,6 +146,7 @@ impl AsyncWrite for MtlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.cut_off.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -109,6 +163,7 @@ impl AsyncWrite for MtlsStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.cut_off.check(cx)?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -240,6 +295,7 @@ pub fn accept(
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let accepted =
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
@@ -268,9 +324,11 @@ pub fn accept(
                     identity,
                     cert,
                 };
+                let cut_off = CutOff::new(&tls, &peer);
                 let _ = tx
                     .send(Ok(MtlsStream {
                         inner: stream,
+                        cut_off,
                         peer,
                         _connection: connection,
                         _unidentified: unidentified,

@@ -17,6 +17,7 @@ use tonic::{Request, Status};
 
 use crate::identity::SpiffeId;
 use crate::status::{self, Reason};
+use crate::streams::{self, EndsWhen, Later};
 use crate::tls::{Peer, PeerIdentity, ServerTls};
 use crate::tokens::Claims;
 
@@ -239,10 +240,32 @@ where
                     .map(|value| value.as_bytes()),
             ),
         };
+        let cert = peer.and_then(|peer| peer.cert.clone());
         match caller {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(request))
+                let answer = self.inner.call(request);
+                let Some(cert) = cert else {
+                    return Box::pin(answer);
+                };
+                // A stream outlives neither its caller's certificate nor its revocation: it
+                // ends with the reason, and the connection is cut soon after (`accept`).
+                let tls = self.layer.tls.clone();
+                Box::pin(async move {
+                    let response = answer.await?;
+                    Ok(response.map(|body| {
+                        let until = Later::new(move || async move {
+                            let why = streams::certificate_unusable(tls, cert).await;
+                            streams::trailers_of(&status::error(
+                                tonic::Code::Unauthenticated,
+                                Reason::Unauthenticated,
+                                why.into(),
+                                Vec::new(),
+                            ))
+                        });
+                        tonic::body::Body::new(EndsWhen::new(body, until))
+                    }))
+                })
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod paging;
 pub mod person;
 pub mod pki;
+pub mod reload;
 pub mod requests;
 pub mod server;
 pub mod status;

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::client::WebPkiServerVerifier;
@@ -28,6 +28,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::SpiffeId;
+use crate::reload::Reloading;
 
 /// What went wrong setting up TLS.
 #[derive(Debug, thiserror::Error)]
@@ -321,111 +322,58 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 /// A server's TLS configuration that follows its revocation list: the file is checked every
 /// `reload_interval` and, when it changed, a new configuration is built for the connections
-/// that come next, and the serials it lists are refused on connections already open.
+/// that come next, the serials it lists are refused on connections already open, and
+/// [`ServerTls::changes`] tells the connections and streams to look at their certificates again.
+#[derive(Debug)]
 pub struct ServerTls {
-    files: TlsFiles,
-    client_auth: ClientAuth,
-    current: RwLock<Arc<Loaded>>,
+    loaded: Arc<Reloading<Loaded, TlsError>>,
 }
 
 struct Loaded {
     config: Arc<ServerConfig>,
     revoked: HashSet<Vec<u8>>,
-    crl_stamp: Option<(SystemTime, u64)>,
-}
-
-impl std::fmt::Debug for ServerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls")
-            .field("files", &self.files)
-            .finish_non_exhaustive()
-    }
-}
-
-fn stamp(path: Option<&Path>) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path?).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl ServerTls {
     /// Loads the files and builds the first configuration.
     pub fn load(files: &TlsFiles, client_auth: ClientAuth) -> Result<Arc<Self>, TlsError> {
-        let tls = Self {
-            files: files.clone(),
-            client_auth,
-            current: RwLock::new(Arc::new(Self::build(files, client_auth)?)),
-        };
-        Ok(Arc::new(tls))
-    }
-
-    fn build(files: &TlsFiles, client_auth: ClientAuth) -> Result<Loaded, TlsError> {
-        let crl_stamp = stamp(files.crl.as_deref());
-        let material = TlsMaterial::load(files)?;
-        Ok(Loaded {
-            config: server_config(&material, client_auth)?,
-            revoked: material.revoked_serials(),
-            crl_stamp,
-        })
-    }
-
-    fn loaded(&self) -> Arc<Loaded> {
-        self.current
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        let owned = files.clone();
+        let loaded = Reloading::new("revocation list", files.crl.clone(), move || {
+            let material = TlsMaterial::load(&owned)?;
+            Ok(Loaded {
+                config: server_config(&material, client_auth)?,
+                revoked: material.revoked_serials(),
+            })
+        })?;
+        Ok(Arc::new(Self {
+            loaded: Arc::new(loaded),
+        }))
     }
 
     /// The configuration for a new connection.
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.loaded().config.clone()
+        self.loaded.current().config.clone()
     }
 
     /// Whether the certificate with this serial ([`crate::pki::normalize_serial`]) is revoked.
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
-        self.loaded().revoked.contains(serial)
+        self.loaded.current().revoked.contains(serial)
     }
 
     /// Rebuilds the configuration if the revocation list changed; returns whether it did. A
     /// list that cannot be read or parsed leaves the previous configuration in force.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let now = stamp(self.files.crl.as_deref());
-        if now == self.loaded().crl_stamp {
-            return Ok(false);
-        }
-        let loaded = Self::build(&self.files, self.client_auth)?;
-        let revoked = loaded.revoked.len();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(loaded);
-        tracing::info!(revoked, "certificate revocation list reloaded");
-        Ok(true)
+        self.loaded.reload_if_changed()
+    }
+
+    /// Wakes on every reload of the revocation list.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.loaded.changes()
     }
 
     /// Checks the revocation list for changes every `interval` until `shutdown`.
-    pub fn watch(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
-        if self.files.crl.is_none() {
-            return;
-        }
-        let tls = self.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(interval.max(Duration::from_millis(10)));
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    _ = every.tick() => {}
-                }
-                let tls = tls.clone();
-                match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => {
-                        tracing::error!(%error, "revocation list unusable; the previous one stays in force");
-                    }
-                    Err(error) => tracing::error!(%error, "revocation list reload failed"),
-                }
-            }
-        });
+    pub fn watch(&self, interval: Duration, shutdown: CancellationToken) {
+        self.loaded.watch(interval, shutdown);
     }
 }
 
