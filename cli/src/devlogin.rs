@@ -230,7 +230,11 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         );
     };
     let done = client
-        .complete_login(identity::CompleteLoginRequest { state, code })
+        .complete_login(identity::CompleteLoginRequest {
+            state,
+            code,
+            ..Default::default()
+        })
         .await
         .map_err(failed)?
         .into_inner();

@@ -37,9 +37,12 @@ fn http2(limits: &Limits, streams: u32) -> hyper::server::conn::http2::Builder<T
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(streams)
-        // Up to four times what services accept, so that a caller over the services' limit is
-        // told so in a gRPC status (`HEADERS_TOO_LARGE`) instead of a bare HTTP/2 refusal.
-        .max_header_list_size(limits.max_header_list_bytes.saturating_mul(4))
+        // Sixteen times what services accept (256 KiB by default), so that a caller over the
+        // services' limit, or with a token far too large to be one, is told so in a gRPC status
+        // (`HEADERS_TOO_LARGE`, `TOKEN_TOO_LARGE`) instead of a bare HTTP/2 refusal. Only one
+        // header block per connection is being read at a time, so this bounds memory per
+        // connection, not per stream; past it HTTP/2 answers 431 and the connection goes on.
+        .max_header_list_size(limits.max_header_list_bytes.saturating_mul(16))
         .keep_alive_interval(Some(limits.keepalive_interval_ms))
         .keep_alive_timeout(limits.keepalive_timeout_ms)
         .initial_stream_window_size(onestop_platform::client::STREAM_WINDOW)

@@ -357,6 +357,23 @@ impl Gateway {
                 );
             }
         };
+        // A token too large to be one is the person's problem, not the metadata's: say so
+        // before the metadata's size is judged.
+        let bearer_limit = "Bearer ".len() + onestop_platform::tokens::MAX_TOKEN_BYTES;
+        if request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .is_some_and(|value| value.len() > bearer_limit)
+        {
+            return refused(
+                Code::Unauthenticated,
+                "TOKEN_TOO_LARGE",
+                format!(
+                    "the authorization header is over {bearer_limit} bytes; a platform access \
+                     token is never that large"
+                ),
+            );
+        }
         if header_list_size(request.headers()) > self.max_header_bytes {
             return refused(
                 Code::ResourceExhausted,

@@ -444,6 +444,54 @@ async fn what_callers_send_is_echoed_in_bounds() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(crate::reason(&status), "HEADERS_TOO_LARGE");
 
+    // A 100 KB bearer token, and 100 KB of other metadata: each call is refused with its reason
+    // and the connection goes on serving (HTTP/2 takes header blocks far above what a call may
+    // carry, so that the refusal is a status, not the connection's end).
+    for (header, value, code, why) in [
+        (
+            "authorization",
+            format!("Bearer {}", "t".repeat(100_000)),
+            Code::Unauthenticated,
+            "TOKEN_TOO_LARGE",
+        ),
+        (
+            "x-bulk",
+            "y".repeat(100_000),
+            Code::ResourceExhausted,
+            "HEADERS_TOO_LARGE",
+        ),
+    ] {
+        let mut request = tonic::Request::new(GetFormRequest {
+            name: "forms/vsaa-old-age-pension".into(),
+        });
+        request
+            .metadata_mut()
+            .insert(header, value.parse().unwrap());
+        let status = forms.get_form(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{header}: {status:?}");
+        assert_eq!(crate::reason(&status), why, "{header}: {status:?}");
+        forms
+            .get_form(GetFormRequest {
+                name: "forms/vsaa-old-age-pension".into(),
+            })
+            .await
+            .expect("the connection goes on");
+    }
+    // Past what HTTP/2 takes, the call is refused there, and the connection still goes on.
+    let mut request = tonic::Request::new(GetFormRequest {
+        name: "forms/vsaa-old-age-pension".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-bulk", "y".repeat(300_000).parse().unwrap());
+    forms.get_form(request).await.unwrap_err();
+    forms
+        .get_form(GetFormRequest {
+            name: "forms/vsaa-old-age-pension".into(),
+        })
+        .await
+        .expect("the connection goes on after a refused header block");
+
     // A 3 MiB symbol asked of reflection is cut off at the gateway.
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
