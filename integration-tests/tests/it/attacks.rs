@@ -146,6 +146,59 @@ async fn connections_without_a_member_cannot_exhaust_the_gateway() {
     fed.stop().await;
 }
 
+/// Members behind one address (a municipality's NAT) with a client among them that opens
+/// connections and never finishes them, and one that reconnects as fast as it can: the others
+/// still connect at once, and what identified members do costs their address nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_address_is_not_shut_by_one_of_its_clients() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.limits.max_unidentified_per_source = 16;
+        options.limits.handshakes_per_source_per_second = 20;
+    })
+    .await;
+    let member = attack::client_tls(&fed.pki, Some(VICTIM));
+    let get_form = attack::grpc_message(&GetFormRequest {
+        name: "forms/vsaa-old-age-pension".into(),
+    });
+    // A member reconnecting far more often than the address's budget of handshakes: identified
+    // connections spend none of it.
+    for attempt in 0..60 {
+        let mut connection = attack::raw_h2(fed.gateway, ATTACKER, member.clone(), 1 << 20)
+            .await
+            .unwrap_or_else(|error| panic!("reconnection {attempt}: {error}"));
+        drop(
+            connection
+                .stall("/onestop.forms.v1.FormsService/GetForm", &get_form, 1)
+                .await,
+        );
+    }
+    // Silent TCP connections fill every place the address has for unidentified ones ...
+    let silent = attack::silent_tcp(fed.gateway, ATTACKER, 16).await;
+    assert_eq!(silent.len(), 16);
+    // ... and a member behind the same address still connects and calls at once: its
+    // connection displaces the oldest silent one.
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let mut connection = attack::raw_h2(fed.gateway, ATTACKER, member.clone(), 1 << 20)
+            .await
+            .unwrap_or_else(|error| panic!("member connection {attempt}: {error}"));
+        drop(
+            connection
+                .stall("/onestop.forms.v1.FormsService/GetForm", &get_form, 1)
+                .await,
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "connecting took {:?}",
+            started.elapsed()
+        );
+    }
+    // One place was needed, once: the member's connections leave theirs when identified.
+    let closed = silent.closed_by_server(Duration::from_secs(1)).await;
+    assert_eq!(closed, 1, "the displaced silent connection is closed");
+    fed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_busy_ones_kept() {
     let fed = TestFederation::start_with(Backend::Sqlite, |options| {

@@ -7,7 +7,8 @@
 //!   descriptors, so that running out of descriptors is not how overload shows;
 //! - `max_pending_handshakes` handshakes at once, each within `handshake_timeout`;
 //! - per source address, `max_unidentified_per_source` connections that have not (yet) shown a
-//!   member's or component's certificate, and `handshakes_per_source_per_second` new ones.
+//!   member's or component's certificate (a new one displaces the oldest still handshaking), and
+//!   `handshakes_per_source_per_second` connections that come to nothing (see [`Sources`]).
 //!
 //! A connection over a limit is closed at once, never queued: a queue would only turn an attack
 //! into latency for everyone. A failed `accept` (out of descriptors) backs off before trying
@@ -17,13 +18,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -180,45 +179,144 @@ impl tonic::transport::server::Connected for MtlsStream {
     }
 }
 
-/// Connections per source address that have no identified peer.
-#[derive(Default)]
+/// What is known of each source address before its connections are identified: its places for
+/// unidentified connections and its budget of handshakes that came to nothing.
+///
+/// Many members may share one address (a municipality's network behind one NAT address), so
+/// nothing a member does with a certificate that names it is held against its address: only
+/// connections that end unidentified (a failed or timed-out handshake, no member's certificate)
+/// spend the address's budget, and a new connection from an address whose places are all taken
+/// by connections still handshaking displaces the oldest of them instead of being refused. A
+/// client that opens connections and never finishes them thus holds each place only until the
+/// next connection from its address comes, and cannot shut out the address's other users.
 struct Sources {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    per_second: f64,
+    burst: f64,
+    states: Mutex<HashMap<IpAddr, Source>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
-/// One place under a source's count, given back when dropped.
+struct Source {
+    /// Unidentified connections, oldest first; `displace` is there while one still handshakes.
+    places: std::collections::VecDeque<Place>,
+    /// Handshakes that may still come to nothing (a token bucket).
+    budget: f64,
+    refilled: tokio::time::Instant,
+}
+
+struct Place {
+    id: u64,
+    displace: Option<CancellationToken>,
+}
+
+/// One connection's place under its source's count, given back when dropped.
 struct SourceSlot {
     sources: Arc<Sources>,
     ip: IpAddr,
+    id: u64,
 }
 
 impl Sources {
-    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
+    fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        Self {
+            per_second,
+            burst: per_second * 2.0,
+            states: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
         }
-        *count += 1;
-        Some(SourceSlot {
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Source>> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a place for a new connection from `ip`, displacing the oldest one still
+    /// handshaking when all `max` are taken; `None` when the address spent its budget of failed
+    /// handshakes or every place holds an established connection. The token is cancelled when
+    /// the connection is displaced.
+    fn enter(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Result<(SourceSlot, CancellationToken), &'static str> {
+        let now = tokio::time::Instant::now();
+        let mut states = self.lock();
+        let source = states.entry(ip).or_insert_with(|| Source {
+            places: std::collections::VecDeque::new(),
+            budget: self.burst,
+            refilled: now,
+        });
+        let earned = now.duration_since(source.refilled).as_secs_f64() * self.per_second;
+        source.budget = (source.budget + earned).min(self.burst);
+        source.refilled = now;
+        if source.budget < 1.0 {
+            return Err("handshakes_per_source_per_second");
+        }
+        if source.places.len() >= max.max(1) {
+            let oldest = source.places.iter().position(|p| p.displace.is_some());
+            match oldest.and_then(|at| source.places.remove(at)) {
+                Some(place) => {
+                    if let Some(displace) = place.displace {
+                        displace.cancel();
+                    }
+                }
+                None => return Err("max_unidentified_per_source"),
+            }
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let displace = CancellationToken::new();
+        source.places.push_back(Place {
+            id,
+            displace: Some(displace.clone()),
+        });
+        let slot = SourceSlot {
             sources: self.clone(),
             ip,
-        })
+            id,
+        };
+        Ok((slot, displace))
+    }
+
+    /// Forgets addresses with no connection whose budget is full again.
+    fn forget_idle(&self) {
+        let now = tokio::time::Instant::now();
+        let (per_second, burst) = (self.per_second, self.burst);
+        self.lock().retain(|_, source| {
+            let earned = now.duration_since(source.refilled).as_secs_f64() * per_second;
+            !source.places.is_empty() || source.budget + earned < burst
+        });
+    }
+}
+
+impl SourceSlot {
+    /// The handshake is over: the connection can no longer be displaced.
+    fn handshake_done(&self) {
+        if let Some(source) = self.sources.lock().get_mut(&self.ip)
+            && let Some(place) = source.places.iter_mut().find(|p| p.id == self.id)
+        {
+            place.displace = None;
+        }
+    }
+
+    /// The connection came to nothing (a failed handshake, or no member's certificate): it
+    /// spends its address's budget.
+    fn charge(&self) {
+        if let Some(source) = self.sources.lock().get_mut(&self.ip) {
+            source.budget -= 1.0;
+        }
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut counts = self
-            .sources
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
-            }
+        let mut states = self.sources.lock();
+        if let Some(source) = states.get_mut(&self.ip)
+            && let Some(at) = source.places.iter().position(|p| p.id == self.id)
+        {
+            source.places.remove(at);
         }
     }
 }
@@ -236,13 +334,7 @@ pub fn accept(
     let (tx, rx) = tokio::sync::mpsc::channel(limits.max_pending_handshakes.max(1));
     let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes.max(1)));
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let sources = Arc::new(Sources::default());
-    let per_second =
-        NonZeroU32::new(limits.handshakes_per_source_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
-    let burst = per_second.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-    let rates: Arc<DefaultKeyedRateLimiter<IpAddr>> = Arc::new(RateLimiter::keyed(
-        Quota::per_second(per_second).allow_burst(burst),
-    ));
+    let sources = Arc::new(Sources::new(limits.handshakes_per_source_per_second));
     let trust_domain: Arc<str> = trust_domain.into();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(10);
@@ -251,7 +343,7 @@ pub fn accept(
             let (tcp, remote_addr) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = forget.tick() => {
-                    rates.retain_recent();
+                    sources.forget_idle();
                     continue;
                 }
                 accepted = listener.accept() => match accepted {
@@ -278,14 +370,14 @@ pub fn accept(
                 refused("max_connections");
                 continue;
             };
-            if rates.check_key(&ip).is_err() {
-                refused("handshakes_per_source_per_second");
-                continue;
-            }
-            let Some(unidentified) = sources.enter(ip, limits.max_unidentified_per_source) else {
-                refused("max_unidentified_per_source");
-                continue;
-            };
+            let (unidentified, displaced) =
+                match sources.enter(ip, limits.max_unidentified_per_source) {
+                    Ok(entered) => entered,
+                    Err(why) => {
+                        refused(why);
+                        continue;
+                    }
+                };
             let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
                 refused("max_pending_handshakes");
                 continue;
@@ -297,17 +389,26 @@ pub fn accept(
             let trust_domain = trust_domain.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let accepted =
-                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+                let accepted = tokio::select! {
+                    accepted = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => accepted,
+                    () = displaced.cancelled() => {
+                        tracing::info!(%remote_addr, "handshake displaced by a newer connection from the same address");
+                        unidentified.charge();
+                        return;
+                    }
+                };
                 drop(handshake);
+                unidentified.handshake_done();
                 let stream = match accepted {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
                         tracing::info!(%remote_addr, %error, "TLS handshake refused");
+                        unidentified.charge();
                         return;
                     }
                     Err(_) => {
                         tracing::info!(%remote_addr, "TLS handshake timed out");
+                        unidentified.charge();
                         return;
                     }
                 };
@@ -317,7 +418,10 @@ pub fn accept(
                 // share one (a municipality's network behind one NAT address).
                 let unidentified = match identity {
                     PeerIdentity::Spiffe(_) => None,
-                    _ => Some(unidentified),
+                    _ => {
+                        unidentified.charge();
+                        Some(unidentified)
+                    }
                 };
                 let peer = Peer {
                     remote_addr,
