@@ -1065,11 +1065,17 @@ async fn decisions_reach_the_applicants_mailbox_once(backend: Backend) {
     .await;
     let token = resident_token(&fed, oidc::LV_RESIDENT).await;
     activate(&fed, &token, "").await;
-    let data = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../services/forms/seed/examples/vsaa-old-age-pension.valid.json"
-    ))
+    let mut data: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../services/forms/seed/examples/vsaa-old-age-pension.valid.json"
+        ))
+        .unwrap(),
+    )
     .unwrap();
+    // An application about the resident filing it.
+    data["applicant"]["personal_code"] = oidc::LV_RESIDENT_PERSONAL_CODE.into();
+    let data = data.to_string();
     let receipt = routing::application_service_client::ApplicationServiceClient::new(
         fed.gateway_client(CENTRE),
     )

@@ -12,6 +12,8 @@ use onestop_platform::config::DatabaseConfig;
 use onestop_platform::identity::Member;
 use onestop_platform::inbox::AckFound;
 use onestop_platform::requests::{Fingerprint, Request as Once};
+use onestop_proto::forms::v1::GetFormVersionRequest;
+use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
 use onestop_proto::identity::v1::{
     ExchangeMandateRequest, IdentityDocument, LevelOfAssurance, RegisterMandateRequest,
 };
@@ -40,6 +42,7 @@ on_both_backends!(
     leases_expire_and_deliveries_park,
     the_inbox_stream_outlives_the_gateway_deadline_cap,
     a_desk_files_for_its_own_municipalitys_centres_only,
+    an_application_is_about_the_person_filing_it,
 );
 
 const PENSION: &str = "vsaa-old-age-pension";
@@ -225,8 +228,15 @@ async fn applications_reach_their_institution_with_provenance(backend: Backend) 
     .await
     .unwrap();
     let resident_token = tokens(&resident).access_token.clone();
+    let online_data = pension_data_about(oidc::LV_RESIDENT_PERSONAL_CODE);
     let online = desk
-        .submit_application(bearer(submission("online-1", "gulbene"), &resident_token))
+        .submit_application(bearer(
+            SubmitApplicationRequest {
+                data_json: online_data.clone(),
+                ..submission("online-1", "gulbene")
+            },
+            &resident_token,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -280,6 +290,7 @@ async fn applications_reach_their_institution_with_provenance(backend: Backend) 
                     identity_document: IdentityDocument::Passport as i32,
                     paper_original_sha256: scan.clone(),
                 }),
+                data_json: pension_data_about(oidc::LV_RESIDENT_2_PERSONAL_CODE),
                 ..submission("paper-1", "gulbene")
             },
             &clerk_token,
@@ -398,7 +409,13 @@ async fn applications_reach_their_institution_with_provenance(backend: Backend) 
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(reason(&status), "MANDATE_DOES_NOT_COVER_SERVICE");
     let authorised = desk
-        .submit_application(bearer(submission("mandate-1", "gulbene"), &acting[0].1))
+        .submit_application(bearer(
+            SubmitApplicationRequest {
+                data_json: pension_data_about(oidc::LV_RESIDENT_2_PERSONAL_CODE),
+                ..submission("mandate-1", "gulbene")
+            },
+            &acting[0].1,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -485,7 +502,7 @@ async fn applications_reach_their_institution_with_provenance(backend: Backend) 
     assert_eq!(mandate.authorisation_sha256, "ad".repeat(32));
 
     let data = &received[0].application.as_ref().unwrap().data_json;
-    assert_eq!(data, &pension_data(), "the data travels as submitted");
+    assert_eq!(data, &online_data, "the data travels as submitted");
     let ids: Vec<&str> = received.iter().map(|d| d.delivery_id.as_str()).collect();
     let acked = consumer.ack(&ids).await;
     assert_eq!(acked.acknowledged, ids);
@@ -1190,6 +1207,172 @@ async fn a_desk_files_for_its_own_municipalitys_centres_only(backend: Backend) {
         count(&fed, "service_cases").await,
         2,
         "the paper intake and the case"
+    );
+    fed.stop().await;
+}
+
+/// The data's subject (the form version's `x-onestop-subject` fields) is the person filing:
+/// a resident online files about themselves, a clerk under a mandate about the mandator, a
+/// clerk at the desk about the resident identified there; anything else is refused at the
+/// field and stores nothing.
+async fn an_application_is_about_the_person_filing_it(backend: Backend) {
+    let World { fed, providers: _p } = world(backend).await;
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(CENTRE),
+        "onestop.routing.v1.ApplicationService",
+    )
+    .await;
+    let any = LevelOfAssurance::Unspecified;
+    let version = FormsServiceClient::new(fed.gateway_client(CENTRE))
+        .get_form_version(GetFormVersionRequest {
+            name: format!("forms/{PENSION}/versions/1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    assert_eq!(version.subject_fields, ["/applicant/personal_code"]);
+
+    let mut desk = applications(&fed, CENTRE);
+    let about = |request_id: &str, personal_code: &str| SubmitApplicationRequest {
+        data_json: pension_data_about(personal_code),
+        ..submission(request_id, "gulbene")
+    };
+    let refused_at_subject = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let fields: Vec<String> = violations(&status).into_iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["/applicant/personal_code"], "{status:?}");
+    };
+    let (me, someone_else) = (
+        oidc::LV_RESIDENT_PERSONAL_CODE,
+        oidc::LV_RESIDENT_2_PERSONAL_CODE,
+    );
+
+    // Online: the resident about someone else is refused, about themselves accepted.
+    let resident = login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::LV_RESIDENT,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap();
+    let resident_token = tokens(&resident).access_token.clone();
+    refused_at_subject(
+        desk.submit_application(bearer(about("online-other", someone_else), &resident_token))
+            .await
+            .unwrap_err(),
+    );
+    // The example's own applicant is nobody who logged in.
+    refused_at_subject(
+        desk.submit_application(bearer(
+            submission("online-example", "gulbene"),
+            &resident_token,
+        ))
+        .await
+        .unwrap_err(),
+    );
+    desk.submit_application(bearer(about("online-own", me), &resident_token))
+        .await
+        .unwrap();
+
+    // A visitor identified by another country's eID has no personal code here.
+    let visitor = login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::EE_VISITOR,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap();
+    refused_at_subject(
+        desk.submit_application(bearer(about("visitor", me), &tokens(&visitor).access_token))
+            .await
+            .unwrap_err(),
+    );
+
+    // At the desk: about the resident identified there.
+    let clerk = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_GULBENE,
+        oidc::ACR_SUBSTANTIAL,
+        any,
+    )
+    .await
+    .unwrap();
+    let clerk_token = tokens(&clerk).access_token.clone();
+    let paper = |request_id: &str, personal_code: &str| SubmitApplicationRequest {
+        paper_intake: Some(paper_intake(someone_else)),
+        ..about(request_id, personal_code)
+    };
+    refused_at_subject(
+        desk.submit_application(bearer(paper("paper-other", me), &clerk_token))
+            .await
+            .unwrap_err(),
+    );
+    desk.submit_application(bearer(paper("paper-own", someone_else), &clerk_token))
+        .await
+        .unwrap();
+
+    // Under a mandate: about the mandator.
+    let mut mandates = identity(&fed, CENTRE);
+    let mandate = mandates
+        .register_mandate(bearer(
+            RegisterMandateRequest {
+                request_id: "m-subject".into(),
+                principal: Some(PersonId {
+                    scheme: PersonIdScheme::LvPersonalCode as i32,
+                    value: someone_else.into(),
+                }),
+                services: vec![PENSION.into()],
+                valid_from: None,
+                valid_until: Some(in_days(30)),
+                document_sha256: "ad".repeat(32),
+                identity_document: IdentityDocument::IdCard as i32,
+            },
+            &clerk_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .mandate
+        .unwrap();
+    let acting = mandates
+        .exchange_mandate(bearer(
+            ExchangeMandateRequest {
+                name: mandate.name,
+                services: vec![],
+            },
+            &clerk_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    refused_at_subject(
+        desk.submit_application(bearer(about("mandate-other", me), &acting))
+            .await
+            .unwrap_err(),
+    );
+    desk.submit_application(bearer(about("mandate-own", someone_else), &acting))
+        .await
+        .unwrap();
+
+    // A member system filing on its own names no person: its data is not compared.
+    desk.submit_application(about("system", someone_else))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&fed, "applications").await,
+        4,
+        "only the accepted ones"
     );
     fed.stop().await;
 }

@@ -188,6 +188,7 @@ impl pb::forms_service_server::FormsService for FormsApi {
         Ok(Response::new(pb::ValidateFormDataResponse {
             version: validated.version.clone(),
             title: Some(localized_pb(&validated.title)),
+            subject_fields: validated.subject_fields().to_vec(),
         }))
     }
 }
@@ -270,8 +271,13 @@ fn version_pb(version: FormVersion) -> pb::FormVersion {
     } else {
         pb::FormVersionState::Active
     };
+    // Stored schemas parse: they were checked when published.
+    let subject_fields = serde_json::from_str(&version.schema_json)
+        .map(|schema| crate::schema::subject_fields(&schema))
+        .unwrap_or_default();
     pb::FormVersion {
         name,
+        subject_fields,
         version: i32::try_from(version.version).unwrap_or(i32::MAX),
         schema_json: version.schema_json,
         fields: version.fields.into_iter().map(field_pb).collect(),

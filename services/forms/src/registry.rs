@@ -585,6 +585,13 @@ pub struct Validator {
     read: Instant,
 }
 
+impl Validator {
+    /// The JSON Pointers of the data's subject fields (see [`schema::subject_fields`]).
+    pub fn subject_fields(&self) -> &[String] {
+        self.compiled.subject_fields()
+    }
+}
+
 /// Compiles a submitted schema on a blocking thread: a large one takes milliseconds of CPU.
 async fn compile_new_apart(schema_json: String) -> Result<(Value, CompiledSchema), FormsError> {
     tokio::task::spawn_blocking(move || compile_with(&schema_json, CompiledSchema::compile_new))

@@ -81,10 +81,15 @@ fn depth(value: &Value) -> usize {
     deepest
 }
 
+/// The schema keyword that marks a field as the application's subject: the person the data is
+/// about, who must be the person filing it (see [`subject_fields`]).
+pub const SUBJECT_KEYWORD: &str = "x-onestop-subject";
+
 /// A compiled form schema, shared by every validation of its version.
 #[derive(Clone)]
 pub struct CompiledSchema {
     validator: Arc<jsonschema::Validator>,
+    subject_fields: Arc<[String]>,
 }
 
 impl std::fmt::Debug for CompiledSchema {
@@ -159,6 +164,9 @@ impl CompiledSchema {
         if refuse_unknown_formats && let Some(violation) = unknown_format(schema) {
             return Err(violation);
         }
+        if refuse_unknown_formats && let Some(violation) = misplaced_subject_mark(schema) {
+            return Err(violation);
+        }
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)
             .should_validate_formats(true)
@@ -178,7 +186,13 @@ impl CompiledSchema {
             })?;
         Ok(Self {
             validator: Arc::new(validator),
+            subject_fields: subject_fields(schema).into(),
         })
+    }
+
+    /// The JSON Pointers of the data's subject fields (see [`subject_fields`]).
+    pub fn subject_fields(&self) -> &[String] {
+        &self.subject_fields
     }
 
     /// Validates a document: an empty list means it is valid. Violations come sorted by
@@ -321,6 +335,136 @@ fn unknown_format(schema: &Value) -> Option<Violation> {
         lv: format!(
             "formātu `{name}` šis pakalpojums nepārbauda; izmantojiet kādu no šiem: {known}"
         ),
+    })
+}
+
+/// The JSON Pointers, in the data, of the fields a schema marks as its subject
+/// (`"x-onestop-subject": true`): the properties reached from the root through `properties`,
+/// directly or through local references (`"$ref": "#/$defs/person"`), whose schema carries the
+/// mark. The data at such a pointer names the person the application is about, which routing
+/// compares with the person filing it. Marks anywhere else (array items, conditional
+/// subschemas) name no single field and are refused in new schemas
+/// ([`CompiledSchema::compile_new`]). Sorted, each once.
+pub fn subject_fields(schema: &Value) -> Vec<String> {
+    let mut found = std::collections::BTreeSet::new();
+    // (the schema node, the data pointer, the references followed to reach it)
+    let mut stack: Vec<(&Value, String, Vec<&str>)> = vec![(schema, String::new(), Vec::new())];
+    while let Some((node, at, followed)) = stack.pop() {
+        let Some(map) = node.as_object() else {
+            continue;
+        };
+        if followed.len() > MAX_DEPTH || at.matches('/').count() > MAX_DEPTH {
+            continue;
+        }
+        if !at.is_empty() && map.get(SUBJECT_KEYWORD) == Some(&Value::Bool(true)) {
+            found.insert(at.clone());
+        }
+        if let Some(target) = map
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix('#'))
+            && !followed.contains(&target)
+            && let Some(sub) = schema.pointer(target)
+        {
+            let mut followed = followed.clone();
+            followed.push(target);
+            stack.push((sub, at.clone(), followed));
+        }
+        if let Some(properties) = map.get("properties").and_then(Value::as_object) {
+            stack.extend(
+                properties
+                    .iter()
+                    .map(|(name, sub)| (sub, child(&at, name), followed.clone())),
+            );
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// The first subject mark that is not `true` or `false`, or that no data field reaches
+/// through `properties` and local references (so it would check nothing).
+fn misplaced_subject_mark(schema: &Value) -> Option<Violation> {
+    // Every place of the schema that carries the keyword, by its pointer in the schema.
+    let mut marks = Vec::new();
+    let mut stack = vec![(schema, String::new())];
+    while let Some((node, pointer)) = stack.pop() {
+        match node {
+            Value::Object(map) => {
+                if let Some(mark) = map.get(SUBJECT_KEYWORD) {
+                    marks.push((pointer.clone(), mark));
+                }
+                for (key, value) in map {
+                    // Data (`const`, `enum`, `default`, `examples`) holds no marks.
+                    if !matches!(key.as_str(), "const" | "enum" | "default" | "examples") {
+                        stack.push((value, child(&pointer, key)));
+                    }
+                }
+            }
+            Value::Array(items) => stack.extend(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v, child(&pointer, &i.to_string()))),
+            ),
+            _ => {}
+        }
+    }
+    marks.sort_by(|a, b| a.0.cmp(&b.0));
+    // The places of the schema that data fields reach.
+    let mut reached = std::collections::HashSet::new();
+    let mut walk: Vec<(String, Vec<String>)> = vec![(String::new(), Vec::new())];
+    while let Some((pointer, followed)) = walk.pop() {
+        let Some(map) = schema.pointer(&pointer).and_then(Value::as_object) else {
+            continue;
+        };
+        if followed.len() > MAX_DEPTH || pointer.matches('/').count() > 2 * MAX_DEPTH {
+            continue;
+        }
+        if let Some(target) = map
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix('#'))
+            && !followed.iter().any(|f| f == target)
+        {
+            let mut followed = followed.clone();
+            followed.push(target.to_owned());
+            walk.push((target.to_owned(), followed));
+        }
+        if let Some(properties) = map.get("properties").and_then(Value::as_object) {
+            let under = child(&pointer, "properties");
+            walk.extend(
+                properties
+                    .keys()
+                    .map(|name| (child(&under, name), followed.clone())),
+            );
+        }
+        reached.insert(pointer);
+    }
+    let (pointer, mark) = marks.into_iter().find(|(pointer, mark)| {
+        !mark.is_boolean()
+            || (**mark == Value::Bool(true) && (pointer.is_empty() || !reached.contains(pointer)))
+    })?;
+    let at = child(&pointer, SUBJECT_KEYWORD);
+    Some(if mark.is_boolean() {
+        Violation {
+            pointer: at,
+            reason: "MISPLACED_SUBJECT",
+            en: format!(
+                "`{SUBJECT_KEYWORD}` marks a property reached from the root through \
+                 `properties` (and local `$ref`); this one names no single field of the data"
+            ),
+            lv: format!(
+                "`{SUBJECT_KEYWORD}` atzīmē īpašību, kas sasniedzama no saknes caur `properties` \
+                 (un lokālām `$ref`); šī nenorāda uz vienu datu lauku"
+            ),
+        }
+    } else {
+        Violation {
+            pointer: at,
+            reason: "MISPLACED_SUBJECT",
+            en: format!("`{SUBJECT_KEYWORD}` is `true` or `false`"),
+            lv: format!("`{SUBJECT_KEYWORD}` ir `true` vai `false`"),
+        }
     })
 }
 
@@ -495,6 +639,51 @@ mod tests {
             .into_iter()
             .map(|v| v.pointer)
             .collect()
+    }
+
+    #[test]
+    fn subject_fields_are_the_marked_properties_reached_from_the_root() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "applicant": {
+                    "$ref": "#/$defs/person",
+                    "properties": {"code": {"x-onestop-subject": true}}
+                },
+                "other": {"$ref": "#/$defs/person"},
+                "self": {"type": "object", "properties": {"id": {"x-onestop-subject": true}}},
+                "loop": {"$ref": "#/$defs/loop"}
+            },
+            "$defs": {
+                "person": {"type": "object", "properties": {"code": {"type": "string"}}},
+                "loop": {"$ref": "#/$defs/loop"}
+            }
+        });
+        assert_eq!(subject_fields(&schema), ["/applicant/code", "/self/id"]);
+        assert_eq!(
+            CompiledSchema::compile_new(&schema)
+                .unwrap()
+                .subject_fields(),
+            ["/applicant/code", "/self/id"]
+        );
+        // A mark that names no single field, or is no boolean, is refused in a new schema.
+        for (bad, at) in [
+            (
+                json!({"type": "array", "items": {"x-onestop-subject": true}}),
+                "/items/x-onestop-subject",
+            ),
+            (
+                json!({"properties": {"a": {"x-onestop-subject": "yes"}}}),
+                "/properties/a/x-onestop-subject",
+            ),
+            (json!({"x-onestop-subject": true}), "/x-onestop-subject"),
+        ] {
+            let violation = CompiledSchema::compile_new(&bad).unwrap_err();
+            assert_eq!(
+                (violation.pointer.as_str(), violation.reason),
+                (at, "MISPLACED_SUBJECT")
+            );
+        }
     }
 
     #[test]

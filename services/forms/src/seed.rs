@@ -69,8 +69,25 @@ mod tests {
         for (form, (id, _)) in forms.iter().zip(SEED_FILES) {
             assert_eq!(&form.form_id, id);
             // Seed forms are created like any other, so they meet the rules for new schemas.
-            CompiledSchema::compile_new(&form.schema).unwrap();
+            let compiled = CompiledSchema::compile_new(&form.schema).unwrap();
             check_fields(&form.fields).unwrap();
+            // Each names the person it is about, so that routing can check who files it.
+            let subject = if form.form_id == "pmlp-residence-declaration" {
+                "/declarant/personal_code"
+            } else {
+                "/applicant/personal_code"
+            };
+            assert_eq!(compiled.subject_fields(), [subject], "{id}");
+            // The mark changes no validation: the valid example stays valid.
+            let example: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(format!(
+                    "{}/seed/examples/{id}.valid.json",
+                    env!("CARGO_MANIFEST_DIR")
+                ))
+                .unwrap(),
+            )
+            .unwrap();
+            assert!(compiled.validate(&example).is_empty(), "{id}");
         }
     }
 }

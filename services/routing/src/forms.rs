@@ -43,21 +43,22 @@ impl Forms {
         })
     }
 
-    /// Validates `data_json` against a form version. Invalid data is the forms service's
-    /// `INVALID_ARGUMENT` with its field violations, passed on unchanged.
+    /// Validates `data_json` against a form version and returns the version's subject fields
+    /// (the JSON Pointers where the data names the person it is about). Invalid data is the
+    /// forms service's `INVALID_ARGUMENT` with its field violations, passed on unchanged.
     pub async fn validate(
         &self,
         form_id: &str,
         version: &str,
         data_json: &str,
-    ) -> Result<(), RoutingError> {
+    ) -> Result<Vec<String>, RoutingError> {
         let mut request = tonic::Request::new(ValidateFormDataRequest {
             name: format!("forms/{form_id}/versions/{version}"),
             data_json: data_json.to_owned(),
         });
         request.set_timeout(VALIDATION_DEADLINE);
         match self.client.clone().validate_form_data(request).await {
-            Ok(_) => Ok(()),
+            Ok(response) => Ok(response.into_inner().subject_fields),
             Err(status) => match status.code() {
                 // About the data or the form version: the caller's to fix.
                 Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use onestop_platform::caller::Caller;
 use onestop_platform::db::StoreError;
 use onestop_platform::identity::{Member, Principal};
-use onestop_platform::person::Level;
+use onestop_platform::person::{self, EidasId, Level};
 use onestop_platform::requests::{Request, Requests};
 use onestop_platform::status::echo;
 use onestop_platform::tokens::{Claims, Staff, Subject};
@@ -390,13 +390,15 @@ impl Routing {
         if !data.is_object() {
             return Err(RoutingError::invalid("data_json", "must be a JSON object"));
         }
-        self.forms
+        let subject_fields = self
+            .forms
             .validate(
                 &service.form_id,
                 &submission.form_version,
                 &submission.data_json,
             )
             .await?;
+        check_subject(&data, &subject_fields, provenance.applicant.as_ref())?;
         let id = new_id();
         let application = Application {
             id: id.clone(),
@@ -1044,6 +1046,45 @@ fn check_submission(submission: &Submission) -> Result<(), RoutingError> {
             ));
         }
     }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(RoutingError::Invalid(violations))
+    }
+}
+
+/// The data is about the applicant: every subject field of the form version (a JSON Pointer)
+/// that the data has names the person the provenance says applies (the resident filing online,
+/// the mandator under a mandate, the resident identified at the desk). An application a system
+/// files on its own names no person and is not checked.
+fn check_subject(
+    data: &serde_json::Value,
+    subject_fields: &[String],
+    applicant: Option<&Identity>,
+) -> Result<(), RoutingError> {
+    let Some(applicant) = applicant else {
+        return Ok(());
+    };
+    let names_applicant = |value: &serde_json::Value| {
+        value.as_str().is_some_and(|text| {
+            person::normalize_personal_code(text)
+                .map(Subject::Resident)
+                .or_else(|_| EidasId::parse(text).map(Subject::Foreign))
+                .is_ok_and(|named| named.to_string() == applicant.subject)
+        })
+    };
+    let violations: Vec<(String, String)> = subject_fields
+        .iter()
+        .filter(|pointer| data.pointer(pointer).is_some_and(|v| !names_applicant(v)))
+        .map(|pointer| {
+            (
+                pointer.clone(),
+                "must name the applicant: the person filing the application (under a mandate, \
+                 the mandator; at a desk, the resident identified there)"
+                    .to_owned(),
+            )
+        })
+        .collect();
     if violations.is_empty() {
         Ok(())
     } else {
