@@ -4,16 +4,19 @@
 //! The key set is fetched from the identity service (its `GetKeySet`, over the gateway's own
 //! upstream connection to it) at start, every [`REFRESH_INTERVAL`], and when a token names a
 //! key not yet known, at most once per [`MIN_FETCH_GAP`] so that made-up key ids cannot make
-//! the gateway hammer the identity service.
+//! the gateway hammer the identity service. The sessions that ended (a logout, a refresh token
+//! used twice) are asked for every [`ENDED_SESSIONS_INTERVAL`], so that their access tokens
+//! are refused within seconds rather than when they expire.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashlink::LruCache;
 use http::{HeaderMap, HeaderValue};
 use onestop_platform::tokens::{Claims, LEEWAY_SECONDS, TokenError, Verifier};
-use onestop_proto::identity::v1::GetKeySetRequest;
 use onestop_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use onestop_proto::identity::v1::{GetKeySetRequest, ListEndedSessionsRequest};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -35,8 +38,27 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most verified tokens remembered. A front end sends the same token with every call of
 /// its person for minutes; verifying its signature each time (some 80 µs of ES256) would cost
-/// more than the rest of the call at the gateway.
+/// more than the rest of the call at the gateway. When full, the least recently used is
+/// forgotten: a flood of new tokens costs their own verification, not everyone else's.
 pub const MAX_REMEMBERED: usize = 20_000;
+
+/// How often the sessions ended since the last time are asked for: how long a logged-out
+/// session's access token may still pass.
+pub const ENDED_SESSIONS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long an ended session is remembered: longer than any access token lives (15 minutes at
+/// most, with the clocks' leeway).
+pub const ENDED_SESSION_MEMORY: Duration = Duration::from_secs(16 * 60);
+
+/// The SHA-256 of a token: the key it is remembered under (a token is up to 16 KiB; a
+/// digest keeps the memory per entry small and fixed).
+type TokenDigest = [u8; 32];
+
+fn digest(token: &str) -> TokenDigest {
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    key
+}
 
 /// A verified person, with the header that names them to services.
 #[derive(Debug)]
@@ -67,9 +89,13 @@ pub struct People {
     /// When an unknown key id last caused a fetch (the periodic fetches do not count: a key
     /// that appeared just after one must be learnt at once).
     last_fetch: Mutex<Option<Instant>>,
-    /// Tokens verified already, by the token itself: only a token that verified is here, and
-    /// it is used again only while it has not expired and only by the system it was issued to.
-    remembered: std::sync::Mutex<HashMap<String, Arc<Person>>>,
+    /// Tokens verified already, by their digest: only a token that verified is here, and it is
+    /// used again only while it has not expired and only by the system it was issued to.
+    remembered: std::sync::Mutex<LruCache<TokenDigest, Arc<Person>>>,
+    /// Sessions that ended, by id (`sid`), with when the gateway learnt of it.
+    ended: std::sync::RwLock<HashMap<String, Instant>>,
+    /// The identity service's `read_time` of the last answer about ended sessions.
+    ended_since: Mutex<Option<prost_types::Timestamp>>,
     /// Calls a second per person, keyed by subject: one portal carries many people, and one
     /// person must not use up the portal's rate.
     pub rates: MemberRates,
@@ -82,7 +108,9 @@ impl People {
             verifier: Verifier::new(trust_domain),
             identity,
             last_fetch: Mutex::new(None),
-            remembered: std::sync::Mutex::new(HashMap::new()),
+            remembered: std::sync::Mutex::new(LruCache::new(MAX_REMEMBERED)),
+            ended: std::sync::RwLock::new(HashMap::new()),
+            ended_since: Mutex::new(None),
             rates,
         }
     }
@@ -106,11 +134,68 @@ impl People {
         self.verifier.set_keys(&answer.into_inner().jwks_json)
     }
 
-    /// Fetches the key set now and every [`REFRESH_INTERVAL`] until `shutdown`.
+    /// Asks the identity service for the sessions ended since the last answer; returns how
+    /// many sessions are known to have ended.
+    pub async fn fetch_ended_sessions(&self) -> Result<usize, String> {
+        let identity = self
+            .identity
+            .clone()
+            .ok_or("no identity service is routed")?;
+        let mut client = IdentityServiceClient::new(Client(identity));
+        // One asker at a time, so that answers are applied in order.
+        let mut since = self.ended_since.lock().await;
+        let request = ListEndedSessionsRequest {
+            // A little before the last answer's time: a replica whose clock is behind may have
+            // recorded an end earlier than that.
+            ended_since: since.map(|t| prost_types::Timestamp {
+                seconds: t.seconds - LEEWAY_SECONDS as i64,
+                nanos: t.nanos,
+            }),
+        };
+        let answer = tokio::time::timeout(FETCH_TIMEOUT, client.list_ended_sessions(request))
+            .await
+            .map_err(|_| "the identity service did not answer in time".to_owned())?
+            .map_err(|status| format!("ListEndedSessions: {status}"))?
+            .into_inner();
+        let learnt = Instant::now();
+        let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
+        ended.retain(|_, at| learnt.duration_since(*at) < ENDED_SESSION_MEMORY);
+        for session in answer.session_ids {
+            ended.entry(session).or_insert(learnt);
+        }
+        *since = answer.read_time;
+        Ok(ended.len())
+    }
+
+    /// Whether the session `sid` is known to have ended.
+    fn session_ended(&self, sid: Option<&str>) -> bool {
+        sid.is_some_and(|sid| {
+            self.ended
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(sid)
+        })
+    }
+
+    /// Fetches the key set now and every [`REFRESH_INTERVAL`], and the ended sessions every
+    /// [`ENDED_SESSIONS_INTERVAL`], until `shutdown`.
     pub fn keep_fresh(self: &Arc<Self>, shutdown: CancellationToken) {
         if self.identity.is_none() {
             return;
         }
+        let people = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = people.fetch_ended_sessions().await {
+                    tracing::warn!(%error, "fetching the ended sessions failed");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(ENDED_SESSIONS_INTERVAL) => {}
+                }
+            }
+        });
         let people = self.clone();
         tokio::spawn(async move {
             loop {
@@ -149,7 +234,7 @@ impl People {
             return Err(PersonRefusal::NoIdentityService);
         }
         if let Some(person) = self.recall(token, presenter)? {
-            return Ok(Some(person));
+            return self.unless_ended(person).map(Some);
         }
         let claims = match self.verifier.verify(token, presenter) {
             Err(TokenError::UnknownKey(_)) if self.may_fetch().await => {
@@ -173,13 +258,21 @@ impl People {
             subject,
         });
         self.remember(token, person.clone());
-        Ok(Some(person))
+        self.unless_ended(person).map(Some)
+    }
+
+    /// The person, unless their session has ended.
+    fn unless_ended(&self, person: Arc<Person>) -> Result<Arc<Person>, PersonRefusal> {
+        if self.session_ended(person.claims.sid.as_deref()) {
+            return Err(PersonRefusal::Token(TokenError::SessionEnded));
+        }
+        Ok(person)
     }
 
     /// A token verified before, if it is still good for `presenter`.
     fn recall(&self, token: &str, presenter: &str) -> Result<Option<Arc<Person>>, PersonRefusal> {
-        let remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(person) = remembered.get(token) else {
+        let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(person) = remembered.get(&digest(token)) else {
             return Ok(None);
         };
         if person.claims.exp + LEEWAY_SECONDS as i64 <= now() {
@@ -193,15 +286,8 @@ impl People {
 
     fn remember(&self, token: &str, person: Arc<Person>) {
         let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-        if remembered.len() >= MAX_REMEMBERED {
-            let now = now();
-            remembered.retain(|_, p| p.claims.exp + LEEWAY_SECONDS as i64 > now);
-            if remembered.len() >= MAX_REMEMBERED {
-                // Still full of live tokens: start again rather than grow.
-                remembered.clear();
-            }
-        }
-        remembered.insert(token.to_owned(), person);
+        // At capacity the least recently used entry goes.
+        remembered.insert(digest(token), person);
     }
 
     /// Whether an unknown key id may cause a fetch now; if so, it is counted.
@@ -217,4 +303,66 @@ impl People {
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use onestop_platform::person::Level;
+    use onestop_platform::tokens::Authentication;
+
+    use super::*;
+
+    const PRESENTER: &str = "spiffe://onestop.lv/member/MUN/GULBENE/kac";
+
+    fn person(n: usize) -> Arc<Person> {
+        let at = now();
+        Arc::new(Person {
+            claims: Claims {
+                iss: "https://onestop.lv/identity".into(),
+                aud: "https://onestop.lv".into(),
+                sub: format!("staff:MUN/GULBENE/clerk-{n}"),
+                exp: at + 300,
+                iat: at,
+                nbf: at,
+                jti: format!("jti-{n}"),
+                cid: PRESENTER.into(),
+                sid: Some(format!("session-{n}")),
+                auth: Authentication {
+                    provider: "staff".into(),
+                    level: Level::High,
+                    country: None,
+                    time: at,
+                },
+                given_name: None,
+                family_name: None,
+                staff: None,
+                act: None,
+                mandate: None,
+            },
+            header: HeaderValue::from_static("claims"),
+            subject: Arc::from(format!("clerk-{n}").as_str()),
+        })
+    }
+
+    fn recalled(people: &People, token: &str) -> bool {
+        people.recall(token, PRESENTER).unwrap().is_some()
+    }
+
+    #[test]
+    fn a_full_cache_forgets_only_the_least_recently_used_token() {
+        let people = People::new("onestop.lv", None, MemberRates::new(10, 30));
+        for n in 0..MAX_REMEMBERED {
+            people.remember(&format!("token-{n}"), person(n));
+        }
+        // The first token is used again: the second is now the least recently used.
+        assert!(recalled(&people, "token-0"));
+        people.remember("token-new", person(MAX_REMEMBERED));
+        assert!(recalled(&people, "token-new"));
+        assert!(recalled(&people, "token-0"), "a token in use stays");
+        assert!(recalled(&people, &format!("token-{}", MAX_REMEMBERED - 1)));
+        assert!(
+            !recalled(&people, "token-1"),
+            "the least recently used goes"
+        );
+    }
 }

@@ -1,13 +1,19 @@
 // Two real OpenID providers (oidc-provider) for the integration tests: the residents' one
 // (latvija.lv-like: personal codes, eIDAS identities) and the staff one (the institutions'
 // directory: staff ids, institutions, centres, roles), each on its own HTTP server, plus a small
-// control server that makes the next ID token of a provider carry wrong claims.
+// control server that makes a provider misbehave the way real ones do: the next ID token with
+// wrong claims, a rotated signing key, a slow token endpoint, a discovery document naming
+// another issuer or endpoints elsewhere. The staff provider authenticates its client with
+// `client_secret_post` only (discovery says so), the residents' with `client_secret_basic`.
+// With OIDC_TLS_CERT and OIDC_TLS_KEY (PEM files) a third provider, a copy of the residents'
+// one, serves HTTPS with that certificate (a municipality's own CA, say).
 //
 //   node providers.mjs [--resident-port N] [--staff-port M] [--tamper-port T]
 //
 // Without ports each server takes an ephemeral one. When all listen, exactly one line of JSON
-// goes to stdout: {"resident":"<issuer>","staff":"<issuer>","tamper":"<control URL>"}; nothing
-// else is ever written there (logs go to stderr), because the test harness reads that line.
+// goes to stdout: {"resident":"<issuer>","staff":"<issuer>","tamper":"<control URL>"} (and
+// "tls":"<issuer>" when the HTTPS provider runs); nothing else is ever written there (logs go
+// to stderr), because the test harness reads that line.
 // The process exits when its stdin closes (so it dies with the test process that started it),
 // and on SIGTERM/SIGINT. Run by hand from a terminal it runs until Ctrl-D or Ctrl-C (with stdin
 // from /dev/null it would stop at once: keep a pipe open, e.g. `sleep infinity | node …`).
@@ -15,7 +21,9 @@
 // Set DEBUG=oidc-provider:* for oidc-provider's own trace on stderr.
 
 import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import { parseArgs } from 'node:util';
 
 import { Provider, errors } from 'oidc-provider';
@@ -93,8 +101,20 @@ const SCOPES = {
   staff: { staff: ['staff_id', 'institution', 'centre', 'roles'] },
 };
 
-// One-shot claim overrides per provider, set through the control server.
-const pendingTamper = { resident: null, staff: null };
+// What the control server set for each provider: one-shot claim overrides of the next ID token,
+// a signing key that replaced the original one (rotation), a one-shot delay of the next token
+// response, and overrides of the discovery document (until cleared).
+const control = {
+  resident: { tamper: null, rotated: null, delayMs: 0, discovery: null },
+  staff: { tamper: null, rotated: null, delayMs: 0, discovery: null },
+  tls: { tamper: null, rotated: null, delayMs: 0, discovery: null },
+};
+// How each provider's client authenticates at its token endpoint.
+const CLIENT_AUTH = {
+  resident: 'client_secret_basic',
+  staff: 'client_secret_post',
+  tls: 'client_secret_basic',
+};
 
 const { values: args } = parseArgs({
   options: {
@@ -117,13 +137,14 @@ function esc(value) {
     .replaceAll("'", '&#39;');
 }
 
-// A fresh RS256 and ES256 signing key, with RFC 7638 thumbprints as key ids.
-function signingKeys() {
+// A fresh RS256 and ES256 signing key (or only the first `count`), with RFC 7638 thumbprints as
+// key ids.
+function signingKeys(count = 2) {
   const keys = [];
   for (const [alg, type, options] of [
     ['RS256', 'rsa', { modulusLength: 2048 }],
     ['ES256', 'ec', { namedCurve: 'P-256' }],
-  ]) {
+  ].slice(0, count)) {
     const { privateKey } = crypto.generateKeyPairSync(type, options);
     const jwk = privateKey.export({ format: 'jwk' });
     const members = jwk.kty === 'RSA' ? ['e', 'kty', 'n'] : ['crv', 'kty', 'x', 'y'];
@@ -132,6 +153,12 @@ function signingKeys() {
     keys.push({ ...jwk, kid, alg, use: 'sig' });
   }
   return keys;
+}
+
+// The public half of a JWK.
+function publicJwk(jwk) {
+  const members = jwk.kty === 'RSA' ? ['e', 'kty', 'n'] : ['crv', 'kty', 'x', 'y'];
+  return { ...Object.fromEntries(members.map((m) => [m, jwk[m]])), kid: jwk.kid, alg: jwk.alg, use: 'sig' };
 }
 
 // Signs `header.payload` again with the provider's own key of that kid, so that only the
@@ -214,13 +241,13 @@ async function readForm(req) {
 }
 
 function makeProvider(name, issuer, jwks) {
-  const accounts = ACCOUNTS[name];
+  const accounts = ACCOUNTS[name === 'tls' ? 'resident' : name];
   const provider = new Provider(issuer, {
     clients: [
       {
         client_id: CLIENT_ID,
         client_secret: CLIENT_SECRET,
-        token_endpoint_auth_method: 'client_secret_basic',
+        token_endpoint_auth_method: CLIENT_AUTH[name],
         grant_types: ['authorization_code'],
         response_types: ['code'],
         redirect_uris: REDIRECT_URIS,
@@ -232,8 +259,10 @@ function makeProvider(name, issuer, jwks) {
     cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
     responseTypes: ['code'],
     pkce: { required: () => true },
+    // Discovery lists exactly the method the client is registered with.
+    clientAuthMethods: [CLIENT_AUTH[name]],
     scopes: ['openid'],
-    claims: { openid: ['sub'], ...SCOPES[name] },
+    claims: { openid: ['sub'], ...SCOPES[name === 'tls' ? 'resident' : name] },
     // The scope's claims go into the ID token itself, not only to the userinfo endpoint.
     conformIdTokenClaims: false,
     acrValues: ACR_VALUES,
@@ -347,24 +376,52 @@ function makeProvider(name, issuer, jwks) {
   });
 
   // Negative tests: the next token response carrying an ID token gets the claims set through
-  // the control server, re-signed with this provider's own key (same kid, same alg).
+  // the control server, re-signed with this provider's own key (same kid, same alg); after a
+  // rotation every ID token is signed with the new key (its kid) instead.
   const tokenPath = provider.pathFor('token');
+  const jwksPath = provider.pathFor('jwks');
+  const discoveryPath = '/.well-known/openid-configuration';
+  const own = control[name];
   provider.use(async (ctx, next) => {
+    if (ctx.path === tokenPath && own.delayMs > 0) {
+      // A slow provider: the answer comes late, and not at all to a client that gave up.
+      const delay = own.delayMs;
+      own.delayMs = 0;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      if (ctx.req.socket.destroyed) {
+        log(`${name}: the client left during a delayed token request`);
+        return;
+      }
+    }
     await next();
-    const overrides = pendingTamper[name];
-    if (ctx.path !== tokenPath || !overrides || typeof ctx.body?.id_token !== 'string') return;
-    pendingTamper[name] = null;
+    if (ctx.path === discoveryPath && own.discovery && ctx.body && typeof ctx.body === 'object') {
+      ctx.body = { ...ctx.body, ...own.discovery };
+      return;
+    }
+    if (ctx.path === jwksPath && own.rotated && ctx.body && typeof ctx.body === 'object') {
+      ctx.body = { keys: [...(ctx.body.keys ?? []), publicJwk(own.rotated)] };
+      return;
+    }
+    const overrides = own.tamper;
+    if (ctx.path !== tokenPath || typeof ctx.body?.id_token !== 'string') return;
+    if (!overrides && !own.rotated) return;
+    own.tamper = null;
     const [header, payload] = ctx.body.id_token
       .split('.')
       .slice(0, 2)
       .map((part) => JSON.parse(Buffer.from(part, 'base64url').toString('utf8')));
-    for (const [claim, value] of Object.entries(overrides)) {
+    for (const [claim, value] of Object.entries(overrides ?? {})) {
       // null removes the claim, e.g. to see a missing nonce refused.
       if (value === null) delete payload[claim];
       else payload[claim] = value;
     }
-    ctx.body = { ...ctx.body, id_token: resign(jwks, header, payload) };
-    log(`${name}: tampered ID token: ${JSON.stringify(overrides)}`);
+    const keys = own.rotated ? [own.rotated] : jwks;
+    if (own.rotated) {
+      header.kid = own.rotated.kid;
+      header.alg = own.rotated.alg;
+    }
+    ctx.body = { ...ctx.body, id_token: resign(keys, header, payload) };
+    if (overrides) log(`${name}: tampered ID token: ${JSON.stringify(overrides)}`);
   });
 
   return provider;
@@ -382,20 +439,27 @@ function listen(server, port) {
 
 // The issuer is only known once the port is, so each provider is made after its server listens
 // and the server hands requests to it from then on.
-async function start(name, port) {
+async function start(name, port, tls) {
   let handler = (req, res) => {
     res.statusCode = 503;
     res.end();
   };
-  const server = http.createServer((req, res) => handler(req, res));
+  const server = tls
+    ? https.createServer(tls, (req, res) => handler(req, res))
+    : http.createServer((req, res) => handler(req, res));
   const bound = await listen(server, port);
-  const issuer = `http://127.0.0.1:${bound}`;
+  const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${bound}`;
   const provider = makeProvider(name, issuer, signingKeys());
   handler = provider.callback();
   return { server, issuer };
 }
 
-// The control server: POST {"provider":"resident"|"staff","claims":{...}} → 204.
+// The control server: POST {"provider":"resident"|"staff"|"tls", ...} with one of
+//   "claims":{...}          the next ID token's claims overridden (null removes one)
+//   "rotate":true           a new signing key, published and signing every ID token from now on
+//   "delay_token_ms":N      the next token response N ms late (dropped if the client left)
+//   "discovery":{...}|null  members of the discovery document overridden, or no longer
+// → 204.
 async function startTamper(port) {
   const server = http.createServer(async (req, res) => {
     const reply = (status, text) => {
@@ -407,14 +471,24 @@ async function startTamper(port) {
     try {
       const chunks = [];
       for await (const chunk of req) chunks.push(chunk);
-      const { provider, claims } = JSON.parse(Buffer.concat(chunks).toString('utf8'));
-      if (!Object.hasOwn(pendingTamper, provider)) {
+      const order = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+      const { provider, claims } = order;
+      if (!Object.hasOwn(control, provider)) {
         return reply(400, `unknown provider ${JSON.stringify(provider)}\n`);
       }
-      if (!claims || typeof claims !== 'object' || Array.isArray(claims)) {
+      const own = control[provider];
+      if (order.rotate === true) {
+        own.rotated = signingKeys(1)[0];
+        log(`${provider}: signing key rotated to ${own.rotated.kid}`);
+      } else if (Number.isInteger(order.delay_token_ms)) {
+        own.delayMs = order.delay_token_ms;
+      } else if (Object.hasOwn(order, 'discovery')) {
+        own.discovery = order.discovery;
+      } else if (claims && typeof claims === 'object' && !Array.isArray(claims)) {
+        own.tamper = claims;
+      } else {
         return reply(400, 'claims must be a JSON object\n');
       }
-      pendingTamper[provider] = claims;
       res.statusCode = 204;
       return res.end();
     } catch (error) {
@@ -428,9 +502,15 @@ async function startTamper(port) {
 const resident = await start('resident', args['resident-port']);
 const staff = await start('staff', args['staff-port']);
 const tamper = await startTamper(args['tamper-port']);
+const tlsFiles = [process.env.OIDC_TLS_CERT, process.env.OIDC_TLS_KEY];
+const secure = tlsFiles.every(Boolean)
+  ? await start('tls', 0, { cert: fs.readFileSync(tlsFiles[0]), key: fs.readFileSync(tlsFiles[1]) })
+  : null;
 
 function stop() {
-  for (const { server } of [resident, staff, tamper]) server.closeAllConnections?.();
+  for (const { server } of [resident, staff, tamper, ...(secure ? [secure] : [])]) {
+    server.closeAllConnections?.();
+  }
   process.exit(0);
 }
 process.on('SIGTERM', stop);
@@ -440,7 +520,7 @@ process.stdin.on('end', stop);
 process.stdin.on('error', stop);
 process.stdin.resume();
 
-log(`resident ${resident.issuer}, staff ${staff.issuer}, tamper ${tamper.url}`);
-process.stdout.write(
-  `${JSON.stringify({ resident: resident.issuer, staff: staff.issuer, tamper: tamper.url })}\n`,
-);
+const announced = { resident: resident.issuer, staff: staff.issuer, tamper: tamper.url };
+if (secure) announced.tls = secure.issuer;
+log(`providers: ${JSON.stringify(announced)}`);
+process.stdout.write(`${JSON.stringify(announced)}\n`);

@@ -30,8 +30,11 @@ pub const OTHER_REDIRECT_URI: &str = "https://other.test/callback";
 
 /// The residents' provider, as [`Providers::tamper_next_id_token`] names it.
 pub const RESIDENT_PROVIDER: &str = "resident";
-/// The staff provider, as [`Providers::tamper_next_id_token`] names it.
+/// The staff provider, as [`Providers::tamper_next_id_token`] names it. It authenticates the
+/// client with `client_secret_post` only, as its discovery says.
 pub const STAFF_PROVIDER: &str = "staff";
+/// The HTTPS copy of the residents' provider, as [`Providers::tamper_next_id_token`] names it.
+pub const TLS_PROVIDER: &str = "tls";
 
 /// The residents' provider's scope carrying `personal_code`, `eidas_id`, `country`,
 /// `given_name` and `family_name`.
@@ -96,6 +99,9 @@ pub struct Providers {
     pub resident: String,
     /// The staff provider's issuer, `http://127.0.0.1:<port>`.
     pub staff: String,
+    /// The HTTPS copy of the residents' provider, `https://127.0.0.1:<port>`, when started with
+    /// [`Providers::start_with_tls`].
+    pub tls: Option<String>,
     /// The URL of the control endpoint behind [`Providers::tamper_next_id_token`].
     pub tamper: String,
     /// The secret of [`CLIENT_ID`] at both providers.
@@ -127,6 +133,8 @@ struct Announcement {
     resident: String,
     staff: String,
     tamper: String,
+    #[serde(default)]
+    tls: Option<String>,
 }
 
 impl Providers {
@@ -137,6 +145,16 @@ impl Providers {
     /// The client secret is `OIDC_CLIENT_SECRET` when set, else [`DEFAULT_CLIENT_SECRET`], and is
     /// handed to node explicitly so that both sides agree.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_node(None).await
+    }
+
+    /// As [`Providers::start`], with a third provider (a copy of the residents') serving HTTPS
+    /// with the certificate and key of these PEM files.
+    pub async fn start_with_tls(cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        Self::start_node(Some((cert, key))).await
+    }
+
+    async fn start_node(tls: Option<(&Path, &Path)>) -> anyhow::Result<Self> {
         let dir = providers_dir();
         if !dir
             .join("node_modules/oidc-provider/package.json")
@@ -151,7 +169,7 @@ impl Providers {
             .ok()
             .filter(|secret| !secret.is_empty())
             .unwrap_or_else(|| DEFAULT_CLIENT_SECRET.to_owned());
-        let mut node = spawn_node(&dir, &client_secret)?;
+        let mut node = spawn_node(&dir, &client_secret, tls)?;
         let stdout = node.child.stdout.take().context("the providers' stdout")?;
         // A blocking read on its own thread; the timeout kills node, which ends the read.
         let reading = tokio::task::spawn_blocking(move || {
@@ -178,6 +196,7 @@ impl Providers {
         Ok(Self {
             resident: announced.resident,
             staff: announced.staff,
+            tls: announced.tls,
             tamper: announced.tamper,
             client_secret,
             // The providers (Node.js) close idle connections after 5 s; reusing one then
@@ -200,10 +219,45 @@ impl Providers {
         provider: &str,
         claims: serde_json::Value,
     ) -> anyhow::Result<()> {
+        self.control(serde_json::json!({ "provider": provider, "claims": claims }))
+            .await
+    }
+
+    /// Rotates the signing key of `provider`: a new RS256 key (a new `kid`) is published in its
+    /// key set and signs every ID token from now on, as when a provider rotates its keys.
+    pub async fn rotate_signing_key(&self, provider: &str) -> anyhow::Result<()> {
+        self.control(serde_json::json!({ "provider": provider, "rotate": true }))
+            .await
+    }
+
+    /// Makes the next token response of `provider` come `delay` late, and not at all if the
+    /// client gave up by then (a slow provider).
+    pub async fn delay_next_token_response(
+        &self,
+        provider: &str,
+        delay: Duration,
+    ) -> anyhow::Result<()> {
+        let ms = u64::try_from(delay.as_millis())?;
+        self.control(serde_json::json!({ "provider": provider, "delay_token_ms": ms }))
+            .await
+    }
+
+    /// Overrides members of `provider`'s discovery document (`issuer`, `jwks_uri`, ...) until
+    /// called again; `null` ends the overrides.
+    pub async fn override_discovery(
+        &self,
+        provider: &str,
+        members: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        self.control(serde_json::json!({ "provider": provider, "discovery": members }))
+            .await
+    }
+
+    async fn control(&self, order: serde_json::Value) -> anyhow::Result<()> {
         let response = self
             .http
             .post(&self.tamper)
-            .json(&serde_json::json!({ "provider": provider, "claims": claims }))
+            .json(&order)
             .send()
             .await
             .context("the providers' control endpoint")?;
@@ -216,8 +270,16 @@ impl Providers {
     }
 }
 
-fn spawn_node(dir: &Path, client_secret: &str) -> anyhow::Result<Node> {
-    let child = Command::new(node())
+fn spawn_node(
+    dir: &Path,
+    client_secret: &str,
+    tls: Option<(&Path, &Path)>,
+) -> anyhow::Result<Node> {
+    let mut command = Command::new(node());
+    if let Some((cert, key)) = tls {
+        command.env("OIDC_TLS_CERT", cert).env("OIDC_TLS_KEY", key);
+    }
+    let child = command
         .arg("providers.mjs")
         .current_dir(dir)
         .env("OIDC_CLIENT_SECRET", client_secret)
@@ -330,15 +392,28 @@ impl Providers {
             bail!("unexpected callback {callback:?}");
         }
         let code = callback.code.ok_or_else(|| anyhow!("no code"))?;
-        let tokens: serde_json::Value = http
-            .post(endpoint("token_endpoint")?)
-            .basic_auth(CLIENT_ID, Some(&self.client_secret))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("redirect_uri", PORTAL_REDIRECT_URI),
-                ("code_verifier", &verifier),
-            ])
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", PORTAL_REDIRECT_URI),
+            ("code_verifier", &verifier),
+        ];
+        // The client authenticates the way the provider's discovery says it accepts.
+        let post = discovery["token_endpoint_auth_methods_supported"]
+            .as_array()
+            .is_some_and(|methods| !methods.iter().any(|m| m == "client_secret_basic"));
+        let request = http.post(endpoint("token_endpoint")?);
+        let request = if post {
+            form.extend([
+                ("client_id", CLIENT_ID),
+                ("client_secret", &self.client_secret),
+            ]);
+            request
+        } else {
+            request.basic_auth(CLIENT_ID, Some(&self.client_secret))
+        };
+        let tokens: serde_json::Value = request
+            .form(&form)
             .send()
             .await?
             .error_for_status()?

@@ -25,6 +25,8 @@ use crate::{on_both_backends, reason};
 on_both_backends!(
     people_log_in_and_call_as_themselves,
     failed_logins_start_no_session,
+    a_login_is_completed_only_by_its_front_end_and_survives_a_timeout,
+    logout_reaches_the_gateway_within_seconds,
     refresh_tokens_rotate_and_a_reuse_ends_the_session,
     a_clerk_acts_for_a_resident_under_a_mandate_until_it_is_revoked,
 );
@@ -76,7 +78,23 @@ pub(crate) async fn world_with(
     adjust: impl FnOnce(&mut onestop_cli::federation::Options) + Send + 'static,
 ) -> World {
     let providers = Providers::start().await.expect("the OpenID providers");
-    let (settings, secret) = (identity_toml(&providers), providers.client_secret.clone());
+    world_of(backend, providers, String::new(), adjust).await
+}
+
+/// A federation whose identity service has the two providers and `more` settings (further
+/// `[[providers]]`), with the started `providers`.
+async fn world_of(
+    backend: Backend,
+    providers: Providers,
+    more: String,
+    adjust: impl FnOnce(&mut onestop_cli::federation::Options) + Send + 'static,
+) -> World {
+    let settings = format!(
+        "{}
+{more}",
+        identity_toml(&providers)
+    );
+    let secret = providers.client_secret.clone();
     let fed = TestFederation::start_with(backend, move |options| {
         std::fs::write(options.data_dir.join("oidc-secret"), secret).unwrap();
         std::fs::write(options.data_dir.join("identity.toml"), settings).unwrap();
@@ -139,6 +157,7 @@ pub(crate) async fn login(
         .complete_login(CompleteLoginRequest {
             state: started.state,
             code: back.code.expect("a code"),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -288,6 +307,7 @@ async fn failed_logins_start_no_session(backend: Backend) {
         .complete_login(CompleteLoginRequest {
             state: "forged-state".into(),
             code: back.code.clone().unwrap(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -296,6 +316,7 @@ async fn failed_logins_start_no_session(backend: Backend) {
     let complete = CompleteLoginRequest {
         state: started.state.clone(),
         code: back.code.unwrap(),
+        ..Default::default()
     };
     desk.complete_login(complete.clone()).await.unwrap();
     let status = desk.complete_login(complete).await.unwrap_err();
@@ -314,6 +335,7 @@ async fn failed_logins_start_no_session(backend: Backend) {
         .complete_login(CompleteLoginRequest {
             state: started.state,
             code: back.code.unwrap(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -341,6 +363,7 @@ async fn failed_logins_start_no_session(backend: Backend) {
         .complete_login(CompleteLoginRequest {
             state: started.state,
             code: back.code.unwrap(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1118,5 +1141,416 @@ async fn each_person_has_a_rate_of_their_own() {
     whoami(&fed, CENTRE, &tokens(&other).access_token)
         .await
         .expect("another person's call");
+    fed.stop().await;
+}
+
+/// Retries `call` until it fails with something other than the member's rate limit, for at
+/// most 10 s, and returns the failure: for what reaches the gateway a moment later.
+async fn refused_within_seconds<F, T>(mut call: impl FnMut() -> F) -> tonic::Status
+where
+    F: Future<Output = Result<T, tonic::Status>>,
+{
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match call().await {
+                Err(status) if status.code() != Code::ResourceExhausted => break status,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("refused within 10 s")
+}
+
+async fn a_login_is_completed_only_by_its_front_end_and_survives_a_timeout(backend: Backend) {
+    let World { fed, providers } = world(backend).await;
+    let any = LevelOfAssurance::Unspecified;
+    let resident = Login {
+        account: oidc::LV_RESIDENT,
+        acr: oidc::ACR_HIGH,
+    };
+    // Another front end presents the (state, code) pair it caught on the way: refused, and the
+    // login is still there for the desk that started it.
+    let started = start(&fed, CENTRE, "residents", oidc::DESK_REDIRECT_URI, any)
+        .await
+        .unwrap();
+    let back = oidc::browse(&started.authorization_url, &resident)
+        .await
+        .unwrap();
+    let pair = CompleteLoginRequest {
+        state: started.state,
+        code: back.code.unwrap(),
+        ..Default::default()
+    };
+    let status = identity(&fed, INSTITUTION)
+        .complete_login(pair.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "UNKNOWN_LOGIN", "{status:?}");
+    identity(&fed, CENTRE)
+        .complete_login(pair)
+        .await
+        .expect("the desk completes its own login");
+
+    // The provider is slow and the desk gives up waiting: the login is not used up, and the
+    // desk completes it when it tries again.
+    let started = start(&fed, CENTRE, "residents", oidc::DESK_REDIRECT_URI, any)
+        .await
+        .unwrap();
+    let back = oidc::browse(&started.authorization_url, &resident)
+        .await
+        .unwrap();
+    let pair = CompleteLoginRequest {
+        state: started.state,
+        code: back.code.unwrap(),
+        ..Default::default()
+    };
+    providers
+        .delay_next_token_response(oidc::RESIDENT_PROVIDER, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut impatient = tonic::Request::new(pair.clone());
+    impatient.set_timeout(std::time::Duration::from_millis(500));
+    let status = identity(&fed, CENTRE)
+        .complete_login(impatient)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    identity(&fed, CENTRE)
+        .complete_login(pair)
+        .await
+        .expect("the login outlives a completion that timed out");
+    assert_eq!(sessions(&fed).await, 2);
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_s_new_signing_key_is_fetched_at_once() {
+    let World { fed, providers } = world(Backend::Sqlite).await;
+    let any = LevelOfAssurance::Unspecified;
+    // The provider's keys are discovered and kept with the first login.
+    login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::LV_RESIDENT,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap();
+    // The provider rotates: its next ID token names a key the service has not seen.
+    providers
+        .rotate_signing_key(oidc::RESIDENT_PROVIDER)
+        .await
+        .unwrap();
+    login(
+        &fed,
+        CENTRE,
+        "residents",
+        oidc::LV_RESIDENT,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .expect("an ID token signed with the provider's new key");
+    fed.stop().await;
+}
+
+async fn logout_reaches_the_gateway_within_seconds(backend: Backend) {
+    let World { fed, providers: _p } = world(backend).await;
+    let any = LevelOfAssurance::Unspecified;
+    let [ended, other] = [oidc::LV_RESIDENT, oidc::LV_RESIDENT_2];
+    let ended = login(&fed, CENTRE, "residents", ended, oidc::ACR_HIGH, any)
+        .await
+        .unwrap();
+    let other = login(&fed, CENTRE, "residents", other, oidc::ACR_HIGH, any)
+        .await
+        .unwrap();
+    let token = tokens(&ended).access_token.clone();
+    whoami(&fed, CENTRE, &token).await.expect("before logout");
+    identity(&fed, CENTRE)
+        .logout(LogoutRequest {
+            refresh_token: tokens(&ended).refresh_token.clone(),
+        })
+        .await
+        .unwrap();
+    // The access token has minutes to live, but its session is over. (One connection for all
+    // the tries: a new one per try would meet the gateway's connection limits.)
+    let echo = EchoServiceClient::new(fed.gateway_client(CENTRE));
+    let status = refused_within_seconds(|| {
+        let mut echo = echo.clone();
+        let request = bearer(WhoamiRequest {}, &token);
+        async move { echo.whoami(request).await }
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(reason(&status), "SESSION_ENDED", "{status:?}");
+    // Another session goes on (once the member's rate, spent by the tries above, allows).
+    let other = tokens(&other).access_token.clone();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match whoami(&fed, CENTRE, &other).await {
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::task::yield_now().await
+                }
+                answer => break answer,
+            }
+        }
+    })
+    .await
+    .expect("an answer within 10 s")
+    .expect("another session's token");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_their_cause() {
+    let World { fed, providers } = world(Backend::Sqlite).await;
+    let any = LevelOfAssurance::Unspecified;
+    let start_residents = || start(&fed, CENTRE, "residents", oidc::DESK_REDIRECT_URI, any);
+
+    // Discovery naming another issuer: the operator hears which, not "try again later".
+    providers
+        .override_discovery(
+            oidc::RESIDENT_PROVIDER,
+            serde_json::json!({"issuer": "https://elsewhere.example"}),
+        )
+        .await
+        .unwrap();
+    let status = start_residents().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "PROVIDER_ISSUER_MISMATCH", "{status:?}");
+    assert!(
+        status.message().contains("https://elsewhere.example"),
+        "{status:?}"
+    );
+    // Its keys on another origin: refused, and said so.
+    providers
+        .override_discovery(
+            oidc::RESIDENT_PROVIDER,
+            serde_json::json!({"jwks_uri": "http://127.0.0.1:9/jwks"}),
+        )
+        .await
+        .unwrap();
+    let status = start_residents().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        reason(&status),
+        "PROVIDER_ENDPOINT_ON_ANOTHER_ORIGIN",
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("http://127.0.0.1:9/jwks"),
+        "{status:?}"
+    );
+    providers
+        .override_discovery(oidc::RESIDENT_PROVIDER, serde_json::Value::Null)
+        .await
+        .unwrap();
+
+    // Malformed ID tokens are refusals, not an unavailable provider.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for (case, claims, why) in [
+        (
+            "acr as an array",
+            serde_json::json!({"acr": [oidc::ACR_HIGH]}),
+            "ID_TOKEN_MALFORMED",
+        ),
+        (
+            "no sub",
+            serde_json::json!({"sub": null}),
+            "ID_TOKEN_MALFORMED",
+        ),
+        (
+            "issued in the future",
+            serde_json::json!({"iat": now + 3600}),
+            "LOGIN_REFUSED",
+        ),
+        (
+            "not valid before an hour from now",
+            serde_json::json!({"nbf": now + 3600}),
+            "LOGIN_REFUSED",
+        ),
+        (
+            "an acr not configured",
+            serde_json::json!({"acr": "urn:elsewhere:loa:9"}),
+            "LOGIN_REFUSED",
+        ),
+    ] {
+        providers
+            .tamper_next_id_token(oidc::RESIDENT_PROVIDER, claims)
+            .await
+            .unwrap();
+        let status = login(
+            &fed,
+            CENTRE,
+            "residents",
+            oidc::LV_RESIDENT,
+            oidc::ACR_HIGH,
+            any,
+        )
+        .await
+        .expect_err(case);
+        assert_eq!(status.code(), Code::Unauthenticated, "{case}: {status:?}");
+        assert_eq!(reason(&status), why, "{case}: {status:?}");
+        assert!(
+            !status.message().contains("Some(") && !status.message().contains("None"),
+            "{case}: {status:?}"
+        );
+    }
+    let status = {
+        providers
+            .tamper_next_id_token(
+                oidc::RESIDENT_PROVIDER,
+                serde_json::json!({"acr": "urn:elsewhere:loa:9"}),
+            )
+            .await
+            .unwrap();
+        login(
+            &fed,
+            CENTRE,
+            "residents",
+            oidc::LV_RESIDENT,
+            oidc::ACR_HIGH,
+            any,
+        )
+        .await
+        .unwrap_err()
+    };
+    assert!(
+        status.message().contains("urn:elsewhere:loa:9"),
+        "{status:?}"
+    );
+
+    // The staff provider takes client_secret_post only, as its discovery says; its roles may
+    // come as one space-separated string.
+    providers
+        .tamper_next_id_token(
+            oidc::STAFF_PROVIDER,
+            serde_json::json!({"roles": "clerk specialist"}),
+        )
+        .await
+        .unwrap();
+    let clerk = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_GULBENE,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .expect("a staff login with client_secret_post");
+    let Some(person::Subject::Staff(staff)) = clerk.person.unwrap().subject else {
+        panic!("a staff member");
+    };
+    assert_eq!(staff.roles, [oidc::ROLE_CLERK, oidc::ROLE_SPECIALIST]);
+    // Roles that are neither: refused, with the claim named.
+    providers
+        .tamper_next_id_token(oidc::STAFF_PROVIDER, serde_json::json!({"roles": {"a": 1}}))
+        .await
+        .unwrap();
+    let status = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_GULBENE,
+        oidc::ACR_HIGH,
+        any,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&status), "ID_TOKEN_MALFORMED", "{status:?}");
+    assert!(status.message().contains("roles"), "{status:?}");
+
+    // The person declined at the provider, which sent `error=access_denied` back.
+    let started = start_residents().await.unwrap();
+    let status = identity(&fed, CENTRE)
+        .complete_login(CompleteLoginRequest {
+            state: started.state.clone(),
+            error: "access_denied".into(),
+            error_description: "The user declined".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(reason(&status), "LOGIN_DENIED_AT_PROVIDER", "{status:?}");
+    assert!(status.message().contains("access_denied"), "{status:?}");
+    // And the login is over.
+    let status = identity(&fed, CENTRE)
+        .complete_login(CompleteLoginRequest {
+            state: started.state,
+            code: "anything".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "UNKNOWN_LOGIN", "{status:?}");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_on_a_private_ca_is_trusted_through_its_ca_file() {
+    // A municipality's provider on HTTPS, its certificate from the municipality's own CA.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = onestop_platform::pki::Ca::generate("municipality.test").unwrap();
+    let served = ca
+        .issue(
+            &onestop_platform::pki::IssueRequest::new(
+                "login.municipality.test",
+                None,
+                std::time::Duration::from_secs(3600),
+            )
+            .serving_localhost(),
+        )
+        .unwrap();
+    served.save(dir.path(), "provider").unwrap();
+    let ca_file = dir.path().join("municipality-ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let providers = Providers::start_with_tls(
+        &dir.path().join("provider.pem"),
+        &dir.path().join("provider.key"),
+    )
+    .await
+    .unwrap();
+    let issuer = providers.tls.clone().expect("the HTTPS provider");
+    let acr = format!("[providers.acr]\n\"{}\" = \"high\"\n", oidc::ACR_HIGH);
+    let provider = |id: &str, ca: &str| {
+        format!(
+            "[[providers]]\nid = \"{id}\"\nissuer = \"{issuer}\"\nclient_id = \"{}\"\n\
+             client_secret_file = \"oidc-secret\"\nscopes = [\"{}\"]\naudience = \"residents\"\n\
+             {ca}{acr}\n",
+            oidc::CLIENT_ID,
+            oidc::IDENTITY_SCOPE,
+        )
+    };
+    let more = format!(
+        "{}{}",
+        provider(
+            "municipality",
+            &format!("ca_file = \"{}\"\n", ca_file.display())
+        ),
+        provider("untrusted", ""),
+    );
+    let World { fed, providers: _p } = world_of(Backend::Sqlite, providers, more, |_| {}).await;
+    let any = LevelOfAssurance::Unspecified;
+    let started = start(&fed, CENTRE, "municipality", oidc::DESK_REDIRECT_URI, any)
+        .await
+        .expect("discovery over HTTPS with the provider's CA");
+    assert!(
+        started.authorization_url.starts_with(&format!("{issuer}/")),
+        "{}",
+        started.authorization_url
+    );
+    // The same provider without its CA: the public roots do not vouch for it.
+    let status = start(&fed, CENTRE, "untrusted", oidc::DESK_REDIRECT_URI, any)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "PROVIDER_UNAVAILABLE", "{status:?}");
     fed.stop().await;
 }

@@ -182,9 +182,12 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
     ) -> Result<Response<pb::CompleteLoginResponse>, Status> {
         let caller = Caller::of(&request)?.identity.clone();
         let r = request.into_inner();
+        // The provider's error, when it sent one back instead of a code.
+        let provider_error =
+            (!r.error.is_empty()).then_some((r.error.as_str(), r.error_description.as_str()));
         let (tokens, profile) = self
             .identity
-            .complete_login(&caller, &r.state, &r.code, now())
+            .complete_login(&caller, &r.state, &r.code, provider_error, now())
             .await?;
         Ok(Response::new(pb::CompleteLoginResponse {
             tokens: Some(tokens_pb(tokens)),
@@ -224,6 +227,27 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         Caller::of(&request)?;
         Ok(Response::new(pb::GetKeySetResponse {
             jwks_json: self.identity.jwks(),
+        }))
+    }
+
+    async fn list_ended_sessions(
+        &self,
+        request: Request<pb::ListEndedSessionsRequest>,
+    ) -> Result<Response<pb::ListEndedSessionsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let since = request
+            .get_ref()
+            .ended_since
+            .as_ref()
+            .map(|t| from_timestamp("ended_since", t))
+            .transpose()?;
+        let (session_ids, read_time) = self
+            .identity
+            .ended_sessions(&caller.identity, caller.via_gateway, since, now())
+            .await?;
+        Ok(Response::new(pb::ListEndedSessionsResponse {
+            session_ids,
+            read_time: Some(timestamp(read_time)),
         }))
     }
 

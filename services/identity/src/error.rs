@@ -40,6 +40,32 @@ pub enum IdentityError {
         /// What was asked.
         required: Level,
     },
+    /// The provider's ID token (or token response) cannot be read: a claim of the wrong type,
+    /// a required claim missing. The login is refused; trying again will not help until the
+    /// provider sends well-formed tokens.
+    #[error("the login failed: the provider's ID token is malformed: {0}")]
+    IdTokenMalformed(String),
+    /// The provider sent the browser back with an `error` instead of a code.
+    #[error(
+        "the login provider `{provider}` ended the login with `{error}` (the person declined, or the provider refused them); start a new login to try again"
+    )]
+    DeniedAtProvider {
+        /// The provider.
+        provider: String,
+        /// Its `error` code, such as `access_denied`.
+        error: String,
+    },
+    /// The provider's metadata does not fit its configuration: no login can work until an
+    /// operator corrects one or the other.
+    #[error("the login provider `{provider}` is misconfigured: {detail}")]
+    ProviderMisconfigured {
+        /// The provider.
+        provider: String,
+        /// Which mismatch, as the stable reason.
+        reason: Misconfiguration,
+        /// What an operator has to correct.
+        detail: String,
+    },
     /// The provider cannot be reached or answered nonsense; a later try may succeed.
     #[error("the login provider `{0}` is unavailable; try again later")]
     ProviderUnavailable(String),
@@ -72,6 +98,28 @@ pub enum IdentityError {
     Internal(String),
 }
 
+/// How a provider's metadata contradicts its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misconfiguration {
+    /// Its discovery document names another issuer than the configured one.
+    IssuerMismatch,
+    /// An endpoint the service calls (keys, token) is on another origin than the issuer.
+    EndpointOnAnotherOrigin,
+    /// It supports none of the client authentication methods the service can use, or not the
+    /// configured one.
+    ClientAuthUnsupported,
+}
+
+impl Misconfiguration {
+    fn reason(self) -> &'static str {
+        match self {
+            Misconfiguration::IssuerMismatch => "PROVIDER_ISSUER_MISMATCH",
+            Misconfiguration::EndpointOnAnotherOrigin => "PROVIDER_ENDPOINT_ON_ANOTHER_ORIGIN",
+            Misconfiguration::ClientAuthUnsupported => "PROVIDER_CLIENT_AUTH_UNSUPPORTED",
+        }
+    }
+}
+
 impl IdentityError {
     /// A malformed request field.
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
@@ -89,6 +137,9 @@ impl IdentityError {
             IdentityError::UnknownLogin => "UNKNOWN_LOGIN",
             IdentityError::LoginRefused(_) => "LOGIN_REFUSED",
             IdentityError::LevelTooLow { .. } => "LEVEL_OF_ASSURANCE_TOO_LOW",
+            IdentityError::IdTokenMalformed(_) => "ID_TOKEN_MALFORMED",
+            IdentityError::DeniedAtProvider { .. } => "LOGIN_DENIED_AT_PROVIDER",
+            IdentityError::ProviderMisconfigured { reason, .. } => reason.reason(),
             IdentityError::ProviderUnavailable(_) => "PROVIDER_UNAVAILABLE",
             IdentityError::SessionEnded => "SESSION_ENDED",
             IdentityError::RefreshReused => "REFRESH_TOKEN_REUSED",
@@ -110,12 +161,16 @@ impl IdentityError {
             IdentityError::UnknownProvider(_) | IdentityError::NotFound(_) => Code::NotFound,
             IdentityError::UnknownLogin
             | IdentityError::LoginRefused(_)
+            | IdentityError::IdTokenMalformed(_)
+            | IdentityError::DeniedAtProvider { .. }
             | IdentityError::LevelTooLow { .. }
             | IdentityError::SessionEnded
             | IdentityError::RefreshReused
             | IdentityError::PersonRequired(_) => Code::Unauthenticated,
             IdentityError::PermissionDenied(_) => Code::PermissionDenied,
-            IdentityError::MandateUnusable(_) => Code::FailedPrecondition,
+            IdentityError::MandateUnusable(_) | IdentityError::ProviderMisconfigured { .. } => {
+                Code::FailedPrecondition
+            }
             IdentityError::ProviderUnavailable(_)
             | IdentityError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             IdentityError::Store(_) | IdentityError::Internal(_) => Code::Internal,
@@ -150,7 +205,13 @@ impl From<IdentityError> for Status {
                 tracing::error!(error = %cause, "identity failed");
                 "the identity service failed on this request".to_owned()
             }
-            IdentityError::LoginRefused(cause) => {
+            IdentityError::ProviderMisconfigured {
+                provider, detail, ..
+            } => {
+                tracing::error!(provider, detail, "a login provider is misconfigured");
+                error.to_string()
+            }
+            IdentityError::LoginRefused(cause) | IdentityError::IdTokenMalformed(cause) => {
                 // The detail helps operators; the caller hears that the login failed and why in
                 // general terms.
                 tracing::info!(%cause, "login refused");
@@ -168,6 +229,10 @@ impl From<IdentityError> for Status {
             // The level to log in with again (step-up), machine-readable.
             IdentityError::LevelTooLow { required, .. } => {
                 vec![("required_level".to_owned(), required.as_str().to_owned())]
+            }
+            // What the provider said, for a front end that tells a declined login apart.
+            IdentityError::DeniedAtProvider { error, .. } => {
+                vec![("provider_error".to_owned(), error.clone())]
             }
             _ => Vec::new(),
         };

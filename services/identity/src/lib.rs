@@ -76,10 +76,11 @@ pub struct IdentitySettings {
     /// The front ends and their redirect URIs.
     #[serde(default)]
     pub front_ends: Vec<FrontEnd>,
-    /// Lifetime of access tokens, seconds.
+    /// Lifetime of access tokens, seconds (at most [`MAX_ACCESS_TOKEN_TTL_S`]).
     #[serde(default = "default_access_token_ttl")]
     pub access_token_ttl_s: u64,
-    /// Lifetime of sessions, seconds.
+    /// Lifetime of sessions and so of their refresh tokens, seconds (at most
+    /// [`MAX_SESSION_TTL_S`]).
     #[serde(default = "default_session_ttl")]
     pub session_ttl_s: u64,
     /// Lifetime of tokens acting under a mandate, seconds.
@@ -120,12 +121,16 @@ fn default_key_publish_lead() -> u64 {
     180
 }
 
-/// The longest any token may live: an hour.
-pub const MAX_TOKEN_TTL_S: u64 = 3600;
+/// The longest an access token may live: fifteen minutes. A stolen token works until it
+/// expires (a logout reaches the gateway within seconds, a theft noticed by no one does not).
+pub const MAX_ACCESS_TOKEN_TTL_S: u64 = 15 * 60;
 /// The longest a token acting under a mandate may live: five minutes.
 pub const MAX_ACTING_TTL_S: u64 = 300;
-/// The longest a session may last: a week.
-pub const MAX_SESSION_TTL_S: u64 = 7 * 24 * 3600;
+/// The longest a session, and so its refresh tokens, may last: twelve hours, a working day
+/// with room to spare.
+pub const MAX_SESSION_TTL_S: u64 = 12 * 3600;
+/// The most seconds of the other periods (a started login, key rescans, publication lead).
+pub const MAX_PERIOD_S: u64 = 3600;
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +176,7 @@ impl IdentitySettings {
             (
                 "access_token_ttl_s",
                 self.access_token_ttl_s,
-                MAX_TOKEN_TTL_S,
+                MAX_ACCESS_TOKEN_TTL_S,
             ),
             // A revoked mandate's token lives on until it expires: keep that short.
             (
@@ -180,14 +185,10 @@ impl IdentitySettings {
                 MAX_ACTING_TTL_S,
             ),
             ("session_ttl_s", self.session_ttl_s, MAX_SESSION_TTL_S),
-            ("login_ttl_s", self.login_ttl_s, MAX_TOKEN_TTL_S),
+            ("login_ttl_s", self.login_ttl_s, MAX_PERIOD_S),
             ("key_rotation_hours", self.key_rotation_hours, 24 * 366),
-            ("key_rescan_s", self.key_rescan_s, MAX_TOKEN_TTL_S),
-            (
-                "key_publish_lead_s",
-                self.key_publish_lead_s,
-                MAX_TOKEN_TTL_S,
-            ),
+            ("key_rescan_s", self.key_rescan_s, MAX_PERIOD_S),
+            ("key_publish_lead_s", self.key_publish_lead_s, MAX_PERIOD_S),
         ] {
             if value == 0 || value > most {
                 return Err(ServeError::Config(format!(
@@ -320,6 +321,34 @@ async fn prune_periodically(identity: Arc<Identity>, shutdown: CancellationToken
             .await
         {
             tracing::warn!(%error, "pruning logins and sessions failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> IdentitySettings {
+        toml::from_str(&format!("key_dir = \"keys\"\n{toml}")).unwrap()
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped() {
+        assert!(settings("").lifetimes().is_ok(), "the defaults");
+        let at_caps = settings("access_token_ttl_s = 900\nsession_ttl_s = 43200\n");
+        assert!(at_caps.lifetimes().is_ok());
+        for (toml, named) in [
+            ("access_token_ttl_s = 901", "access_token_ttl_s"),
+            ("access_token_ttl_s = 86400", "access_token_ttl_s"),
+            ("session_ttl_s = 43201", "session_ttl_s"),
+            ("session_ttl_s = 86400", "session_ttl_s"),
+            ("acting_token_ttl_s = 301", "acting_token_ttl_s"),
+        ] {
+            let Err(ServeError::Config(refused)) = settings(toml).lifetimes() else {
+                panic!("{toml} is accepted");
+            };
+            assert!(refused.contains(named), "{toml}: {refused}");
         }
     }
 }

@@ -2,10 +2,12 @@
 //! foreign eIDAS identities) and the identity providers of municipalities and institutions
 //! (staff).
 //!
-//! Each is configured once (issuer, client, scopes, how its `acr` values map to levels of
-//! assurance, which claims hold what). The HTTP client follows no redirects, talks only to
-//! the provider's own origin (discovery, keys and token endpoint alike) and reads at most
-//! [`MAX_RESPONSE_BYTES`] of an answer.
+//! Each is configured once (issuer, client and how it authenticates, scopes, how its `acr`
+//! values map to levels of assurance, which claims hold what, the CA of a provider on a
+//! private PKI). The HTTP client follows no redirects, talks only to the provider's own origin
+//! (discovery, keys and token endpoint alike) and reads at most [`MAX_RESPONSE_BYTES`] of an
+//! answer. An ID token naming a key the service has not seen makes it fetch the provider's key
+//! set again at once (at most every [`MIN_KEY_REFETCH_GAP`]): providers rotate their keys.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,16 +16,20 @@ use std::time::{Duration, Instant};
 
 use onestop_platform::identity::Member;
 use onestop_platform::person::{self, EidasId, Level};
-use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreClientAuthMethod, CoreJwsSigningAlgorithm,
+    CoreProviderMetadata,
+};
 use openidconnect::{
-    AuthenticationContextClass, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
-    EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge,
-    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+    AuthType, AuthenticationContextClass, AuthorizationCode, ClaimsVerificationError, ClientId,
+    ClientSecret, CsrfToken, DiscoveryError, EndpointMaybeSet, EndpointNotSet, EndpointSet,
+    IssuerUrl, JsonWebKeySet, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    TokenResponse,
 };
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::error::IdentityError;
+use crate::error::{IdentityError, Misconfiguration};
 
 /// The most bytes read of any answer of a provider.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -34,6 +40,24 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_CONNECTION_REUSE: Duration = Duration::from_secs(2);
 /// How long discovered metadata (endpoints, keys) is used before it is fetched again.
 pub const METADATA_LIFETIME: Duration = Duration::from_secs(600);
+/// The least time between two fetches of a provider's key set caused by ID tokens naming a key
+/// not yet known: a new key is learnt at once, and a provider sending unknown key ids cannot
+/// make the service fetch its keys at every login.
+pub const MIN_KEY_REFETCH_GAP: Duration = Duration::from_secs(10);
+/// The ID token signature algorithms accepted: asymmetric ones only, since a token "signed"
+/// with the client secret (HS256) could have been made by anyone who knows the secret.
+pub const ID_TOKEN_ALGORITHMS: [CoreJwsSigningAlgorithm; 10] = [
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha384,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha512,
+    CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+    CoreJwsSigningAlgorithm::EcdsaP384Sha384,
+    CoreJwsSigningAlgorithm::EcdsaP521Sha512,
+    CoreJwsSigningAlgorithm::EdDsa,
+];
 /// The most clock difference allowed when checking an ID token's expiry.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(60);
 /// The longest name kept from a provider's claims.
@@ -59,6 +83,74 @@ pub enum Audience {
     Staff,
 }
 
+/// How the service authenticates itself at a provider's token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// The client id and secret in an HTTP Basic `authorization` header (RFC 6749 2.3.1).
+    ClientSecretBasic,
+    /// The client id and secret in the form body of the token request.
+    ClientSecretPost,
+}
+
+impl ClientAuth {
+    fn name(self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::ClientSecretPost => "client_secret_post",
+        }
+    }
+
+    /// The method to use with a provider whose discovery lists `supported` (absent: only
+    /// `client_secret_basic`, as OpenID Connect Discovery says), `configured` if set.
+    fn choose(
+        configured: Option<ClientAuth>,
+        supported: Option<&Vec<CoreClientAuthMethod>>,
+    ) -> Result<ClientAuth, String> {
+        let offers = |auth: ClientAuth| match supported {
+            None => auth == ClientAuth::ClientSecretBasic,
+            Some(methods) => methods.iter().any(|m| {
+                matches!(
+                    (auth, m),
+                    (
+                        ClientAuth::ClientSecretBasic,
+                        CoreClientAuthMethod::ClientSecretBasic
+                    ) | (
+                        ClientAuth::ClientSecretPost,
+                        CoreClientAuthMethod::ClientSecretPost
+                    )
+                )
+            }),
+        };
+        let listed = || match supported {
+            None => "none (so only client_secret_basic)".to_owned(),
+            Some(methods) => methods
+                .iter()
+                .map(|m| serde_json::to_string(m).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        match configured {
+            Some(auth) if offers(auth) => Ok(auth),
+            Some(auth) => Err(format!(
+                "client_auth = \"{}\" is configured, but its discovery lists {}",
+                auth.name(),
+                listed()
+            )),
+            None => [ClientAuth::ClientSecretBasic, ClientAuth::ClientSecretPost]
+                .into_iter()
+                .find(|auth| offers(*auth))
+                .ok_or_else(|| {
+                    format!(
+                        "its discovery lists {} as token endpoint authentication, none of \
+                         client_secret_basic and client_secret_post",
+                        listed()
+                    )
+                }),
+        }
+    }
+}
+
 /// Which claims of the provider's ID tokens hold what.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,7 +171,8 @@ pub struct ClaimNames {
     pub institution: String,
     /// The staff member's centre.
     pub centre: String,
-    /// The staff member's roles (an array of strings).
+    /// The staff member's roles (an array of strings, or one string of roles separated by
+    /// spaces).
     pub roles: String,
 }
 
@@ -110,8 +203,18 @@ pub struct ProviderConfig {
     pub issuer: String,
     /// The platform's client id at the provider.
     pub client_id: String,
-    /// A file holding the client secret (the secret itself is never in the configuration).
+    /// A file holding the client secret (the secret itself is never in the configuration):
+    /// the secret as it is, UTF-8, surrounding white space (a final newline) ignored.
     pub client_secret_file: PathBuf,
+    /// How to authenticate at the token endpoint; unset picks from the provider's discovery
+    /// (`client_secret_basic` when offered, else `client_secret_post`).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// A PEM file of the CA certificates that vouch for the provider's HTTPS certificate, for a
+    /// provider on a private PKI (a state's or a municipality's own CA). When set only these
+    /// are trusted for this provider; unset, the public web roots are.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Scopes to ask for besides `openid`.
     #[serde(default)]
     pub scopes: Vec<String>,
@@ -201,6 +304,9 @@ type Client = CoreClient<
 
 struct Discovered {
     client: Client,
+    /// Kept to make the client again with a key set fetched anew.
+    metadata: CoreProviderMetadata,
+    auth: ClientAuth,
     at: Instant,
 }
 
@@ -212,6 +318,8 @@ pub struct Provider {
     secret: ClientSecret,
     http: Fetcher,
     discovered: Mutex<Option<Arc<Discovered>>>,
+    /// When an unknown signing key last made the key set be fetched again.
+    last_key_refetch: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -299,7 +407,25 @@ impl Provider {
         if secret.is_empty() {
             return Err(format!("provider {id}: the client secret file is empty"));
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if let Some(file) = &config.ca_file {
+            let pem = std::fs::read(file)
+                .map_err(|e| format!("provider {id}: ca_file {}: {e}", file.display()))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("provider {id}: ca_file {}: {e}", file.display()))?;
+            if roots.is_empty() {
+                return Err(format!(
+                    "provider {id}: ca_file {} holds no PEM certificate",
+                    file.display()
+                ));
+            }
+            // Only the provider's own CA: the public roots vouch for no private PKI's names.
+            http = http.tls_built_in_root_certs(false);
+            for root in roots {
+                http = http.add_root_certificate(root);
+            }
+        }
+        let http = http
             // Following redirects would let a provider (or whoever answers for it) send us
             // anywhere.
             .redirect(reqwest::redirect::Policy::none())
@@ -319,6 +445,7 @@ impl Provider {
                 origin: url.origin(),
             },
             discovered: Mutex::new(None),
+            last_key_refetch: Mutex::new(None),
             config,
         })
     }
@@ -344,29 +471,117 @@ impl Provider {
         values.into_iter().map(|(_, acr)| acr.as_str()).collect()
     }
 
-    /// The discovered client, fetching the metadata when it is missing, old, or `renew`.
-    async fn client(&self, renew: bool) -> Result<Arc<Discovered>, IdentityError> {
+    /// The discovered client, fetching the metadata when it is missing or old.
+    async fn client(&self) -> Result<Arc<Discovered>, IdentityError> {
         let mut discovered = self.discovered.lock().await;
         if let Some(current) = discovered.as_ref()
-            && !renew
             && current.at.elapsed() < METADATA_LIFETIME
         {
             return Ok(current.clone());
         }
         let metadata = CoreProviderMetadata::discover_async(self.issuer.clone(), &self.http)
             .await
-            .map_err(|e| self.unavailable(format!("discovery: {e}")))?;
-        let client = CoreClient::from_provider_metadata(
-            metadata,
-            ClientId::new(self.config.client_id.clone()),
-            Some(self.secret.clone()),
-        );
-        let fresh = Arc::new(Discovered {
-            client,
-            at: Instant::now(),
-        });
+            .map_err(|e| self.discovery_failed(e))?;
+        // Checked before any login depends on it: the token endpoint is called later.
+        if let Some(token) = metadata.token_endpoint() {
+            self.on_own_origin("token_endpoint", token.url())?;
+        }
+        let auth = ClientAuth::choose(
+            self.config.client_auth,
+            metadata.token_endpoint_auth_methods_supported(),
+        )
+        .map_err(|detail| self.misconfigured(Misconfiguration::ClientAuthUnsupported, detail))?;
+        let fresh = Arc::new(self.discovered(metadata, auth, Instant::now()));
         *discovered = Some(fresh.clone());
         Ok(fresh)
+    }
+
+    fn discovered(
+        &self,
+        metadata: CoreProviderMetadata,
+        auth: ClientAuth,
+        at: Instant,
+    ) -> Discovered {
+        let client = CoreClient::from_provider_metadata(
+            metadata.clone(),
+            ClientId::new(self.config.client_id.clone()),
+            Some(self.secret.clone()),
+        )
+        .set_auth_type(match auth {
+            ClientAuth::ClientSecretBasic => AuthType::BasicAuth,
+            ClientAuth::ClientSecretPost => AuthType::RequestBody,
+        });
+        Discovered {
+            client,
+            metadata,
+            auth,
+            at,
+        }
+    }
+
+    /// Fetches the provider's key set again, unless that was done less than
+    /// [`MIN_KEY_REFETCH_GAP`] ago: `None` then.
+    async fn refetch_keys(&self) -> Result<Option<Arc<Discovered>>, IdentityError> {
+        {
+            let mut last = self.last_key_refetch.lock().await;
+            if !may_refetch(*last, Instant::now()) {
+                return Ok(None);
+            }
+            *last = Some(Instant::now());
+        }
+        let current = self.client().await?;
+        let jwks = JsonWebKeySet::fetch_async(current.metadata.jwks_uri(), &self.http)
+            .await
+            .map_err(|e| self.discovery_failed(e))?;
+        tracing::info!(provider = %self.config.id, "fetched the provider's key set again for an unknown key");
+        let metadata = current.metadata.clone().set_jwks(jwks);
+        let fresh = Arc::new(self.discovered(metadata, current.auth, current.at));
+        *self.discovered.lock().await = Some(fresh.clone());
+        Ok(Some(fresh))
+    }
+
+    /// Why discovery or a key set fetch failed, as the operator must hear it.
+    fn discovery_failed(&self, error: DiscoveryError<HttpError>) -> IdentityError {
+        match error {
+            // openidconnect validates one thing of the document: that it names our issuer.
+            DiscoveryError::Validation(why) => self.misconfigured(
+                Misconfiguration::IssuerMismatch,
+                format!(
+                    "its discovery document does not name the configured issuer ({why}); \
+                     `issuer` must be exactly the provider's, trailing slash and all"
+                ),
+            ),
+            DiscoveryError::Request(HttpError::ForeignOrigin(url)) => self.foreign(&url),
+            other => self.unavailable(format!("discovery: {}", chain(&other))),
+        }
+    }
+
+    fn on_own_origin(&self, endpoint: &str, url: &url::Url) -> Result<(), IdentityError> {
+        if url.origin() == self.http.origin {
+            Ok(())
+        } else {
+            tracing::debug!(endpoint, %url, "an endpoint on another origin");
+            Err(self.foreign(url.as_str()))
+        }
+    }
+
+    fn foreign(&self, url: &str) -> IdentityError {
+        self.misconfigured(
+            Misconfiguration::EndpointOnAnotherOrigin,
+            format!(
+                "its metadata points to {url}, not on the issuer's origin {}: the service calls \
+                 a provider only on its issuer's origin",
+                self.http.origin.ascii_serialization()
+            ),
+        )
+    }
+
+    fn misconfigured(&self, reason: Misconfiguration, detail: String) -> IdentityError {
+        IdentityError::ProviderMisconfigured {
+            provider: self.config.id.clone(),
+            reason,
+            detail,
+        }
     }
 
     fn unavailable(&self, why: String) -> IdentityError {
@@ -381,7 +596,7 @@ impl Provider {
         redirect_uri: &str,
         minimum: Level,
     ) -> Result<Pending, IdentityError> {
-        let discovered = self.client(false).await?;
+        let discovered = self.client().await?;
         let redirect = RedirectUrl::new(redirect_uri.to_owned())
             .map_err(|e| IdentityError::invalid("redirect_uri", e.to_string()))?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
@@ -410,8 +625,8 @@ impl Provider {
     }
 
     /// Completes a login: exchanges the code, checks the ID token (signature from the
-    /// provider's key set, issuer, audience, expiry with the configured leeway, nonce) and its
-    /// `acr` against `minimum`, and reads who it names.
+    /// provider's key set, issuer, audience, expiry and issue time with the configured leeway,
+    /// `nbf`, nonce) and its `acr` against `minimum`, and reads who it names.
     pub async fn complete(
         &self,
         code: &str,
@@ -420,7 +635,7 @@ impl Provider {
         verifier: &str,
         minimum: Level,
     ) -> Result<Login, IdentityError> {
-        let discovered = self.client(false).await?;
+        let discovered = self.client().await?;
         let redirect = RedirectUrl::new(redirect_uri.to_owned())
             .map_err(|e| IdentityError::invalid("redirect_uri", e.to_string()))?;
         let response = discovered
@@ -435,11 +650,27 @@ impl Provider {
                 // The provider refused the code (used, expired, not ours): the login fails.
                 openidconnect::RequestTokenError::ServerResponse(refusal) => {
                     IdentityError::LoginRefused(format!(
-                        "the provider refused the code: {}",
-                        refusal.error()
+                        "the provider refused the code: {}{}",
+                        refusal.error(),
+                        refusal
+                            .error_description()
+                            .map(|d| format!(" ({})", onestop_platform::status::echo(d)))
+                            .unwrap_or_default()
                     ))
                 }
-                other => self.unavailable(format!("token endpoint: {other}")),
+                // The answer came, but its ID token (or the rest) does not read: a claim of the
+                // wrong type, a required one missing. Asking again gives the same.
+                openidconnect::RequestTokenError::Parse(error, _) => {
+                    IdentityError::IdTokenMalformed(format!(
+                        "the token response does not read at `{}`: {}",
+                        error.path(),
+                        error.inner()
+                    ))
+                }
+                openidconnect::RequestTokenError::Request(HttpError::ForeignOrigin(url)) => {
+                    self.foreign(&url)
+                }
+                other => self.unavailable(format!("token endpoint: {}", chain(&other))),
             })?;
         let id_token = response.id_token().ok_or_else(|| {
             IdentityError::LoginRefused("the provider returned no ID token".into())
@@ -451,44 +682,56 @@ impl Provider {
         let verify = |client: &Client| {
             let verifier = client
                 .id_token_verifier()
-                // Asymmetric signatures only: a token "signed" with our own client secret
-                // could have been made by anyone who knows it.
-                .set_allowed_algs([
-                    openidconnect::core::CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
-                    openidconnect::core::CoreJwsSigningAlgorithm::RsaSsaPssSha256,
-                    openidconnect::core::CoreJwsSigningAlgorithm::EcdsaP256Sha256,
-                    openidconnect::core::CoreJwsSigningAlgorithm::EdDsa,
-                ])
+                .set_allowed_algs(ID_TOKEN_ALGORITHMS)
                 // Expiry is checked against a clock set back by the leeway.
-                .set_time_fn(move || chrono::Utc::now() - leeway);
-            id_token
-                .claims(&verifier, &nonce)
-                .map(|claims| {
-                    (
-                        claims.auth_context_ref().map(|acr| acr.as_str().to_owned()),
-                        claims.auth_time().map(|t| t.timestamp()),
-                        claims.issue_time().timestamp(),
-                    )
-                })
-                .map_err(|e| e.to_string())
+                .set_time_fn(move || chrono::Utc::now() - leeway)
+                // A token issued in the future was not issued by a provider with a true clock.
+                .set_issue_time_verifier_fn(move |iat| {
+                    if iat > chrono::Utc::now() + leeway {
+                        Err(format!("issued in the future ({iat})"))
+                    } else {
+                        Ok(())
+                    }
+                });
+            id_token.claims(&verifier, &nonce).map(|claims| {
+                (
+                    claims.auth_context_ref().map(|acr| acr.as_str().to_owned()),
+                    claims.auth_time().map(|t| t.timestamp()),
+                    claims.issue_time().timestamp(),
+                )
+            })
         };
-        let (acr, auth_time, issued) = match verify(&discovered.client) {
-            Ok(checked) => checked,
-            // The provider may have rotated its keys since discovery: read them again once.
-            Err(why) if why.contains("signature") || why.contains("key") => {
-                let renewed = self.client(true).await?;
-                verify(&renewed.client).map_err(IdentityError::LoginRefused)?
+        let checked = match verify(&discovered.client) {
+            // Signed with a key not in the set kept: the provider may have rotated its keys.
+            // Fetch them again at once (rate-limited) and check again.
+            Err(ClaimsVerificationError::SignatureVerification(_)) => {
+                match self.refetch_keys().await? {
+                    Some(renewed) => verify(&renewed.client),
+                    None => verify(&discovered.client),
+                }
             }
-            Err(why) => return Err(IdentityError::LoginRefused(why)),
+            checked => checked,
         };
-        let level = acr
-            .as_deref()
-            .and_then(|acr| self.config.acr.get(acr).copied())
-            .ok_or_else(|| {
+        let (acr, auth_time, issued) = checked.map_err(|e| {
+            IdentityError::LoginRefused(format!("the ID token fails a check: {}", chain(&e)))
+        })?;
+        let level = match acr.as_deref() {
+            None => {
+                return Err(IdentityError::LoginRefused(
+                    "the ID token carries no `acr`: the provider must name the level it reached \
+                     with one of the configured values"
+                        .into(),
+                ));
+            }
+            Some(acr) => self.config.acr.get(acr).copied().ok_or_else(|| {
                 IdentityError::LoginRefused(format!(
-                    "the ID token's acr {acr:?} is not one this provider is configured with"
+                    "the ID token's acr `{}` is not one provider {} is configured with \
+                     ([identity.providers.acr])",
+                    onestop_platform::status::echo(acr),
+                    self.config.id
                 ))
-            })?;
+            })?,
+        };
         if level < minimum {
             return Err(IdentityError::LevelTooLow {
                 got: level,
@@ -498,7 +741,18 @@ impl Provider {
         // The signature, issuer, audience, expiry and nonce are checked: the payload is the
         // provider's. Its own claims are read from it.
         let payload = payload_of(&id_token.to_string())
-            .map_err(|e| IdentityError::LoginRefused(format!("ID token payload: {e}")))?;
+            .map_err(|e| IdentityError::IdTokenMalformed(format!("its payload: {e}")))?;
+        // `nbf` is JWT's, not OpenID's: openidconnect leaves it to us.
+        if let Some(nbf) = payload.get("nbf") {
+            let nbf = nbf.as_i64().ok_or_else(|| {
+                IdentityError::IdTokenMalformed("`nbf` is not a number of seconds".into())
+            })?;
+            if nbf > (chrono::Utc::now() + leeway).timestamp() {
+                return Err(IdentityError::LoginRefused(format!(
+                    "the ID token is not valid before {nbf} (seconds since the epoch)"
+                )));
+            }
+        }
         let who = self.identified(&payload)?;
         // Names are cut to a bounded length; a country is two capital letters or nothing.
         let text = |name: &str| {
@@ -583,20 +837,12 @@ impl Provider {
                         names.centre
                     )));
                 }
-                // Roles the platform acts on are short names; anything else is left out.
-                let roles = payload
-                    .get(&names.roles)
-                    .and_then(|v| v.as_array())
-                    .map(|roles| {
-                        roles
-                            .iter()
-                            .filter_map(|r| r.as_str())
-                            .filter(|r| is_code(r))
-                            .map(str::to_owned)
-                            .take(MAX_ROLES)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let roles = roles_of(payload.get(&names.roles)).ok_or_else(|| {
+                    IdentityError::IdTokenMalformed(format!(
+                        "`{}` must be an array of strings or one string of roles separated by spaces",
+                        names.roles
+                    ))
+                })?;
                 Ok(Identified::Staff {
                     staff_id: staff_id.to_owned(),
                     institution,
@@ -606,6 +852,47 @@ impl Provider {
             }
         }
     }
+}
+
+/// A staff member's roles from the claim: an array of strings, or one string of roles
+/// separated by spaces (as some directories send them); absent is none. `None` for anything
+/// else. Roles the platform acts on are short codes; others are left out.
+fn roles_of(claim: Option<&serde_json::Value>) -> Option<Vec<String>> {
+    let named: Vec<&str> = match claim {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::String(roles)) => roles.split_whitespace().collect(),
+        Some(serde_json::Value::Array(roles)) => roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Option<Vec<&str>>>()?,
+        Some(_) => return None,
+    };
+    Some(
+        named
+            .into_iter()
+            .filter(|r| is_code(r))
+            .map(str::to_owned)
+            .take(MAX_ROLES)
+            .collect(),
+    )
+}
+
+/// Whether an unknown key may make the key set be fetched again now, the last such fetch
+/// having been at `last`.
+fn may_refetch(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|last| now.saturating_duration_since(last) >= MIN_KEY_REFETCH_GAP)
+}
+
+/// An error with its causes, `: `-separated (openidconnect's messages name only the outermost).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// The HTTP client of one provider: only its own origin, answers of bounded size, no redirects.
@@ -632,7 +919,14 @@ impl Fetcher {
             .headers(parts.headers)
             .body(body)
             .send()
-            .await?;
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    HttpError::Other(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))
+                } else {
+                    HttpError::Transport(e)
+                }
+            })?;
         let mut answer = http::Response::builder().status(response.status());
         for (name, value) in response.headers() {
             answer = answer.header(name, value);
@@ -671,4 +965,72 @@ fn payload_of(jwt: &str) -> Result<serde_json::Map<String, serde_json::Value>, S
         .decode(part.trim_end_matches('='))
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_key_refetches_the_key_set_at_most_every_gap() {
+        let start = Instant::now();
+        assert!(
+            may_refetch(None, start),
+            "the first unknown key fetches at once"
+        );
+        assert!(!may_refetch(Some(start), start + Duration::from_secs(1)));
+        assert!(may_refetch(Some(start), start + MIN_KEY_REFETCH_GAP));
+    }
+
+    #[test]
+    fn roles_come_as_an_array_or_one_string() {
+        let roles = |json: serde_json::Value| roles_of(Some(&json));
+        assert_eq!(
+            roles(serde_json::json!(["clerk", "specialist"])),
+            Some(vec!["clerk".into(), "specialist".into()])
+        );
+        assert_eq!(
+            roles(serde_json::json!("clerk  specialist")),
+            Some(vec!["clerk".into(), "specialist".into()])
+        );
+        assert_eq!(
+            roles(serde_json::json!("clerk")),
+            Some(vec!["clerk".into()])
+        );
+        assert_eq!(roles_of(None), Some(Vec::new()));
+        // Not codes: left out, as before.
+        assert_eq!(
+            roles(serde_json::json!(["Clerk!", "clerk"])),
+            Some(vec!["clerk".into()])
+        );
+        assert_eq!(roles(serde_json::json!({"clerk": true})), None);
+        assert_eq!(roles(serde_json::json!(["clerk", 7])), None);
+    }
+
+    #[test]
+    fn client_authentication_follows_discovery() {
+        use CoreClientAuthMethod as M;
+        let basic = ClientAuth::ClientSecretBasic;
+        let post = ClientAuth::ClientSecretPost;
+        assert_eq!(ClientAuth::choose(None, None), Ok(basic));
+        assert_eq!(
+            ClientAuth::choose(None, Some(&vec![M::ClientSecretPost, M::PrivateKeyJwt])),
+            Ok(post)
+        );
+        assert_eq!(
+            ClientAuth::choose(None, Some(&vec![M::ClientSecretPost, M::ClientSecretBasic])),
+            Ok(basic)
+        );
+        assert_eq!(
+            ClientAuth::choose(
+                Some(post),
+                Some(&vec![M::ClientSecretPost, M::ClientSecretBasic])
+            ),
+            Ok(post)
+        );
+        let refused = ClientAuth::choose(Some(post), None).unwrap_err();
+        assert!(refused.contains("client_secret_post"), "{refused}");
+        let refused = ClientAuth::choose(None, Some(&vec![M::PrivateKeyJwt])).unwrap_err();
+        assert!(refused.contains("private_key_jwt"), "{refused}");
+    }
 }

@@ -30,6 +30,10 @@ pub const MAX_OPAQUE_BYTES: usize = 2048;
 pub const MAX_MANDATE_SERVICES: usize = 50;
 /// The longest a mandate may run.
 pub const MAX_MANDATE_DAYS: i64 = 366;
+/// The most ended sessions one answer of [`Identity::ended_sessions`] lists.
+pub const MAX_ENDED_SESSIONS: u32 = 10_000;
+/// The longest `error` a provider may send back.
+pub const MAX_PROVIDER_ERROR_BYTES: usize = 64;
 /// The role a staff member needs to register and use mandates.
 pub const CLERK_ROLE: &str = "clerk";
 
@@ -105,6 +109,20 @@ fn opaque(field: &str, value: &str) -> Result<(), IdentityError> {
         ));
     }
     Ok(())
+}
+
+/// A provider's `error` code, as RFC 6749 allows it (printable ASCII but `"` and `\\`).
+fn provider_error_code(error: &str) -> Result<&str, IdentityError> {
+    let allowed = |b: u8| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e);
+    if error.len() > MAX_PROVIDER_ERROR_BYTES || !error.bytes().all(allowed) {
+        return Err(IdentityError::invalid(
+            "error",
+            format!(
+                "the provider's `error` parameter: at most {MAX_PROVIDER_ERROR_BYTES} printable ASCII characters"
+            ),
+        ));
+    }
+    Ok(error)
 }
 
 /// The member system a caller is, for binding logins and tokens to it.
@@ -221,30 +239,46 @@ impl Identity {
         Ok((pending.url, pending.state, expire_time))
     }
 
-    /// Completes a login and starts a session.
+    /// Completes a login and starts a session; or, when the provider sent the browser back with
+    /// an error (`provider_error`: its `error` and `error_description`), ends it.
     pub async fn complete_login(
         &self,
         caller: &SpiffeId,
         state: &str,
         code: &str,
+        provider_error: Option<(&str, &str)>,
         now: OffsetDateTime,
     ) -> Result<(Tokens, Profile), IdentityError> {
         let (_, client) = client_of(caller)?;
         opaque("state", state)?;
-        opaque("code", code)?;
-        // Taken out whatever happens next: a state is good for one try.
         let state_hash = sha256_hex(state);
+        // Only the front end that started the login finds it: another system presenting a
+        // stolen (state, code) pair is refused without using the login up.
         let pending = self
             .store
-            .take_login(&state_hash)
+            .login(&state_hash, &client, now)
             .await?
-            .filter(|p| p.expire_time > now && p.client == client)
             .ok_or(IdentityError::UnknownLogin)?;
+        if let Some((error, description)) = provider_error {
+            let error = provider_error_code(error)?;
+            tracing::info!(
+                provider = %pending.provider_id,
+                error,
+                description = %onestop_platform::status::echo(description),
+                "the provider ended a login with an error"
+            );
+            self.store.end_login(&state_hash).await?;
+            return Err(IdentityError::DeniedAtProvider {
+                provider: pending.provider_id,
+                error: error.to_owned(),
+            });
+        }
+        opaque("code", code)?;
         let provider = self
             .providers
             .get(&pending.provider_id)
             .ok_or_else(|| IdentityError::UnknownProvider(pending.provider_id.clone()))?;
-        let login = provider
+        let completed = provider
             .complete(
                 code,
                 &pending.redirect_uri,
@@ -252,7 +286,22 @@ impl Identity {
                 &pending.verifier,
                 pending.minimum_level,
             )
-            .await?;
+            .await;
+        let login = match completed {
+            Ok(login) => login,
+            // A refusal is final: the code is spent at the provider, the login is over.
+            Err(
+                refused @ (IdentityError::LoginRefused(_)
+                | IdentityError::IdTokenMalformed(_)
+                | IdentityError::LevelTooLow { .. }),
+            ) => {
+                self.store.end_login(&state_hash).await?;
+                return Err(refused);
+            }
+            // An unavailable or misconfigured provider leaves the login to be completed again,
+            // as does a call abandoned on the way (its deadline passed): nothing was spent.
+            Err(other) => return Err(other),
+        };
         let (sub, staff) = match login.who {
             Identified::Resident { personal_code } => (Subject::Resident(personal_code), None),
             Identified::Foreign(id) => (Subject::Foreign(id), None),
@@ -296,9 +345,14 @@ impl Identity {
         };
         let refresh_token = crate::random_secret()?;
         let refresh_hash = sha256_hex(&refresh_token);
-        self.store
-            .create_session(&session, &refresh_hash, now)
-            .await?;
+        if !self
+            .store
+            .create_session(&session, &refresh_hash, &state_hash, now)
+            .await?
+        {
+            // Another completion of the same login came first.
+            return Err(IdentityError::UnknownLogin);
+        }
         let (access_token, access_expire_time) = self.access_token(&session, now)?;
         Ok((
             Tokens {
@@ -352,6 +406,34 @@ impl Identity {
             act: None,
             mandate: None,
         })
+    }
+
+    /// The sessions that ended since `since` (all whose access tokens may still be valid when
+    /// unset), and the time up to which the answer is complete. For the platform's components
+    /// only: the gateway refuses those sessions' access tokens.
+    pub async fn ended_sessions(
+        &self,
+        caller: &SpiffeId,
+        via_gateway: bool,
+        since: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+    ) -> Result<(Vec<String>, OffsetDateTime), IdentityError> {
+        if via_gateway || caller.as_member().is_some() {
+            return Err(IdentityError::PermissionDenied(
+                "ended sessions are for the platform's gateways".into(),
+            ));
+        }
+        // Older ends concern only expired tokens.
+        let oldest =
+            now - self.lifetimes.access_token - Duration::from_secs(tokens::LEEWAY_SECONDS);
+        let since = since.map_or(oldest, |since| since.max(oldest));
+        let ended = self.store.ended_sessions(since, MAX_ENDED_SESSIONS).await?;
+        // A full page is complete only up to its last end; otherwise up to now.
+        let read_time = match ended.last() {
+            Some((_, last)) if ended.len() == MAX_ENDED_SESSIONS as usize => *last,
+            _ => now,
+        };
+        Ok((ended.into_iter().map(|(id, _)| id).collect(), read_time))
     }
 
     /// Renews a session's tokens.

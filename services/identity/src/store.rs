@@ -189,13 +189,25 @@ impl Store {
         conflict_on_duplicate(insert)
     }
 
-    /// Takes a pending login out, so that its state works once; `None` when there is none.
-    pub async fn take_login(&self, state_hash: &str) -> Result<Option<PendingLogin>, StoreError> {
+    /// The pending login of this state that `client` started, while it may still be completed;
+    /// `None` otherwise. Reading it spends nothing: another system's try, or a completion that
+    /// fails on the way (timed out, provider unavailable), leaves it for the front end that
+    /// started it. It ends with the session it starts ([`Store::create_session`]) or with a
+    /// refusal ([`Store::end_login`]).
+    pub async fn login(
+        &self,
+        state_hash: &str,
+        client: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<PendingLogin>, StoreError> {
         let row = sqlx::query(
-            "DELETE FROM logins WHERE state_hash = $1 RETURNING provider_id, client, \
-             redirect_uri, nonce, verifier, minimum_level, expire_time_ms",
+            "SELECT provider_id, client, redirect_uri, nonce, verifier, minimum_level, \
+             expire_time_ms FROM logins WHERE state_hash = $1 AND client = $2 \
+             AND expire_time_ms > $3",
         )
         .bind(state_hash)
+        .bind(client)
+        .bind(millis(now))
         .fetch_optional(&self.db.pool)
         .await?;
         row.map(|row| {
@@ -213,6 +225,16 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Ends a pending login that starts no session (the provider refused it, or the person
+    /// declined there).
+    pub async fn end_login(&self, state_hash: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM logins WHERE state_hash = $1")
+            .bind(state_hash)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
     }
 
     /// Removes logins and sessions past their time; returns how many rows went.
@@ -234,16 +256,29 @@ impl Store {
         Ok(logins + sessions)
     }
 
-    /// Starts a session with its first refresh token.
+    /// Starts a session with its first refresh token, ending the login `login_state_hash` in
+    /// the same transaction; false (and no session) when that login was ended already, by a
+    /// completion that came first.
     pub async fn create_session(
         &self,
         session: &Session,
         refresh_hash: &str,
+        login_state_hash: &str,
         now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let person = serde_json::to_string(&session.profile)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut tx = self.db.pool.begin().await?;
+        // First, so that of two completions of one login exactly one starts a session (and
+        // SQLite's write lock is taken at once).
+        let ended = sqlx::query("DELETE FROM logins WHERE state_hash = $1")
+            .bind(login_state_hash)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if ended != 1 {
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO sessions (session_id, subject, client, person_json, create_time_ms, \
              expire_time_ms) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -258,7 +293,30 @@ impl Store {
         .await?;
         insert_refresh(&mut tx, refresh_hash, &session.session_id, now).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// The sessions that ended at or after `since`, oldest end first, at most `limit`: their ids
+    /// and end times.
+    pub async fn ended_sessions(
+        &self,
+        since: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(String, OffsetDateTime)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT session_id, end_time_ms FROM sessions WHERE end_time_ms >= $1 \
+             ORDER BY end_time_ms, session_id LIMIT $2",
+        )
+        .bind(millis(since))
+        .bind(i64::from(limit))
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let ended: i64 = row.try_get("end_time_ms")?;
+                Ok((row.try_get("session_id")?, from_millis(ended)?))
+            })
+            .collect()
     }
 
     /// Uses a refresh token presented by `client`: on success it is spent and `next_hash`

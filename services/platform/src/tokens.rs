@@ -242,6 +242,9 @@ pub enum TokenError {
     /// Presented by a system other than the one it was issued to.
     #[error("the bearer token was issued to another system")]
     OtherSystem,
+    /// Its session has ended (logged out, or ended because a refresh token was used twice).
+    #[error("the bearer token's session has ended; log in again")]
+    SessionEnded,
 }
 
 impl TokenError {
@@ -254,6 +257,7 @@ impl TokenError {
             TokenError::Invalid(_) => "TOKEN_INVALID",
             TokenError::Expired => "TOKEN_EXPIRED",
             TokenError::OtherSystem => "TOKEN_OF_ANOTHER_SYSTEM",
+            TokenError::SessionEnded => "SESSION_ENDED",
         }
     }
 }
