@@ -726,7 +726,8 @@ pub async fn parked(args: InboxArgs) -> anyhow::Result<()> {
     loop {
         let request = routing::ListParkedDeliveriesRequest {
             inbox: Some(args.inbox.clone()),
-            page_size: 1000,
+            // The largest page the platform serves.
+            page_size: i32::try_from(onestop_platform::paging::MAX_PAGE_SIZE).unwrap_or(100),
             page_token,
         };
         let page = client
