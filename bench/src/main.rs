@@ -14,13 +14,16 @@
 //! 5. The e-address ([`eaddress`]): a 1 GiB attachment up and down through the gateway with the
 //!    service's memory sampled, one message to 10,000 recipients until their evidence is
 //!    signed, and small messages a second.
+//! 6. Fairness ([`fairness`]): one member's calls at a steady rate, alone and while another
+//!    member floods the gateway with health watches or with new connections.
 //!
 //! Run with `cargo build --release --bin onestop -p onestop-bench && target/release/onestop-bench
-//! [SECONDS [proxies|validation|tokens|routing|eaddress [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
+//! [SECONDS [proxies|validation|tokens|routing|eaddress|fairness [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
 //! nginx and HAProxy come from `scripts/install-proxies`; a path whose proxy is missing is left
 //! out. Everything shares the machine's two cores; figures vary by some 10% from run to run.
 
 mod eaddress;
+mod fairness;
 mod proxies;
 mod routing;
 mod tokens;
@@ -153,6 +156,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_none() || only.as_deref() == Some("eaddress") {
         eaddress::measure(seconds).await?;
+    }
+    if only.is_none() || only.as_deref() == Some("fairness") {
+        fairness::measure(seconds).await?;
     }
     Ok(())
 }

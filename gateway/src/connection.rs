@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Activity;
+use crate::limits::Paced;
 use crate::proxy::{Caller, Gateway};
 
 /// How long a refused connection may take to read its refusal before it is cut off.
@@ -74,6 +75,8 @@ impl Connections {
         let peer = stream.peer().clone();
         let caller = Arc::new(Caller::new(&peer.identity, peer.cert.clone(), &gateway));
         let admitted = caller.is_admitted();
+        // A stranger's connection carries one call and is never held.
+        let pace = caller.pace().unwrap_or_default();
         let activity = Activity::new();
         let service = {
             let activity = activity.clone();
@@ -93,7 +96,7 @@ impl Connections {
         } else {
             &self.strangers
         };
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = builder.serve_connection(TokioIo::new(Paced::new(stream, pace)), service);
         let (first_request_timeout, idle_timeout) = (self.first_request_timeout, self.idle_timeout);
         let accepted = Instant::now();
         async move {

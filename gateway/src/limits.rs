@@ -3,13 +3,19 @@
 //! can take), and a cap on deadlines.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// The gRPC deadline header.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -19,6 +25,7 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub struct MemberRates {
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
     per_second: u32,
+    paces: Mutex<HashMap<Arc<str>, Arc<Pace>>>,
 }
 
 impl MemberRates {
@@ -29,6 +36,7 @@ impl MemberRates {
         Self {
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             per_second,
+            paces: Mutex::new(HashMap::new()),
         }
     }
 
@@ -46,9 +54,120 @@ impl MemberRates {
         self.per_second
     }
 
-    /// Forgets buckets that are full again, so that memory follows the active members.
+    /// The pace of an institution's connections, shared by all of them.
+    pub fn pace(&self, institution: &Arc<str>) -> Arc<Pace> {
+        let mut paces = self.paces.lock().unwrap_or_else(|p| p.into_inner());
+        paces.entry(institution.clone()).or_default().clone()
+    }
+
+    /// Forgets buckets that are full again, and paces no connection holds, so that memory
+    /// follows the active members.
     pub fn forget_idle(&self) {
         self.limiter.retain_recent();
+        let mut paces = self.paces.lock().unwrap_or_else(|p| p.into_inner());
+        paces.retain(|_, pace| Arc::strong_count(pace) > 1);
+    }
+}
+
+/// When a member institution's connections may be read again: set when the member is over its
+/// rate, so that a member flooding the gateway with calls it will only be refused is held back
+/// by TCP itself (its connections are not read until its bucket has a token again) instead of
+/// costing the gateway a refusal per call, which other members would pay for in latency.
+#[derive(Default)]
+pub struct Pace {
+    /// Nanoseconds after [`Pace::epoch`]; 0: not held.
+    until: AtomicU64,
+}
+
+impl Pace {
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    /// Holds the member's connections for `wait` from now (or longer, if already held longer).
+    pub fn hold(&self, wait: Duration) {
+        let until = (Instant::now() + wait).duration_since(Self::epoch());
+        let nanos = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX);
+        self.until.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// Until when the member's connections are held, if they are now.
+    pub fn held_until(&self) -> Option<Instant> {
+        let nanos = self.until.load(Ordering::Relaxed);
+        if nanos == 0 {
+            return None;
+        }
+        let until = Self::epoch() + Duration::from_nanos(nanos);
+        (until > Instant::now()).then_some(until)
+    }
+}
+
+/// A connection read only when its member is not held by its [`Pace`].
+pub struct Paced<S> {
+    inner: S,
+    pace: Arc<Pace>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Paced<S> {
+    /// Wraps a connection of the member whose pace is `pace`.
+    pub fn new(inner: S, pace: Arc<Pace>) -> Self {
+        Self {
+            inner,
+            pace,
+            sleep: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Paced<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while let Some(until) = this.pace.held_until() {
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            ready!(sleep.as_mut().poll(cx));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Paced<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

@@ -97,6 +97,8 @@ struct Admitted {
     streams: Arc<Semaphore>,
     /// This connection's place among the institution's connections.
     _connection: OwnedSemaphorePermit,
+    /// When the institution's connections may be read again (held while over its rate).
+    pace: Arc<limits::Pace>,
 }
 
 impl Caller {
@@ -121,6 +123,11 @@ impl Caller {
             Ok(admitted) => admitted.name.clone(),
             Err(_) => Arc::from("none"),
         }
+    }
+
+    /// The pace of the member's connections, for a connection that may call.
+    pub fn pace(&self) -> Option<Arc<limits::Pace>> {
+        self.admitted.as_ref().ok().map(|a| a.pace.clone())
     }
 
     /// The connection's certificate.
@@ -159,6 +166,7 @@ impl Caller {
                     )
                 })?;
             Ok(Admitted {
+                pace: gateway.rates.pace(&institution),
                 name: member.to_string().into(),
                 calls: gateway.calls.of(&institution),
                 streams: gateway.streams.of(&institution),
@@ -389,6 +397,9 @@ impl Gateway {
         //    the gateway's own services included. Streams have a budget of their own, so that
         //    long-lived watches cannot crowd out calls.
         if let Err(wait) = self.rates.check(&admitted.institution) {
+            // Until a token is free, the member's connections are not read: a flood of calls
+            // that would only be refused waits in the member's own TCP buffers.
+            admitted.pace.hold(wait);
             return refused(
                 Code::ResourceExhausted,
                 "RATE_LIMITED",
