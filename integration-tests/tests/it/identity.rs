@@ -1289,6 +1289,12 @@ async fn logout_reaches_the_gateway_within_seconds(backend: Backend) {
     .await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert_eq!(reason(&status), "SESSION_ENDED", "{status:?}");
+    // Which sessions ended is for the platform's components, not for members.
+    let status = identity(&fed, CENTRE)
+        .list_ended_sessions(ListEndedSessionsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     // Another session goes on (once the member's rate, spent by the tries above, allows).
     let other = tokens(&other).access_token.clone();
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
