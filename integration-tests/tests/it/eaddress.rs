@@ -37,6 +37,7 @@ on_both_backends!(
     institutions_receive_their_messages_on_a_stream,
     notices_reach_smtp_and_survive_refusals,
     decisions_reach_the_applicants_mailbox_once,
+    control_characters_and_foreign_identifiers_are_refused_at_their_field,
 );
 
 const RESIDENT: &str = "lv:121282-11236";
@@ -1388,5 +1389,57 @@ async fn institutions_receive_their_messages_on_a_stream(backend: Backend) {
         [Event::Accepted, Event::Placed, Event::Retrieved]
     );
     drop(again);
+    fed.stop().await;
+}
+
+/// What the platform refuses anywhere is not stored here either: control characters (other
+/// than tab and line breaks) in a subject or body, an eIDAS identifier Latvia does not accept
+/// (`LV/LV/...`, or for another country) as a recipient; each at its field. The same letter
+/// without them is sent.
+async fn control_characters_and_foreign_identifiers_are_refused_at_their_field(backend: Backend) {
+    let World { fed, providers: _p } = world(backend).await;
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(INSTITUTION),
+        "onestop.eaddress.v1.MessageService",
+    )
+    .await;
+    let db = pool(&fed).await;
+    let token = resident_token(&fed, oidc::LV_RESIDENT).await;
+    activate(&fed, &token, "").await;
+    let mut institution = messages(&fed, INSTITUTION);
+    let refused_at = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        violations(&status)
+            .into_iter()
+            .map(|v| v.field)
+            .collect::<Vec<_>>()
+    };
+    let status = institution
+        .send_message(SendMessageRequest {
+            subject: "Lēmums\u{0}".into(),
+            body: "Jums \u{1b}[8mpiešķirta\u{1b}[0m pensija.".into(),
+            ..letter("controls", &[RESIDENT])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused_at(status), ["subject", "body"]);
+    let status = institution
+        .send_message(letter(
+            "eidas",
+            &["eidas:LV/LV/38001085718", "eidas:EE/FI/38001085718"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused_at(status), ["recipients[0]", "recipients[1]"]);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM messages").await, 0);
+    // Tab and line breaks are text.
+    institution
+        .send_message(SendMessageRequest {
+            body: "Lēmums:\r\n\tpiešķirta vecuma pensija.".into(),
+            ..letter("clean", &[RESIDENT])
+        })
+        .await
+        .unwrap();
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM messages").await, 1);
     fed.stop().await;
 }

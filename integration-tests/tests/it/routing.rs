@@ -43,6 +43,7 @@ on_both_backends!(
     the_inbox_stream_outlives_the_gateway_deadline_cap,
     a_desk_files_for_its_own_municipalitys_centres_only,
     an_application_is_about_the_person_filing_it,
+    control_characters_and_foreign_identifiers_are_refused_at_their_field,
 );
 
 const PENSION: &str = "vsaa-old-age-pension";
@@ -1374,5 +1375,133 @@ async fn an_application_is_about_the_person_filing_it(backend: Backend) {
         4,
         "only the accepted ones"
     );
+    fed.stop().await;
+}
+
+/// Text and identifiers the platform refuses anywhere are not stored here either: a control
+/// character (other than tab and line breaks) in form data, a status note or a service case's
+/// topic, and an eIDAS identifier Latvia does not accept (`LV/LV/...`) for the resident at the
+/// desk; each refused at its field.
+async fn control_characters_and_foreign_identifiers_are_refused_at_their_field(backend: Backend) {
+    let World { fed, providers: _p } = world(backend).await;
+    onestop_integration_tests::await_serving(
+        fed.gateway_client(CENTRE),
+        "onestop.routing.v1.ApplicationService",
+    )
+    .await;
+    let any = LevelOfAssurance::Unspecified;
+    let mut desk = applications(&fed, CENTRE);
+    let refused_at = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        violations(&status)
+            .into_iter()
+            .map(|v| v.field)
+            .collect::<Vec<_>>()
+    };
+
+    // Form data: a NUL (PostgreSQL's `jsonb` refuses it) and an escape sequence, each at its
+    // JSON Pointer; tab and line breaks are text.
+    let mut data: serde_json::Value = serde_json::from_str(&pension_data()).unwrap();
+    data["applicant"]["given_name"] = "Jānis\u{0}".into();
+    data["insurance_periods"][1]["employer"] = "\u{1b}[8mKolhozs".into();
+    data["insurance_periods"][0]["occupation"] = "noliktavas\tdarbinieks\r\n".into();
+    let status = desk
+        .submit_application(SubmitApplicationRequest {
+            data_json: data.to_string(),
+            ..submission("nul", "gulbene")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "INVALID_FORM_DATA", "{status:?}");
+    assert_eq!(
+        refused_at(status),
+        ["/applicant/given_name", "/insurance_periods/1/employer"]
+    );
+
+    // The resident at the desk named by an eIDAS identifier that Latvia itself issued.
+    let clerk = login(
+        &fed,
+        CENTRE,
+        "staff",
+        oidc::CLERK_GULBENE,
+        oidc::ACR_SUBSTANTIAL,
+        any,
+    )
+    .await
+    .unwrap();
+    let clerk_token = tokens(&clerk).access_token.clone();
+    let status = desk
+        .submit_application(bearer(
+            SubmitApplicationRequest {
+                paper_intake: Some(PaperIntake {
+                    resident: Some(PersonId {
+                        scheme: PersonIdScheme::Eidas as i32,
+                        value: "LV/LV/38001085718".into(),
+                    }),
+                    ..paper_intake(oidc::LV_RESIDENT_2_PERSONAL_CODE)
+                }),
+                ..submission("lv-lv", "gulbene")
+            },
+            &clerk_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused_at(status), ["paper_intake.resident.value"]);
+    assert_eq!(count(&fed, "applications").await, 0, "nothing stored");
+
+    // A status note.
+    let filed = submit_as_system(&fed, "clean").await;
+    let status = applications(&fed, INSTITUTION)
+        .update_application_status(UpdateApplicationStatusRequest {
+            request_id: "note".into(),
+            name: filed.application.clone(),
+            status: ApplicationStatus::Received as i32,
+            note: "Saņemts\u{0}".into(),
+            decision: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused_at(status), ["note"]);
+    assert_eq!(count(&fed, "status_changes").await, 1, "only SUBMITTED");
+
+    // A service case's topic.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let status = ServiceCaseServiceClient::new(fed.gateway_client(CENTRE))
+        .register_service_case(bearer(
+            RegisterServiceCaseRequest {
+                request_id: "topic".into(),
+                service_case: Some(ServiceCase {
+                    topic: "Pensijas\u{7} vecums".into(),
+                    channel: ContactChannel::InPerson as i32,
+                    kind: CaseKind::Consultation as i32,
+                    start_time: Some(prost_types::Timestamp {
+                        seconds: now - 600,
+                        nanos: 0,
+                    }),
+                    end_time: Some(prost_types::Timestamp {
+                        seconds: now - 300,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+            },
+            &clerk_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused_at(status), ["service_case.topic"]);
+    assert_eq!(count(&fed, "service_cases").await, 0);
+
+    // Tab and line breaks pass.
+    desk.submit_application(SubmitApplicationRequest {
+        data_json: {
+            data["applicant"]["given_name"] = "Jānis".into();
+            data["insurance_periods"][1]["employer"] = "Kolhozs".into();
+            data.to_string()
+        },
+        ..submission("clean-2", "gulbene")
+    })
+    .await
+    .unwrap();
     fed.stop().await;
 }

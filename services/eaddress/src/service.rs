@@ -669,6 +669,11 @@ impl Eaddress {
                 format!("at most {MAX_BODY_CHARS} characters"),
             ));
         }
+        for (field, value) in [("subject", &out.subject), ("body", &out.body)] {
+            if let Err(why) = onestop_platform::text::check(value) {
+                violations.push((field.to_owned(), why.to_owned()));
+            }
+        }
         if let Err(EaddressError::Invalid(mut v)) =
             check_token("document_type", &out.document_type, 64)
         {
@@ -709,6 +714,8 @@ impl Eaddress {
             {
                 violations.append(&mut v);
             }
+            // A file name is one line: no control character at all, tab and line breaks
+            // included (stricter than [`onestop_platform::text::check`]).
             if name.is_empty()
                 || name.chars().count() > 255
                 || name.contains('/')

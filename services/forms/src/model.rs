@@ -203,6 +203,7 @@ pub fn check_text(what: &str, text: &Localized, required: bool) -> Result<(), St
                 "{what}.{language} is longer than {MAX_TEXT_CHARS} characters"
             ));
         }
+        onestop_platform::text::check(value).map_err(|why| format!("{what}.{language} {why}"))?;
     }
     Ok(())
 }

@@ -477,7 +477,17 @@ impl Registry {
                         error,
                     }
                 })?;
-            Ok::<_, FormsError>(compiled.validate(&document))
+            let mut violations = compiled.validate(&document);
+            // Whatever the schema allows, no string holds a control character (other than tab
+            // and line breaks): the platform's rule for every text.
+            violations.extend(
+                onestop_platform::text::json_control_characters(&document)
+                    .into_iter()
+                    .map(schema::control_character),
+            );
+            violations.sort_by(|a, b| a.pointer.cmp(&b.pointer));
+            violations.truncate(schema::MAX_VIOLATIONS);
+            Ok::<_, FormsError>(violations)
         };
         let violations = if data_json.len() <= HEAVY_DOCUMENT_BYTES {
             check(data_json, &validator.compiled)?

@@ -468,6 +468,17 @@ fn misplaced_subject_mark(schema: &Value) -> Option<Violation> {
     })
 }
 
+/// The violation of a string of the data (or an object's key) holding a control character
+/// other than tab and line breaks (see [`onestop_platform::text`]).
+pub fn control_character(pointer: String) -> Violation {
+    Violation {
+        pointer,
+        reason: "CONTROL_CHARACTER",
+        en: format!("the text {}", onestop_platform::text::CONTROL_CHARACTER),
+        lv: "tekstā ir vadības rakstzīme: atļauta tikai tabulācija un rindas pārnese".into(),
+    }
+}
+
 /// Appends `name` to a JSON Pointer, escaping `~` and `/`.
 pub(crate) fn child(pointer: &str, name: &str) -> String {
     format!("{pointer}/{}", name.replace('~', "~0").replace('/', "~1"))

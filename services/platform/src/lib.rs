@@ -5,7 +5,8 @@
 //! Layout, from the bottom up: [`identity`] (SPIFFE identities) → [`pki`] and [`tls`]
 //! (certificates, rustls) → [`accept`] (admitting connections) → [`caller`] (who calls a service) → [`server`]
 //! (serving) and [`client`] (calling) with [`config`], [`telemetry`], [`metrics`], [`db`], [`requests`], [`paging`], [`status`], [`failure`] (a service's errors as statuses), [`streams`] and [`inbox`] (consumer streams of
-//! deliveries) beside them.
+//! deliveries), [`person`] (the one parser of people's identifiers) and [`text`] (what text
+//! fields may hold) beside them.
 
 pub mod accept;
 pub mod caller;
@@ -27,6 +28,7 @@ pub mod server;
 pub mod status;
 pub mod streams;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod tokens;
 

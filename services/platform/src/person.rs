@@ -112,6 +112,11 @@ pub const MAX_EIDAS_IDENTIFIER: usize = 256;
 
 /// An eIDAS person identifier, `CC/DD/identifier`: the country that identified the person, the
 /// country receiving the identification, and the identifier itself.
+///
+/// [`EidasId::parse`] is the platform's one reading of such an identifier, wherever one enters
+/// (a login, a paper intake, a mandate, an e-address, form data): the receiving country is
+/// always Latvia, and the identifying country never is, since a person Latvia identifies has a
+/// personal code (one person, one subject).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EidasId {
     /// The identifying (nationality) country, two capital letters.
@@ -140,6 +145,12 @@ impl EidasId {
         let country = |c: &str| c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase());
         if !country(origin) || !country(destination) {
             return wrong("the countries are two capital letters each");
+        }
+        if destination != "LV" {
+            return wrong("only identifications for Latvia (CC/LV/...) are accepted");
+        }
+        if origin == "LV" {
+            return wrong("a person Latvia identifies is named by their personal code");
         }
         if identifier.is_empty()
             || identifier.len() > MAX_EIDAS_IDENTIFIER
@@ -205,7 +216,11 @@ mod tests {
             "ee/LV/1",
             "EST/LV/1",
             "EE/LV/a b",
+            "EE/LV/a\u{0}",
             "",
+            // Only other countries' identifications, for Latvia.
+            "LV/LV/38001085718",
+            "EE/FI/38001085718",
         ] {
             assert!(EidasId::parse(bad).is_err(), "{bad}");
         }

@@ -199,6 +199,8 @@ fn text(violations: &mut Vec<(String, String)>, field: &str, value: &str, requir
             field.into(),
             format!("is longer than {MAX_TEXT_CHARS} characters"),
         ));
+    } else if let Err(why) = onestop_platform::text::check(value) {
+        violations.push((field.into(), why.into()));
     }
 }
 

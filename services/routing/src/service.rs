@@ -875,6 +875,9 @@ impl Routing {
             });
         }
         let mut violations = Vec::new();
+        if let Err(why) = onestop_platform::text::check(&case.topic) {
+            violations.push(("service_case.topic".into(), why.into()));
+        }
         if case.service_id.is_empty() {
             if case.topic.trim().is_empty() || case.topic.chars().count() > 200 {
                 violations.push((
@@ -1100,6 +1103,9 @@ fn check_step(step: &StatusStep) -> Result<(), RoutingError> {
             format!("is longer than {MAX_NOTE_CHARS} characters"),
         ));
     }
+    if let Err(why) = onestop_platform::text::check(&step.note) {
+        violations.push(("note".into(), why.into()));
+    }
     if let Some((title, media_type, content)) = &step.decision {
         if step.status != Status::Decided {
             violations.push((
@@ -1109,6 +1115,14 @@ fn check_step(step: &StatusStep) -> Result<(), RoutingError> {
         }
         if title.trim().is_empty() || title.chars().count() > 500 {
             violations.push(("decision.title".into(), "must be 1-500 characters".into()));
+        }
+        for (field, value) in [
+            ("decision.title", title),
+            ("decision.media_type", media_type),
+        ] {
+            if let Err(why) = onestop_platform::text::check(value) {
+                violations.push((field.into(), why.into()));
+            }
         }
         if media_type.is_empty() || media_type.len() > 100 || !media_type.contains('/') {
             violations.push((
