@@ -124,6 +124,8 @@ pub struct Federation {
     /// Cancel to stop everything.
     pub shutdown: CancellationToken,
     servers: JoinSet<(&'static str, anyhow::Result<()>)>,
+    /// Stops the admin listener when the federation is dropped, after its servers drained.
+    _admin_stop: tokio_util::sync::DropGuard,
 }
 
 /// The policy file of a data directory, written when missing with the header and each
@@ -173,6 +175,9 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     let shutdown = CancellationToken::new();
     let mut servers = JoinSet::new();
     // One admin listener for the process: every server in it reports into the same registry.
+    // It outlives the shutdown's drain (stopped when the federation is dropped), so that
+    // `/readyz` answers 503 while the servers drain instead of refusing connections.
+    let admin_stop = CancellationToken::new();
     let admin = match options.admin {
         Some(address) => {
             let listener = TcpListener::bind(address)
@@ -181,7 +186,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             let bound = listener.local_addr()?;
             tokio::spawn(onestop_platform::metrics::serve_admin(
                 listener,
-                shutdown.clone(),
+                admin_stop.clone(),
             ));
             Some(bound)
         }
@@ -280,6 +285,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
         admin,
         shutdown,
         servers,
+        _admin_stop: admin_stop.drop_guard(),
     })
 }
 

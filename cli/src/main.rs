@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use onestop_cli::federation::{self, Options};
 use onestop_cli::pki::{self, Subject};
 use onestop_cli::services;
-use onestop_cli::{client, devlogin, mail};
+use onestop_cli::{client, devlogin, mail, session};
 use onestop_platform::config::{self, TelemetryConfig, default_trust_domain};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,7 @@ enum Command {
     /// Run one service from a configuration file (ONESTOP__<SECTION>__<KEY> variables override,
     /// `__` between levels: ONESTOP__SERVER__LIMITS__MAX_CONNECTIONS).
     Serve {
-        /// `gateway`, or a service: `forms`, `identity`, `routing`.
+        /// `gateway`, or a service: `forms`, `identity`, `eaddress`, `routing`.
         service: String,
         /// The TOML configuration file.
         #[arg(long)]
@@ -89,8 +89,11 @@ enum Command {
         command: client::StatsCommand,
     },
     /// Log a person in at the development OpenID providers (`scripts/dev-oidc`) and print their
-    /// platform token, for `--token` or `ONESTOP_TOKEN`.
+    /// platform token, for `--token` or `ONESTOP_TOKEN`; the session is kept in `--sessions`, and
+    /// commands given that token renew it as it expires.
     Login(devlogin::LoginArgs),
+    /// End the session `onestop login` kept for the token given (`--token` or `ONESTOP_TOKEN`).
+    Logout(devlogin::LogoutArgs),
     /// A mailbox of the e-address: activate it, show it, look up who has one.
     Mailbox {
         #[command(subcommand)]
@@ -166,7 +169,21 @@ enum PkiCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let mut result = run(Cli::parse());
+    // Refused as expired although the kept session said otherwise (clocks apart): renew it and
+    // run the command once more (the refused call did nothing).
+    if let Err(error) = &result
+        && client::CallFailed::token_expired(error)
+    {
+        match runtime().and_then(|runtime| runtime.block_on(session::renew_after_refusal())) {
+            Ok(true) => result = run(Cli::parse()),
+            Ok(false) => {}
+            Err(renewing) => {
+                let _ = writeln!(std::io::stderr(), "onestop: {renewing:#}");
+            }
+        }
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             let _ = writeln!(std::io::stderr(), "onestop: {error:#}");
@@ -228,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { command } => runtime()?.block_on(client::status(command)),
         Command::Stats { command } => runtime()?.block_on(client::stats(command)),
         Command::Login(args) => runtime()?.block_on(devlogin::login(args)),
+        Command::Logout(args) => runtime()?.block_on(devlogin::logout(args)),
         Command::Mailbox { command } => runtime()?.block_on(mail::mailbox(command)),
         Command::Message { command } => runtime()?.block_on(mail::message(command)),
         Command::Evidence { command } => runtime()?.block_on(mail::evidence(command)),
@@ -355,14 +373,15 @@ where
         .with_context(|| format!("binding {listen}"))?;
     tracing::info!(address = %listen, "{name} listening");
     let shutdown = CancellationToken::new();
+    // The admin listener outlives the shutdown's drain, so that `/readyz` answers 503 while the
+    // server drains instead of refusing connections.
+    let admin_stop = CancellationToken::new();
+    let _admin_stopped = admin_stop.clone().drop_guard();
     if let Some(admin) = admin {
         let listener = TcpListener::bind(admin)
             .await
             .with_context(|| format!("binding the admin listener to {admin}"))?;
-        tokio::spawn(onestop_platform::metrics::serve_admin(
-            listener,
-            shutdown.clone(),
-        ));
+        tokio::spawn(onestop_platform::metrics::serve_admin(listener, admin_stop));
     }
     cancel_on_signal(shutdown.clone());
     let result = serve(listener, shutdown).await;
@@ -378,5 +397,24 @@ mod tests {
     fn the_commands_are_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// `onestop serve --help` names every service it can run.
+    #[test]
+    fn serve_names_every_service() {
+        use clap::CommandFactory;
+        let mut cli = super::Cli::command();
+        let help = cli
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for service in onestop_cli::services::all() {
+            assert!(
+                help.contains(&format!("`{}`", service.name)),
+                "{} is not named in {help}",
+                service.name
+            );
+        }
     }
 }

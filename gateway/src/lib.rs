@@ -240,6 +240,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let limits = config.server.limits;
+    // Registered now, so that `/metrics` shows the gateway's families before the first call.
+    metrics::gateway();
     let policy_file = config.gateway.policy.clone();
     let policy = Arc::new(Reloading::new(
         "access policy",

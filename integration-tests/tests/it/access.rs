@@ -245,11 +245,9 @@ async fn a_right_withdrawn_from_the_policy_ends_the_members_streams() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(reason(&status), "ACCESS_DENIED", "{status:?}");
     let (_again, requests) = mpsc::channel::<EchoRequest>(1);
-    let status = echo
-        .bidi(ReceiverStream::new(requests))
-        .await
-        .err()
-        .expect("a new stream is refused");
+    let Err(status) = echo.bidi(ReceiverStream::new(requests)).await else {
+        panic!("a new stream is refused");
+    };
     assert_eq!(reason(&status), "ACCESS_DENIED", "{status:?}");
     echo.unary(EchoRequest::default())
         .await

@@ -826,6 +826,58 @@ async fn metrics_move_as_calls_are_made() {
     fed.stop().await;
 }
 
+/// While the federation drains on shutdown, `/readyz` answers 503 (so that a load balancer
+/// stops sending calls) instead of the admin listener going away with the first signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_not_ready_while_the_servers_drain() {
+    use onestop_integration_tests::http_get;
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.admin = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = fed.admin.expect("an admin listener");
+    // A client stream never finished holds the drain open.
+    let mut echo = EchoServiceClient::new(fed.gateway_client(INSTITUTION));
+    let (sender, messages) = tokio::sync::mpsc::channel(1);
+    sender.send(EchoRequest::default()).await.unwrap();
+    let held = tokio::spawn(async move {
+        echo.client_stream(tokio_stream::wrappers::ReceiverStream::new(messages))
+            .await
+    });
+    // In flight at the service (health watches are not counted there).
+    let in_flight = async {
+        loop {
+            let (_, metrics) = http_get(admin, "/metrics").await;
+            if onestop_integration_tests::sample(&metrics, "onestop_server_calls_in_flight") >= 1.0
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the stream reaches the service within 10 s");
+    let stopping = tokio::spawn(fed.stop());
+    let not_ready = async {
+        loop {
+            let (status, body) = http_get(admin, "/readyz").await;
+            if status == 503 {
+                return body;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let body = tokio::time::timeout(Duration::from_secs(10), not_ready)
+        .await
+        .expect("503 within 10 s");
+    assert!(body.starts_with("not ready"), "{body}");
+    assert!(!stopping.is_finished(), "still draining");
+    drop(sender);
+    let _ = held.await;
+    stopping.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_still_running_when_the_drain_ends_is_answered_and_serve_returns() {
     use onestop_integration_tests::echo::{HANG, HANGING};

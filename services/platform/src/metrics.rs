@@ -80,6 +80,9 @@ fn durations() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// The path of the health watch, which `calls_in_flight` leaves out.
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
 /// Calls counted, timed and gauged under one name prefix.
 pub struct Calls {
     total: Family<CallLabels, Counter>,
@@ -116,12 +119,18 @@ impl Calls {
 
     /// Starts counting a call to `path` (`/package.Service/Method`).
     pub fn start(&'static self, path: &str) -> CallRecord {
-        self.in_flight.inc();
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or(("unknown", "unknown"));
+        // A health watch is held open for as long as its watcher runs (the gateway holds one on
+        // every service): it is not work in flight, and would keep the gauge above zero.
+        let in_flight = path != HEALTH_WATCH;
+        if in_flight {
+            self.in_flight.inc();
+        }
         CallRecord {
+            in_flight,
             calls: self,
             service: service.to_owned(),
             method: method.to_owned(),
@@ -141,6 +150,8 @@ impl Calls {
 /// was: the call was cut off).
 pub struct CallRecord {
     calls: &'static Calls,
+    /// Whether the call counts in `calls_in_flight`.
+    in_flight: bool,
     service: String,
     method: String,
     started: Instant,
@@ -203,7 +214,9 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 impl Drop for CallRecord {
     fn drop(&mut self) {
         let calls = self.calls;
-        calls.in_flight.dec();
+        if self.in_flight {
+            calls.in_flight.dec();
+        }
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         if code == tonic::Code::Unimplemented {
             self.unknown_method();

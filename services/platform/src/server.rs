@@ -269,6 +269,8 @@ pub async fn serve(
     } = services;
     let limits = config.limits;
     let gateway = gateway_identity(config)?;
+    // Registered now, so that `/metrics` shows the call families (at zero) before the first call.
+    crate::metrics::Calls::server();
     // Cancelled when the drain time is up: calls still running are answered then.
     let drained = CancellationToken::new();
     let tls = ServerTls::load(&config.tls, ClientAuth::Required)?;
