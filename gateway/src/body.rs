@@ -117,6 +117,12 @@ impl<B> Guarded<B> {
     }
 }
 
+/// A duration in milliseconds, to whole microseconds: a log line shows `1234.567`, not fifteen
+/// digits of floating-point noise.
+fn millis(took: Duration) -> f64 {
+    took.as_micros() as f64 / 1000.0
+}
+
 impl<B> Drop for Guarded<B> {
     fn drop(&mut self) {
         // The call's one line; its metrics are recorded as the body drops, right after.
@@ -131,7 +137,7 @@ impl<B> Drop for Guarded<B> {
             member = %self.member,
             method = %format_args!("{service}/{method}"),
             status = code,
-            duration_ms = took.as_secs_f64() * 1000.0,
+            duration_ms = millis(took),
             trace_id,
             "call"
         );
@@ -340,6 +346,14 @@ mod tests {
                 .sum();
             assert_eq!(started, 4, "in chunks of {chunk}");
         }
+    }
+
+    #[test]
+    fn durations_are_logged_to_the_microsecond() {
+        let took = std::time::Duration::from_nanos(1_234_567_891);
+        assert_eq!(super::millis(took).to_string(), "1234.567");
+        let took = std::time::Duration::from_nanos(100_001);
+        assert_eq!(super::millis(took).to_string(), "0.1");
     }
 
     #[test]
