@@ -342,12 +342,7 @@ async fn small_messages(fed: &Federation, seconds: u64) -> anyhow::Result<()> {
 
 /// The whole measurement.
 pub async fn measure(seconds: u64) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("onestop");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release --bin onestop)",
-        binary.display()
-    );
+    let binary = crate::proxies::onestop_binary()?;
     let fed = start(&binary).await?;
     let mut messages = MessageServiceClient::new(channel(&fed.gateway, &fed.pki, "institution")?)
         .max_decoding_message_size(4 << 20);

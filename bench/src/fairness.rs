@@ -29,12 +29,7 @@ const FLOOD_CONNECTIONS: usize = 8;
 
 /// Runs the measurement, `seconds` per part.
 pub async fn measure(seconds: u64) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("onestop");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release --bin onestop)",
-        binary.display()
-    );
+    let binary = crate::proxies::onestop_binary()?;
     let dir = tempfile::tempdir()?;
     let (_up, gateway) = up(&binary, dir.path()).await?;
     let pki = dir.path().join("pki");

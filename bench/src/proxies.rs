@@ -109,6 +109,17 @@ fn own_cpu_seconds() -> f64 {
     (field(11) + field(12)) / 100.0
 }
 
+/// The `onestop` binary built beside this one, which the benchmarks run their servers with.
+pub(crate) fn onestop_binary() -> anyhow::Result<PathBuf> {
+    let binary = std::env::current_exe()?.with_file_name("onestop");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build --release --bin onestop)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -271,12 +282,7 @@ async fn round(
 
 /// Runs the comparison: `rounds` rounds of `seconds` per path.
 pub async fn compare(seconds: u64, rounds: u32) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("onestop");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release --bin onestop)",
-        binary.display()
-    );
+    let binary = onestop_binary()?;
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     let pki_arg = pki.to_string_lossy().into_owned();

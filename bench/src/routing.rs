@@ -420,12 +420,7 @@ async fn idle_streams(fed: &Federation, streams: usize) -> anyhow::Result<()> {
 
 /// The whole measurement.
 pub async fn measure(seconds: u64) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("onestop");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release --bin onestop)",
-        binary.display()
-    );
+    let binary = crate::proxies::onestop_binary()?;
     say(&format!(
         "\nApplications end to end (submit through the gateway, validate, store, route, stream to {CONSUMERS} \
          consumers, ack), {seconds} s each; times in ms:"
