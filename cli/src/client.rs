@@ -61,9 +61,18 @@ pub struct Connection {
     /// The CA certificate (PEM), instead of `<PKI>/ca.pem`.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// A person's platform token, sent as `authorization: Bearer <TOKEN>` on every call.
+    /// A person's platform token, sent as `authorization: Bearer <TOKEN>` on every call. For
+    /// the token `onestop login` printed, the session it kept in `--sessions` is renewed as
+    /// needed and its current token sent.
     #[arg(long, env = "ONESTOP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Where `onestop login` keeps sessions (one file each, readable by the owner only).
+    #[arg(
+        long,
+        env = "ONESTOP_SESSIONS",
+        default_value = "onestop-data/sessions"
+    )]
+    sessions: PathBuf,
 }
 
 /// Adds the person's token to every call: the gateway checks it on each one, streams included.
@@ -103,8 +112,19 @@ impl Connection {
         files
     }
 
-    /// Opens a lazily connecting channel, set up the way every platform client is.
-    pub fn open(&self) -> anyhow::Result<Gateway> {
+    /// The person's token given, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Where `onestop login` keeps sessions.
+    pub fn sessions_dir(&self) -> &Path {
+        &self.sessions
+    }
+
+    /// A lazily connecting channel without the person's token, set up the way every platform
+    /// client is.
+    pub fn channel(&self) -> anyhow::Result<Channel> {
         let files = self.files();
         let material = TlsMaterial::load(&files)
             .with_context(|| format!("loading the member certificate {}", files.cert.display()))?;
@@ -115,9 +135,18 @@ impl Connection {
             config,
             Duration::from_secs(30),
         )?;
-        let token = self
-            .token
-            .as_ref()
+        Ok(channel)
+    }
+
+    /// A channel that carries the person's token, when one is given: that of the session
+    /// `onestop login` kept for it, renewed first when it is about to expire.
+    pub async fn open(&self) -> anyhow::Result<Gateway> {
+        let channel = self.channel()?;
+        let token = match &self.token {
+            Some(given) => Some(crate::session::current_token(self, given).await?),
+            None => None,
+        };
+        let token = token
             .map(|token| format!("Bearer {token}").parse::<AsciiMetadataValue>())
             .transpose()
             .context("the token is not printable ASCII")?;
@@ -165,9 +194,39 @@ fn code_name(code: tonic::Code) -> String {
     name
 }
 
+/// A failed call, described, with its stable reason.
+#[derive(Debug)]
+pub struct CallFailed {
+    text: String,
+    reason: Option<String>,
+}
+
+impl std::fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for CallFailed {}
+
+impl CallFailed {
+    /// Whether a command failed because the gateway refused the person's token as expired.
+    pub fn token_expired(error: &anyhow::Error) -> bool {
+        error.chain().any(|cause| {
+            cause
+                .downcast_ref::<CallFailed>()
+                .is_some_and(|failed| failed.reason.as_deref() == Some("TOKEN_EXPIRED"))
+        })
+    }
+}
+
 /// A failed call as the command's error; `main` prints it to standard error and exits with 1.
 pub(crate) fn failed(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(describe(&status))
+    let reason = status.get_details_error_info().map(|info| info.reason);
+    anyhow::Error::new(CallFailed {
+        text: describe(&status),
+        reason,
+    })
 }
 
 /// Writes one line to standard output and flushes it, so that a program reading the pipe sees
@@ -494,7 +553,7 @@ fn read_object(path: &Path) -> anyhow::Result<String> {
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let data_json = read_object(&args.data)?;
     let paper_intake = args.paper.intake()?;
-    let mut client = ApplicationServiceClient::new(args.connection.open()?);
+    let mut client = ApplicationServiceClient::new(args.connection.open().await?);
     let request = routing::SubmitApplicationRequest {
         request_id: request_id(args.request_id),
         service_id: args.service,
@@ -649,7 +708,7 @@ impl Consumer {
 /// `onestop inbox consume`: until `--count` deliveries, Ctrl-C or SIGTERM. Dropping the stream
 /// ends it; whatever was not acknowledged goes back to the inbox at once.
 pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let mut client = InboxServiceClient::new(args.target.connection.open()?);
+    let mut client = InboxServiceClient::new(args.target.connection.open().await?);
     let (requests, receiver) = mpsc::channel(16);
     // No more in flight than will be printed, so that fewer are delivered only to go back.
     let window = args.count.map_or(args.max_unacknowledged, |count| {
@@ -692,7 +751,7 @@ pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
 
 /// `onestop inbox pull`.
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let mut client = InboxServiceClient::new(args.target.connection.open()?);
+    let mut client = InboxServiceClient::new(args.target.connection.open().await?);
     let inbox = args.target.inbox;
     let request = routing::PullDeliveriesRequest {
         inbox: Some(inbox.clone()),
@@ -721,7 +780,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
 
 /// `onestop inbox parked`: every page.
 pub async fn parked(args: InboxArgs) -> anyhow::Result<()> {
-    let mut client = InboxServiceClient::new(args.connection.open()?);
+    let mut client = InboxServiceClient::new(args.connection.open().await?);
     let mut page_token = String::new();
     loop {
         let request = routing::ListParkedDeliveriesRequest {
@@ -753,7 +812,7 @@ pub async fn parked(args: InboxArgs) -> anyhow::Result<()> {
 
 /// `onestop inbox release`: prints each id released; says which were not parked here.
 pub async fn release(args: ReleaseArgs) -> anyhow::Result<()> {
-    let mut client = InboxServiceClient::new(args.target.connection.open()?);
+    let mut client = InboxServiceClient::new(args.target.connection.open().await?);
     let request = routing::ReleaseParkedDeliveriesRequest {
         inbox: Some(args.target.inbox),
         delivery_ids: args.delivery_ids.clone(),
@@ -873,7 +932,7 @@ pub async fn status(command: StatusCommand) -> anyhow::Result<()> {
 /// `onestop status set`.
 async fn set_status(args: StatusSetArgs) -> anyhow::Result<()> {
     let decision = args.decision()?;
-    let mut client = ApplicationServiceClient::new(args.connection.open()?);
+    let mut client = ApplicationServiceClient::new(args.connection.open().await?);
     let request = routing::UpdateApplicationStatusRequest {
         request_id: request_id(args.request_id),
         name: application_name(&args.application),
@@ -891,7 +950,7 @@ async fn set_status(args: StatusSetArgs) -> anyhow::Result<()> {
 
 /// `onestop status get`.
 async fn get_status(args: StatusGetArgs) -> anyhow::Result<()> {
-    let mut client = ApplicationServiceClient::new(args.connection.open()?);
+    let mut client = ApplicationServiceClient::new(args.connection.open().await?);
     let request = routing::GetApplicationRequest {
         name: application_name(&args.application),
     };
@@ -969,9 +1028,10 @@ pub struct ExportArgs {
     /// Cases starting at or after this: RFC 3339, or YYYY-MM-DD (midnight UTC).
     #[arg(long, value_parser = parse_time)]
     from: OffsetDateTime,
-    /// Cases starting before this (at most 366 days after `--from`): RFC 3339, or YYYY-MM-DD.
+    /// Cases starting before this (at most 366 days after `--from`): RFC 3339, or YYYY-MM-DD;
+    /// now when not given.
     #[arg(long, value_parser = parse_time)]
-    to: OffsetDateTime,
+    to: Option<OffsetDateTime>,
     /// Group by these, comma-separated; none gives one total row.
     #[arg(long, value_enum, value_delimiter = ',')]
     group_by: Vec<Dimension>,
@@ -1007,22 +1067,34 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let mut dimensions = args.group_by.clone();
     dimensions.sort();
     dimensions.dedup();
-    let mut client = ServiceCaseServiceClient::new(args.connection.open()?);
+    let mut client = ServiceCaseServiceClient::new(args.connection.open().await?);
     let request = routing::GetServiceCaseStatisticsRequest {
         start_time: Some(timestamp(args.from)),
-        end_time: Some(timestamp(args.to)),
+        end_time: Some(timestamp(args.to.unwrap_or_else(OffsetDateTime::now_utc))),
         group_by: dimensions.iter().map(|d| d.contract().into()).collect(),
     };
     let answer = client
         .get_service_case_statistics(request)
         .await
         .map_err(failed)?;
-    let rows = answer.into_inner().rows;
+    let rows = with_total(&dimensions, answer.into_inner().rows);
     if args.csv {
         write_csv(&dimensions, &rows)
     } else {
         write_json_lines(&dimensions, &rows)
     }
+}
+
+/// The rows, and without grouping always the one total row, of zero cases when there were none
+/// (the platform returns no groups then), so that a script reads a count either way.
+fn with_total(
+    dimensions: &[Dimension],
+    mut rows: Vec<routing::StatisticsRow>,
+) -> Vec<routing::StatisticsRow> {
+    if dimensions.is_empty() && rows.is_empty() {
+        rows.push(routing::StatisticsRow::default());
+    }
+    rows
 }
 
 /// The rows as CSV with a header row.
@@ -1156,6 +1228,19 @@ mod tests {
         for bad in ["", "GOV", "GOV//x", "/VSAA/x", "GOV/VSAA/a/b"] {
             assert!(parse_member(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn without_grouping_there_is_always_a_total_row() {
+        let total = with_total(&[], Vec::new());
+        assert_eq!(total.len(), 1);
+        assert_eq!((total[0].cases, total[0].total_duration_seconds), (0, 0));
+        assert!(with_total(&[Dimension::Centre], Vec::new()).is_empty());
+        let one = routing::StatisticsRow {
+            cases: 3,
+            ..Default::default()
+        };
+        assert_eq!(with_total(&[], vec![one.clone()]), vec![one]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use reqwest::Url;
 use reqwest::redirect::Policy;
 
 use crate::client::{Connection, failed, note};
+use crate::session::{self, Session};
 
 /// How long one page may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -199,10 +200,13 @@ pub struct LoginArgs {
     redirect_uri: String,
 }
 
-/// Logs in and prints the access token on standard output (the person on standard error).
+/// Logs in and prints the access token on standard output (who logged in, and where the
+/// session is kept, on standard error). The session goes to `--sessions`, so that commands
+/// given the printed token renew it for as long as the session lasts.
 pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    // Logging in carries no person's token, whatever ONESTOP_TOKEN holds.
     let mut client =
-        identity::identity_service_client::IdentityServiceClient::new(args.connection.open()?);
+        identity::identity_service_client::IdentityServiceClient::new(args.connection.channel()?);
     let started = client
         .start_login(identity::StartLoginRequest {
             provider_id: args.provider,
@@ -239,26 +243,139 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         .map_err(failed)?
         .into_inner();
     if let Some(person) = &done.person {
-        let id = match &person.subject {
-            Some(identity::person::Subject::Resident(id)) => id.value.clone(),
-            Some(identity::person::Subject::Staff(staff)) => staff.staff_id.clone(),
-            None => String::new(),
-        };
-        note(&format!(
-            "logged in: {} {} ({id}) at level {}",
-            person.given_name,
-            person.family_name,
-            identity::LevelOfAssurance::try_from(person.level)
-                .map(|l| l
-                    .as_str_name()
-                    .trim_start_matches("LEVEL_OF_ASSURANCE_")
-                    .to_ascii_lowercase())
-                .unwrap_or_default()
-        ));
+        note(&format!("logged in: {}", who(person)));
     }
-    let token = done
-        .tokens
-        .map(|t| t.access_token)
-        .context("no tokens in the answer")?;
-    crate::client::emit(&token)
+    let tokens = done.tokens.context("no tokens in the answer")?;
+    let session = Session::from_tokens(&tokens)?;
+    let kept = session::keep(
+        args.connection.sessions_dir(),
+        &tokens.access_token,
+        &session,
+    )?;
+    note(&format!(
+        "session kept in {} until {}: commands given this token renew it as it expires",
+        kept.display(),
+        session
+            .session_expire_time
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    ));
+    crate::client::emit(&tokens.access_token)
+}
+
+/// `onestop logout`.
+#[derive(clap::Args)]
+pub struct LogoutArgs {
+    /// How to reach the gateway, as the front end that logged the person in, and the token
+    /// `onestop login` printed (`--token` or `ONESTOP_TOKEN`).
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Ends the session `onestop login` kept for the given token, at identity and on disk.
+pub async fn logout(args: LogoutArgs) -> anyhow::Result<()> {
+    let Some(token) = args.connection.token() else {
+        bail!("name the token `onestop login` printed: --token or ONESTOP_TOKEN");
+    };
+    let path = session::file_of(args.connection.sessions_dir(), token);
+    if !path.exists() {
+        bail!(
+            "no session is kept for this token in {}",
+            args.connection.sessions_dir().display()
+        );
+    }
+    let kept = session::read_kept(&path)?;
+    let mut client =
+        identity::identity_service_client::IdentityServiceClient::new(args.connection.channel()?);
+    // Fields the contract may gain keep their defaults.
+    #[allow(clippy::needless_update)]
+    let request = identity::LogoutRequest {
+        refresh_token: kept.refresh_token,
+        ..Default::default()
+    };
+    client.logout(request).await.map_err(failed)?;
+    session::forget(&path)?;
+    note("logged out: the session has ended");
+    Ok(())
+}
+
+/// Who logged in, in words: a resident by name and personal code, staff (whom the staff
+/// provider names by id only) by id, institution, centre and roles; and the level.
+fn who(person: &identity::Person) -> String {
+    let level = identity::LevelOfAssurance::try_from(person.level)
+        .map(|l| {
+            l.as_str_name()
+                .trim_start_matches("LEVEL_OF_ASSURANCE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let name = format!("{} {}", person.given_name, person.family_name);
+    let name = name.trim();
+    let described = match &person.subject {
+        Some(identity::person::Subject::Resident(id)) => {
+            format!("{name} ({})", id.value)
+        }
+        Some(identity::person::Subject::Staff(staff)) => {
+            let mut text = if name.is_empty() {
+                format!("staff {}", staff.staff_id)
+            } else {
+                format!("{name} (staff {})", staff.staff_id)
+            };
+            if let Some(institution) = &staff.institution {
+                text.push_str(&format!(
+                    " of {}",
+                    crate::client::format_member(institution)
+                ));
+            }
+            if !staff.centre.is_empty() {
+                text.push_str(&format!(" at centre {}", staff.centre));
+            }
+            if !staff.roles.is_empty() {
+                text.push_str(&format!(", roles {}", staff.roles.join(", ")));
+            }
+            text
+        }
+        None => name.to_owned(),
+    };
+    format!("{described} at level {level}")
+}
+
+#[cfg(test)]
+mod tests {
+    use onestop_proto::r#type::v1::{MemberId, PersonId};
+
+    use super::*;
+
+    #[test]
+    fn a_resident_is_named_and_staff_without_names_by_their_directory_entry() {
+        let resident = identity::Person {
+            subject: Some(identity::person::Subject::Resident(PersonId {
+                scheme: 1,
+                value: "121282-11236".into(),
+            })),
+            given_name: "Jānis".into(),
+            family_name: "Bērziņš".into(),
+            level: identity::LevelOfAssurance::High as i32,
+            ..Default::default()
+        };
+        assert_eq!(who(&resident), "Jānis Bērziņš (121282-11236) at level high");
+        let clerk = identity::Person {
+            subject: Some(identity::person::Subject::Staff(identity::StaffMember {
+                staff_id: "j.ozola".into(),
+                institution: Some(MemberId {
+                    member_class: "MUN".into(),
+                    member_code: "GULBENE".into(),
+                    subsystem: String::new(),
+                }),
+                centre: "gulbene-kac".into(),
+                roles: vec!["clerk".into()],
+            })),
+            level: identity::LevelOfAssurance::Substantial as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            who(&clerk),
+            "staff j.ozola of MUN/GULBENE at centre gulbene-kac, roles clerk at level substantial"
+        );
+    }
 }

@@ -73,7 +73,7 @@ pub async fn mailbox(command: MailboxCommand) -> anyhow::Result<()> {
             connection,
             notice_email,
         } => {
-            let answer = MailboxServiceClient::new(connection.open()?)
+            let answer = MailboxServiceClient::new(connection.open().await?)
                 .activate_mailbox(pb::ActivateMailboxRequest { notice_email })
                 .await
                 .map_err(failed)?;
@@ -83,7 +83,7 @@ pub async fn mailbox(command: MailboxCommand) -> anyhow::Result<()> {
             connection,
             address,
         } => {
-            let answer = MailboxServiceClient::new(connection.open()?)
+            let answer = MailboxServiceClient::new(connection.open().await?)
                 .get_mailbox(pb::GetMailboxRequest { address })
                 .await
                 .map_err(failed)?;
@@ -93,7 +93,7 @@ pub async fn mailbox(command: MailboxCommand) -> anyhow::Result<()> {
             connection,
             addresses,
         } => {
-            let answer = MailboxServiceClient::new(connection.open()?)
+            let answer = MailboxServiceClient::new(connection.open().await?)
                 .lookup_mailboxes(pb::LookupMailboxesRequest { addresses })
                 .await
                 .map_err(failed)?;
@@ -315,7 +315,7 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
             unread,
             thread,
         } => {
-            let mut client = MessageServiceClient::new(connection.open()?);
+            let mut client = MessageServiceClient::new(connection.open().await?);
             let mut page_token = String::new();
             loop {
                 let page = client
@@ -344,7 +344,7 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
             message,
             mailbox,
         } => {
-            let answer = MessageServiceClient::new(connection.open()?)
+            let answer = MessageServiceClient::new(connection.open().await?)
                 .get_message(pb::GetMessageRequest {
                     name: message,
                     mailbox,
@@ -367,7 +367,7 @@ pub async fn message(command: MessageCommand) -> anyhow::Result<()> {
             out,
             mailbox,
         } => {
-            let mut chunks = MessageServiceClient::new(connection.open()?)
+            let mut chunks = MessageServiceClient::new(connection.open().await?)
                 .download_attachment(pb::DownloadAttachmentRequest {
                     name: message,
                     mailbox,
@@ -412,7 +412,7 @@ async fn incoming(
     use pb::{
         stream_incoming_messages_request as request, stream_incoming_messages_response as response,
     };
-    let mut client = MessageServiceClient::new(connection.open()?);
+    let mut client = MessageServiceClient::new(connection.open().await?);
     let (requests, outgoing) = tokio::sync::mpsc::channel(16);
     let send = |kind| {
         let requests = requests.clone();
@@ -480,7 +480,7 @@ async fn incoming(
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<()> {
-    let mut client = MessageServiceClient::new(args.connection.open()?);
+    let mut client = MessageServiceClient::new(args.connection.open().await?);
     let mut attachments = Vec::new();
     for spec in &args.attach {
         let (path, media_type) = match spec.split_once('=') {
@@ -577,7 +577,7 @@ pub async fn evidence(command: EvidenceCommand) -> anyhow::Result<()> {
     match command {
         EvidenceCommand::Keys { connection, out } => {
             use base64::Engine;
-            let answer = EvidenceServiceClient::new(connection.open()?)
+            let answer = EvidenceServiceClient::new(connection.open().await?)
                 .list_evidence_keys(pb::ListEvidenceKeysRequest {})
                 .await
                 .map_err(failed)?;
@@ -609,7 +609,7 @@ pub async fn evidence(command: EvidenceCommand) -> anyhow::Result<()> {
             recipient,
             out,
         } => {
-            let answer = EvidenceServiceClient::new(connection.open()?)
+            let answer = EvidenceServiceClient::new(connection.open().await?)
                 .get_evidence_bundle(pb::GetEvidenceBundleRequest {
                     name: message,
                     recipient,

@@ -95,7 +95,7 @@ pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<String> {
     ))
 }
 
-/// Describes every certificate in `dir`.
+/// Describes every certificate in `dir`, marking those its CA's revocation list names.
 pub fn show(dir: &Path) -> anyhow::Result<String> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -104,12 +104,30 @@ pub fn show(dir: &Path) -> anyhow::Result<String> {
         .filter(|path| path.extension().is_some_and(|ext| ext == "pem"))
         .collect();
     entries.sort();
+    let revoked = onestop_platform::pki::revoked_in(dir)
+        .with_context(|| format!("reading the revocation list of {}", dir.display()))?;
     let mut out = String::new();
     for path in entries {
         let pem = std::fs::read_to_string(&path)?;
         let summary = summarize(&pem).with_context(|| path.display().to_string())?;
+        let names: Vec<String> = summary
+            .names
+            .iter()
+            .map(|name| readable_name(name))
+            .collect();
+        let serial = onestop_platform::pki::serial_of(&pem)?;
+        let revocation = revoked
+            .iter()
+            .find(|(listed, _)| *listed == serial)
+            .map(|(_, when)| {
+                let when = when
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                format!("\n  REVOKED:  {when}")
+            })
+            .unwrap_or_default();
         out.push_str(&format!(
-            "{}\n  subject:  {}\n  identity: {}\n  names:    {}\n  valid:    {} .. {}{}\n",
+            "{}\n  subject:  {}\n  identity: {}\n  names:    {}\n  valid:    {} .. {}{}{revocation}\n",
             path.file_name().unwrap_or_default().to_string_lossy(),
             summary.subject,
             if summary.uris.is_empty() {
@@ -117,10 +135,10 @@ pub fn show(dir: &Path) -> anyhow::Result<String> {
             } else {
                 summary.uris.join(", ")
             },
-            if summary.names.is_empty() {
+            if names.is_empty() {
                 "(none)".to_owned()
             } else {
-                summary.names.join(", ")
+                names.join(", ")
             },
             summary.not_before,
             summary.not_after,
@@ -132,4 +150,36 @@ pub fn show(dir: &Path) -> anyhow::Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// A name of a certificate as people write it: an IP address given as its bytes
+/// (`[127, 0, 0, 1]`) as `127.0.0.1` or `::1`; a DNS name as it is.
+fn readable_name(name: &str) -> String {
+    let Some(list) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) else {
+        return name.to_owned();
+    };
+    let bytes: Result<Vec<u8>, _> = list.split(',').map(|b| b.trim().parse::<u8>()).collect();
+    match bytes.as_deref() {
+        Ok(&[a, b, c, d]) => std::net::Ipv4Addr::new(a, b, c, d).to_string(),
+        Ok(bytes) if bytes.len() == 16 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(bytes);
+            std::net::Ipv6Addr::from(octets).to_string()
+        }
+        _ => name.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable_name;
+
+    #[test]
+    fn ip_addresses_read_as_addresses() {
+        assert_eq!(readable_name("[127, 0, 0, 1]"), "127.0.0.1");
+        let loopback = format!("{:?}", std::net::Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(readable_name(&loopback), "::1");
+        assert_eq!(readable_name("localhost"), "localhost");
+        assert_eq!(readable_name("[1, 2]"), "[1, 2]");
+    }
 }

@@ -373,7 +373,8 @@ pub const IDENTITY_LOCAL_FILE: &str = "identity.toml";
 /// The client secret of the development providers (not a secret: development only).
 const DEV_OIDC_SECRET: &str = "dev-secret-0123456789abcdef0123";
 
-const IDENTITY_LOCAL_DEFAULT: &str = r#"# The identity service on one machine (`onestop up`): the [identity] section of its
+/// What [`IDENTITY_LOCAL_FILE`] holds when the first start writes it.
+pub const IDENTITY_LOCAL_DEFAULT: &str = r#"# The identity service on one machine (`onestop up`): the [identity] section of its
 # configuration, read at every start. Relative paths are relative to this directory. See
 # docs/identity.md for every key and for pointing it at a real eID broker or a municipality's
 # staff provider.
