@@ -129,19 +129,101 @@ fn validation(seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let seconds: u64 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5);
-    let only = std::env::args().nth(2);
-    let rounds: u32 = std::env::args()
-        .nth(3)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(3);
+/// The parts, as the second argument names them.
+const PARTS: [&str; 6] = [
+    "proxies",
+    "validation",
+    "tokens",
+    "routing",
+    "eaddress",
+    "fairness",
+];
+
+fn usage() -> String {
+    format!(
+        "usage: onestop-bench [SECONDS [PART [ROUNDS]]]\n\n\
+         Prints figures of every part, or of PART only: {}.\n\
+         SECONDS per measurement (default 5), ROUNDS of the proxies' comparison (default 3).\n\
+         Build with `cargo build --release --bin onestop -p onestop-bench`; nginx and HAProxy\n\
+         come from `scripts/install-proxies` (a path whose proxy is missing is left out).",
+        PARTS.join(", ")
+    )
+}
+
+/// What to measure.
+#[derive(Debug, PartialEq)]
+struct Arguments {
+    seconds: u64,
+    only: Option<String>,
+    rounds: u32,
+}
+
+/// Reads the arguments (without the program's name); `Ok(None)` asks for the usage.
+fn arguments(given: &[String]) -> Result<Option<Arguments>, String> {
+    if given
+        .iter()
+        .any(|a| a == "-h" || a == "--help" || a == "help")
+    {
+        return Ok(None);
+    }
+    if given.len() > 3 {
+        return Err(format!("too many arguments: {}", given.join(" ")));
+    }
+    let number = |index: usize, what: &str, default: u64| -> Result<u64, String> {
+        given.get(index).map_or(Ok(default), |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{what} must be a whole number above 0, not `{text}`"))
+        })
+    };
+    let only = given.get(1).cloned();
+    if let Some(part) = &only
+        && !PARTS.contains(&part.as_str())
+    {
+        return Err(format!("no part `{part}`: one of {}", PARTS.join(", ")));
+    }
+    let rounds = u32::try_from(number(2, "ROUNDS", 3)?).map_err(|_| "ROUNDS is too large")?;
+    Ok(Some(Arguments {
+        seconds: number(0, "SECONDS", 5)?,
+        only,
+        rounds,
+    }))
+}
+
+fn main() -> std::process::ExitCode {
+    let given: Vec<String> = std::env::args().skip(1).collect();
+    let arguments = match arguments(&given) {
+        Ok(Some(arguments)) => arguments,
+        Ok(None) => {
+            say(&usage());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "onestop-bench: {error}\n\n{}", usage());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let measured = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(measure(arguments)));
+    match measured {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "onestop-bench: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn measure(arguments: Arguments) -> anyhow::Result<()> {
+    let Arguments {
+        seconds,
+        only,
+        rounds,
+    } = arguments;
     if only.is_none() || only.as_deref() == Some("proxies") {
         proxies::compare(seconds, rounds).await?;
     }
@@ -161,4 +243,35 @@ async fn main() -> anyhow::Result<()> {
         fairness::measure(seconds).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Option<Arguments>, String> {
+        let given: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        arguments(&given)
+    }
+
+    #[test]
+    fn help_is_an_answer_and_bad_arguments_say_what_is_wrong() {
+        assert_eq!(parse("--help"), Ok(None));
+        assert_eq!(parse("5 routing -h"), Ok(None));
+        assert_eq!(
+            parse("").unwrap(),
+            Some(Arguments {
+                seconds: 5,
+                only: None,
+                rounds: 3
+            })
+        );
+        assert_eq!(
+            parse("2 eaddress").unwrap().unwrap().only.as_deref(),
+            Some("eaddress")
+        );
+        assert!(parse("five").unwrap_err().contains("SECONDS"));
+        assert!(parse("5 nothing").unwrap_err().contains("no part"));
+        assert!(usage().contains("fairness"));
+    }
 }
