@@ -50,7 +50,12 @@ struct Line {
 
 /// Every command line of the README's `sh` blocks, in order.
 fn readme_lines() -> Vec<Line> {
-    let readme = std::fs::read_to_string(repository().join("README.md")).unwrap();
+    sh_lines("README.md")
+}
+
+/// Every command line of the `sh` blocks of a Markdown file of the repository, in order.
+fn sh_lines(file: &str) -> Vec<Line> {
+    let readme = std::fs::read_to_string(repository().join(file)).unwrap();
     let mut lines = Vec::new();
     let mut in_sh = false;
     let mut pending: Option<Line> = None;
@@ -867,4 +872,37 @@ async fn the_session_login_kept_renews_an_expired_token() {
         .run(&format!("onestop logout --as demo-centre --token {token}"))
         .await;
     assert!(!path.exists());
+}
+
+/// The certificates `deploy/README.md` makes with a test CA are made, and serve where it says.
+#[tokio::test]
+async fn the_deploy_readmes_certificates_are_made_as_it_says() {
+    let work = tempfile::tempdir().unwrap();
+    let shell = Shell {
+        work: work.path().to_owned(),
+        gateway: String::new(),
+        variables: HashMap::new(),
+    };
+    let lines = sh_lines("deploy/README.md");
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let command = as_onestop(&line.text)
+            .filter(|c| c.starts_with("onestop pki "))
+            .unwrap_or_else(|| panic!("not a pki command: {}", line.text));
+        shell.run(&command).await;
+    }
+    let shown = shell.run("onestop pki show --dir pki").await.stdout;
+    for component in ["gateway", "forms", "identity", "routing", "eaddress"] {
+        let entry: Vec<&str> = shown
+            .lines()
+            .skip_while(|l| *l != format!("{component}.pem"))
+            .take_while(|l| !l.starts_with("  valid:"))
+            .collect();
+        let entry = entry.join("\n");
+        assert!(
+            entry.contains(&format!("spiffe://onestop.lv/platform/{component}"))
+                && entry.contains("names:    localhost, 127.0.0.1, ::1"),
+            "{entry}"
+        );
+    }
 }
