@@ -194,9 +194,16 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
     };
 
     let mut routes = BTreeMap::new();
+    // Every listener is bound first, so that each service knows every other's address whatever
+    // their order (identity asks routing, routing asks forms and the e-address).
+    let mut listeners = Vec::new();
     let mut addresses = BTreeMap::new();
     for service in &options.services {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        addresses.insert(service.name, listener.local_addr()?);
+        listeners.push(listener);
+    }
+    for (service, listener) in options.services.iter().zip(listeners) {
         let address = listener.local_addr()?;
         let prepared = (service.local)(Local {
             server: options.server_config(address, service.name),
@@ -230,7 +237,6 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
                 },
             );
         }
-        addresses.insert(service.name, address);
     }
     for (service, route) in &options.extra_routes {
         routes.insert(service.clone(), route.clone());

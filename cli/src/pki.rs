@@ -110,11 +110,7 @@ pub fn show(dir: &Path) -> anyhow::Result<String> {
     for path in entries {
         let pem = std::fs::read_to_string(&path)?;
         let summary = summarize(&pem).with_context(|| path.display().to_string())?;
-        let names: Vec<String> = summary
-            .names
-            .iter()
-            .map(|name| readable_name(name))
-            .collect();
+        let names = &summary.names;
         let serial = onestop_platform::pki::serial_of(&pem)?;
         let revocation = revoked
             .iter()
@@ -150,36 +146,4 @@ pub fn show(dir: &Path) -> anyhow::Result<String> {
         ));
     }
     Ok(out)
-}
-
-/// A name of a certificate as people write it: an IP address given as its bytes
-/// (`[127, 0, 0, 1]`) as `127.0.0.1` or `::1`; a DNS name as it is.
-fn readable_name(name: &str) -> String {
-    let Some(list) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) else {
-        return name.to_owned();
-    };
-    let bytes: Result<Vec<u8>, _> = list.split(',').map(|b| b.trim().parse::<u8>()).collect();
-    match bytes.as_deref() {
-        Ok(&[a, b, c, d]) => std::net::Ipv4Addr::new(a, b, c, d).to_string(),
-        Ok(bytes) if bytes.len() == 16 => {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(bytes);
-            std::net::Ipv6Addr::from(octets).to_string()
-        }
-        _ => name.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::readable_name;
-
-    #[test]
-    fn ip_addresses_read_as_addresses() {
-        assert_eq!(readable_name("[127, 0, 0, 1]"), "127.0.0.1");
-        let loopback = format!("{:?}", std::net::Ipv6Addr::LOCALHOST.octets());
-        assert_eq!(readable_name(&loopback), "::1");
-        assert_eq!(readable_name("localhost"), "localhost");
-        assert_eq!(readable_name("[1, 2]"), "[1, 2]");
-    }
 }

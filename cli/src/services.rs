@@ -177,7 +177,11 @@ min_level = "substantial"
 "#,
     from_file: |path, env| Ok(identity(config::load(Some(path), env)?)),
     local: |local| {
-        let settings = identity_local_settings(&local.data_dir)?;
+        let mut settings = identity_local_settings(&local.data_dir)?;
+        let routing = local.peers.get(ROUTING.name).ok_or_else(|| {
+            anyhow::anyhow!("identity checks mandates against routing's catalogue: start routing")
+        })?;
+        settings.catalogue_address = routing.to_string();
         Ok(identity(IdentityConfig {
             server: local.server,
             database: local.database,

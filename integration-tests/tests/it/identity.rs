@@ -884,7 +884,10 @@ async fn a_clerk_acts_for_a_resident_under_a_mandate_until_it_is_revoked(backend
     let register = RegisterMandateRequest {
         request_id: "mandate-1".into(),
         principal: Some(principal()),
-        services: vec!["vsaa-old-age-pension".into(), "vsaa-child-benefit".into()],
+        services: vec![
+            "vsaa-old-age-pension".into(),
+            "vsaa-parental-benefit".into(),
+        ],
         valid_from: None,
         valid_until: Some(in_days(90)),
         document_sha256: "ab".repeat(32),
@@ -918,6 +921,24 @@ async fn a_clerk_acts_for_a_resident_under_a_mandate_until_it_is_revoked(backend
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "REQUEST_ID_REUSED");
+    // A mandate names services of the catalogue only.
+    let status = desk
+        .register_mandate(bearer(
+            RegisterMandateRequest {
+                request_id: "mandate-unknown-service".into(),
+                services: vec!["vsaa-old-age-pension".into(), "vsaa-no-such-benefit".into()],
+                ..register.clone()
+            },
+            &clerk_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> = crate::violations(&status)
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["services[1]"], "{status:?}");
 
     // The clerk exchanges it for a token acting for the resident, for one of its services, and
     // calls through the gateway as the resident with the clerk as actor.

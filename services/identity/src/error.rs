@@ -20,6 +20,9 @@ pub enum IdentityError {
         /// What is wrong.
         message: String,
     },
+    /// The service catalogue, which a mandate's services are checked against, cannot be read.
+    #[error("{0}")]
+    CatalogueUnavailable(String),
     /// No provider of that id.
     #[error("no login provider `{0}`; ListProviders names them")]
     UnknownProvider(String),
@@ -141,6 +144,7 @@ impl IdentityError {
             IdentityError::DeniedAtProvider { .. } => "LOGIN_DENIED_AT_PROVIDER",
             IdentityError::ProviderMisconfigured { reason, .. } => reason.reason(),
             IdentityError::ProviderUnavailable(_) => "PROVIDER_UNAVAILABLE",
+            IdentityError::CatalogueUnavailable(_) => "CATALOGUE_UNAVAILABLE",
             IdentityError::SessionEnded => "SESSION_ENDED",
             IdentityError::RefreshReused => "REFRESH_TOKEN_REUSED",
             IdentityError::PersonRequired(_) => "PERSON_TOKEN_REQUIRED",
@@ -172,6 +176,7 @@ impl IdentityError {
                 Code::FailedPrecondition
             }
             IdentityError::ProviderUnavailable(_)
+            | IdentityError::CatalogueUnavailable(_)
             | IdentityError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             IdentityError::Store(_) | IdentityError::Internal(_) => Code::Internal,
         }

@@ -5,10 +5,12 @@
 //! resident's behalf.
 //!
 //! Layout, each layer calling only downward: [`api`] (tonic handlers) → [`service`] (use cases
-//! and who may do what) → [`providers`] (upstream OpenID providers), [`keys`] (signing keys)
-//! and [`store`] (sqlx). [`error`] is where errors become gRPC statuses.
+//! and who may do what) → [`providers`] (upstream OpenID providers), [`keys`] (signing keys),
+//! [`catalogue`] (the routing service's catalogue, which mandates' services must be in) and
+//! [`store`] (sqlx). [`error`] is where errors become gRPC statuses.
 
 pub mod api;
+pub mod catalogue;
 pub mod error;
 pub mod keys;
 pub mod providers;
@@ -31,6 +33,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalogue::Catalogue;
 use crate::keys::Keys;
 use crate::providers::{Provider, ProviderConfig};
 use crate::service::{Identity, Lifetimes};
@@ -100,6 +103,17 @@ pub struct IdentitySettings {
     /// gateway knows it first.
     #[serde(default = "default_key_publish_lead")]
     pub key_publish_lead_s: u64,
+    /// `host:port` of the routing service, whose catalogue a mandate's services must be in
+    /// (required; `onestop up` fills it in).
+    #[serde(default)]
+    pub catalogue_address: String,
+    /// The name the routing service's certificate is checked against.
+    #[serde(default = "default_catalogue_server_name")]
+    pub catalogue_server_name: String,
+}
+
+fn default_catalogue_server_name() -> String {
+    "localhost".to_owned()
 }
 
 fn default_access_token_ttl() -> u64 {
@@ -265,6 +279,19 @@ pub async fn open(config: &IdentityConfig) -> Result<(Arc<Identity>, Arc<Keys>),
         }
         providers.push(Provider::new(provider.clone()).map_err(ServeError::Config)?);
     }
+    if settings.catalogue_address.is_empty() {
+        return Err(ServeError::Config(
+            "identity.catalogue_address: the routing service's address (host:port), whose \
+             catalogue a mandate's services are checked against"
+                .into(),
+        ));
+    }
+    let catalogue = Catalogue::connect(
+        &config.server,
+        &settings.catalogue_address,
+        &settings.catalogue_server_name,
+    )
+    .map_err(|e| ServeError::Config(format!("identity.catalogue_address: {e}")))?;
     let db = onestop_platform::db::open(&config.database, &store::MIGRATIONS).await?;
     let keys = Arc::new(Keys::open(
         &settings.key_dir,
@@ -283,6 +310,7 @@ pub async fn open(config: &IdentityConfig) -> Result<(Arc<Identity>, Arc<Keys>),
         &config.server.trust_domain,
         lifetimes,
         pages,
+        catalogue,
     );
     Ok((Arc::new(identity), keys))
 }

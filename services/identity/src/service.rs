@@ -14,6 +14,7 @@ use onestop_platform::telemetry::current_trace_id;
 use onestop_platform::tokens::{self, Actor, Claims, MandateScope, Staff, Subject};
 use time::OffsetDateTime;
 
+use crate::catalogue::Catalogue;
 use crate::error::IdentityError;
 use crate::keys::Keys;
 use crate::providers::{Identified, Provider};
@@ -91,6 +92,8 @@ pub struct Identity {
     trust_domain: String,
     lifetimes: Lifetimes,
     pages: PageTokens,
+    /// Where a mandate's services are checked.
+    catalogue: Catalogue,
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -153,6 +156,7 @@ impl Identity {
         trust_domain: &str,
         lifetimes: Lifetimes,
         pages: PageTokens,
+        catalogue: Catalogue,
     ) -> Self {
         Self {
             store,
@@ -166,6 +170,7 @@ impl Identity {
             trust_domain: trust_domain.to_owned(),
             lifetimes,
             pages,
+            catalogue,
         }
     }
 
@@ -503,6 +508,7 @@ impl Identity {
         }
         let valid_from = new.valid_from.unwrap_or(now);
         check_services(&new.services)?;
+        self.catalogue.check(&new.services).await?;
         if new.valid_until <= valid_from {
             return Err(IdentityError::invalid(
                 "valid_until",

@@ -311,6 +311,18 @@ pub struct CertSummary {
     pub is_ca: bool,
 }
 
+/// An IP address of a certificate as people write it (`127.0.0.1`, `::1`); bytes of another
+/// length, which no valid certificate holds, as hex.
+fn ip_address(bytes: &[u8]) -> String {
+    match <[u8; 4]>::try_from(bytes) {
+        Ok(v4) => std::net::Ipv4Addr::from(v4).to_string(),
+        Err(_) => match <[u8; 16]>::try_from(bytes) {
+            Ok(v6) => std::net::Ipv6Addr::from(v6).to_string(),
+            Err(_) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        },
+    }
+}
+
 /// Describes the first certificate of a PEM file.
 pub fn summarize(pem: &str) -> Result<CertSummary, PkiError> {
     use x509_parser::extensions::GeneralName;
@@ -326,7 +338,7 @@ pub fn summarize(pem: &str) -> Result<CertSummary, PkiError> {
             match name {
                 GeneralName::URI(uri) => uris.push((*uri).to_owned()),
                 GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
-                GeneralName::IPAddress(ip) => names.push(format!("{ip:?}")),
+                GeneralName::IPAddress(ip) => names.push(ip_address(ip)),
                 _ => {}
             }
         }
@@ -423,5 +435,18 @@ pub mod dev {
             issue(name, IssueRequest::new(name, Some(identity), year))?;
         }
         Ok(made)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ip_addresses_read_as_addresses() {
+        assert_eq!(super::ip_address(&[127, 0, 0, 1]), "127.0.0.1");
+        assert_eq!(
+            super::ip_address(&std::net::Ipv6Addr::LOCALHOST.octets()),
+            "::1"
+        );
+        assert_eq!(super::ip_address(&[1, 2]), "0102");
     }
 }
