@@ -791,14 +791,10 @@ impl Provider {
                 }
                 let eidas = text(&names.eidas_id);
                 if !eidas.is_empty() {
+                    // The platform's one parser accepts only another country's identification
+                    // for Latvia: a Latvian identity comes as a personal code, so that one
+                    // person has one subject.
                     let id = EidasId::parse(eidas).map_err(refused)?;
-                    // Identified for Latvia, by another country: a Latvian identity comes as a
-                    // personal code, so that one person has one subject.
-                    if id.destination != "LV" || id.origin == "LV" {
-                        return Err(refused(format!(
-                            "eIDAS identifier {id}: only other countries' identifications for LV are accepted"
-                        )));
-                    }
                     return Ok(Identified::Foreign(id));
                 }
                 Err(refused(format!(
