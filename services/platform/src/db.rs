@@ -5,8 +5,13 @@
 //! a power cut, not only a killed process; PostgreSQL commits durably by default. Services write
 //! portable SQL through the `Any` driver and keep one migration directory per backend.
 
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
@@ -118,6 +123,83 @@ pub struct Database {
     pub pool: AnyPool,
     /// The backend.
     pub backend: Backend,
+    /// The database's name in metrics: the SQLite file's stem or the PostgreSQL database.
+    name: Arc<str>,
+}
+
+/// The labels of a pool's figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    database: String,
+}
+
+/// The labels of a pool's connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    database: String,
+    /// `in_use` or `idle`.
+    state: &'static str,
+}
+
+/// What the pools of the process tell, sampled at every health probe (every 5 s): how long the
+/// probe waited for a connection (what a call would have waited then) and how many
+/// connections are open, busy or idle, next to the most allowed. Sampling costs nothing on the
+/// calls' path, and a pool that is exhausted shows in both.
+struct PoolFigures {
+    acquire_seconds: Family<PoolLabels, Histogram, fn() -> Histogram>,
+    connections: Family<ConnectionLabels, Gauge>,
+    max_connections: Family<PoolLabels, Gauge>,
+}
+
+fn acquire_buckets() -> Histogram {
+    // 100 µs to about 13 s: the acquire timeout is 10 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+fn pool_figures() -> &'static PoolFigures {
+    static FIGURES: OnceLock<PoolFigures> = OnceLock::new();
+    FIGURES.get_or_init(|| {
+        let figures = PoolFigures {
+            acquire_seconds: Family::new_with_constructor(acquire_buckets as fn() -> Histogram),
+            connections: Family::default(),
+            max_connections: Family::default(),
+        };
+        crate::metrics::register(
+            "db_pool_acquire_duration_seconds",
+            "How long the health probe waited for a database connection from the pool",
+            figures.acquire_seconds.clone(),
+        );
+        crate::metrics::register(
+            "db_pool_connections",
+            "Connections open in the pool, in use or idle, at the last health probe",
+            figures.connections.clone(),
+        );
+        crate::metrics::register(
+            "db_pool_max_connections",
+            "The most connections the pool opens",
+            figures.max_connections.clone(),
+        );
+        figures
+    })
+}
+
+/// The name of the database a URL names, for metrics: the file's stem for SQLite, the
+/// database for PostgreSQL; never the user, password or host.
+fn database_name(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split('?').next().unwrap_or_default();
+    let last = if scheme == "sqlite" {
+        rest.rsplit('/').next().unwrap_or_default()
+    } else {
+        // After the user, password, host and port: `user:password@host:port/database`.
+        rest.split_once('/').map_or("", |(_, database)| database)
+    };
+    let stem = last.strip_suffix(".db").unwrap_or(last);
+    if stem.is_empty() {
+        "default".to_owned()
+    } else {
+        stem.to_owned()
+    }
 }
 
 /// Opens the database named by the configuration and brings its schema up to date.
@@ -161,7 +243,18 @@ pub async fn open(config: &DatabaseConfig, migrations: &Migrations) -> Result<Da
         Backend::Postgres => migrations.postgres,
     };
     with_platform(migrator)?.run(&pool).await?;
-    Ok(Database { pool, backend })
+    let name: Arc<str> = database_name(&config.url).into();
+    pool_figures()
+        .max_connections
+        .get_or_create(&PoolLabels {
+            database: name.to_string(),
+        })
+        .set(i64::from(config.max_connections.max(1)));
+    Ok(Database {
+        pool,
+        backend,
+        name,
+    })
 }
 
 impl Database {
@@ -183,9 +276,33 @@ impl Database {
         Ok(sqlx::Row::try_get(&row, "value")?)
     }
 
-    /// Checks that the database answers.
+    /// Checks that the database answers, noting how long a connection took to come from the
+    /// pool and how many are in use.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        let figures = pool_figures();
+        let database = self.name.to_string();
+        let started = Instant::now();
+        let acquired = self.pool.acquire().await;
+        figures
+            .acquire_seconds
+            .get_or_create(&PoolLabels {
+                database: database.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let mut connection = acquired?;
+        sqlx::query("SELECT 1").execute(&mut *connection).await?;
+        drop(connection);
+        let open = i64::from(self.pool.size());
+        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
+        for (state, count) in [("in_use", (open - idle).max(0)), ("idle", idle)] {
+            figures
+                .connections
+                .get_or_create(&ConnectionLabels {
+                    database: database.clone(),
+                    state,
+                })
+                .set(count);
+        }
         Ok(())
     }
 }
@@ -209,5 +326,25 @@ fn redact(url: &str) -> String {
             format!("{}://***{}", &url[..scheme], &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_is_named_without_user_password_or_host() {
+        assert_eq!(database_name("sqlite:///var/lib/onestop/forms.db"), "forms");
+        assert_eq!(
+            database_name("sqlite://data/routing.db?mode=rwc"),
+            "routing"
+        );
+        assert_eq!(
+            database_name("postgres://routing:secret@db.internal:5432/routing?sslmode=require"),
+            "routing"
+        );
+        assert_eq!(database_name("postgres://db.internal"), "default");
+        assert_eq!(database_name("sqlite://forms.db"), "forms");
     }
 }

@@ -44,10 +44,13 @@ pub fn register(name: &str, help: &str, metric: impl Metric) {
 
 /// Everything registered, in the Prometheus text format.
 pub fn encode() -> String {
+    let ready = ReadyGauge::get();
     let mut text = String::new();
     let registry = registry()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Under the registry's lock, so that two scrapes at once never see it half refreshed.
+    ready.refresh(Readiness::process());
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
     text
@@ -401,6 +404,56 @@ impl Readiness {
             .filter(|(_, ready)| !**ready)
             .map(|((name, _), _)| name.clone())
             .collect()
+    }
+}
+
+/// The labels of a part of the process.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabels {
+    /// The part: the first gRPC service its server serves, or `gateway`.
+    part: String,
+}
+
+/// `onestop_ready{part}`: 1 while every server of that name in the process accepts calls, 0
+/// otherwise; what `/readyz` answers, for alerts. Set from [`Readiness`] at every scrape (a
+/// lock and a walk over a handful of parts), so that it never disagrees with `/readyz`.
+struct ReadyGauge {
+    parts: Family<PartLabels, Gauge>,
+}
+
+impl ReadyGauge {
+    fn get() -> &'static ReadyGauge {
+        static GAUGE: OnceLock<ReadyGauge> = OnceLock::new();
+        GAUGE.get_or_init(|| {
+            let gauge = ReadyGauge {
+                parts: Family::default(),
+            };
+            register(
+                "ready",
+                "Whether the part of the process accepts calls (1) or not (0), as /readyz says",
+                gauge.parts.clone(),
+            );
+            gauge
+        })
+    }
+
+    fn refresh(&self, readiness: &Readiness) {
+        let mut by_name: BTreeMap<String, bool> = BTreeMap::new();
+        for ((name, _), ready) in readiness
+            .parts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+        {
+            *by_name.entry(name.clone()).or_insert(true) &= *ready;
+        }
+        // A part that has stopped leaves the gauge rather than staying at its last value.
+        self.parts.clear();
+        for (part, ready) in by_name {
+            self.parts
+                .get_or_create(&PartLabels { part })
+                .set(i64::from(ready));
+        }
     }
 }
 

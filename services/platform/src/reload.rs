@@ -6,11 +6,46 @@
 //! stays in force, so that a half-written file never opens or closes anything.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// The labels of a failed reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    /// What could not be loaded: `revocation_list`, `access_policy`.
+    what: String,
+}
+
+/// `onestop_reload_failures_total{what}`: changed files that could not be loaded (the previous
+/// value stayed in force). An operator's edit that did not take effect shows here, not only in
+/// a log line.
+fn failures() -> &'static Family<ReloadLabels, Counter> {
+    static FAILURES: OnceLock<Family<ReloadLabels, Counter>> = OnceLock::new();
+    FAILURES.get_or_init(|| {
+        let family = Family::default();
+        crate::metrics::register(
+            "reload_failures",
+            "Changed files that could not be loaded again (the previous value stays in force)",
+            family.clone(),
+        );
+        family
+    })
+}
+
+/// Counts a failed reload of `what`.
+fn count_failure(what: &str) {
+    failures()
+        .get_or_create(&ReloadLabels {
+            what: what.replace(' ', "_"),
+        })
+        .inc();
+}
 
 /// What identifies one version of a file without reading it: its modification time and size.
 type Stamp = Option<(SystemTime, u64)>;
@@ -56,6 +91,10 @@ where
     ) -> Result<Self, E> {
         let stamp = stamp(trigger.as_deref());
         let value = load()?;
+        // The family is there from the start, so that `rate()` sees the first failure.
+        let _ = failures().get_or_create(&ReloadLabels {
+            what: what.replace(' ', "_"),
+        });
         Ok(Self {
             what,
             trigger,
@@ -91,7 +130,7 @@ where
         if now == before {
             return Ok(false);
         }
-        let value = (self.load)()?;
+        let value = (self.load)().inspect_err(|_| count_failure(self.what))?;
         *self
             .current
             .write()
@@ -123,7 +162,10 @@ where
                         %error,
                         "unusable; the previous one stays in force"
                     ),
-                    Err(error) => tracing::error!(what = this.what, %error, "reload failed"),
+                    Err(error) => {
+                        count_failure(this.what);
+                        tracing::error!(what = this.what, %error, "reload failed");
+                    }
                 }
             }
         });
@@ -156,7 +198,16 @@ mod tests {
         assert!(changes.has_changed().unwrap(), "receivers are told");
         changes.mark_unchanged();
         std::fs::write(&file, "not a number").unwrap();
+        let failed = || {
+            failures()
+                .get_or_create(&ReloadLabels {
+                    what: "value".into(),
+                })
+                .get()
+        };
+        let before = failed();
         assert!(value.reload_if_changed().is_err());
+        assert_eq!(failed(), before + 1, "the failure is counted");
         assert_eq!(*value.current(), 22, "the previous value stays");
         assert!(!changes.has_changed().unwrap());
     }

@@ -12,8 +12,12 @@ use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -164,6 +168,61 @@ impl TlsMaterial {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+}
+
+/// The labels of a certificate the process serves with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    /// `server` (the process's own certificate) or `ca` (the CA its peers must chain to).
+    certificate: String,
+    /// The file it was read from, as configured.
+    file: String,
+}
+
+/// `onestop_tls_certificate_expiry_timestamp_seconds{certificate, file}`: when each certificate
+/// a server loaded stops being valid (Unix time). A timestamp rather than a countdown, so that
+/// it is exact between reloads: the days left are `(metric - time()) / 86400`.
+fn certificate_expiry() -> &'static Family<CertificateLabels, Gauge> {
+    static EXPIRY: OnceLock<Family<CertificateLabels, Gauge>> = OnceLock::new();
+    EXPIRY.get_or_init(|| {
+        let family = Family::default();
+        crate::metrics::register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the server's own certificate (certificate=server) and its CA (certificate=ca) expire, Unix time",
+            family.clone(),
+        );
+        family
+    })
+}
+
+/// The earliest end of validity among `certs`, Unix seconds.
+fn earliest_not_after(certs: &[CertificateDer<'_>]) -> Option<i64> {
+    certs
+        .iter()
+        .filter_map(|cert| x509_parser::parse_x509_certificate(cert).ok())
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+        .min()
+}
+
+impl TlsMaterial {
+    /// Publishes when the server certificate (the chain's leaf) and the CA expire, under the
+    /// files they came from.
+    fn publish_expiry(&self, files: &TlsFiles) {
+        let leaf = earliest_not_after(&self.chain[..self.chain.len().min(1)]);
+        for (certificate, file, not_after) in [
+            ("server", &files.cert, leaf),
+            ("ca", &files.ca, earliest_not_after(&self.ca)),
+        ] {
+            if let Some(not_after) = not_after {
+                certificate_expiry()
+                    .get_or_create(&CertificateLabels {
+                        certificate: certificate.to_owned(),
+                        file: file.display().to_string(),
+                    })
+                    .set(not_after);
+            }
+        }
     }
 }
 
@@ -340,6 +399,8 @@ impl ServerTls {
         let owned = files.clone();
         let loaded = Reloading::new("revocation list", files.crl.clone(), move || {
             let material = TlsMaterial::load(&owned)?;
+            // Every reload reads the certificates again too: a renewed one shows at once.
+            material.publish_expiry(&owned);
             Ok(Loaded {
                 config: server_config(&material, client_auth)?,
                 revoked: material.revoked_serials(),
@@ -482,6 +543,58 @@ mod tests {
 
     use super::*;
     use crate::pki::{self, Ca, IssueRequest};
+
+    #[test]
+    fn the_expiry_of_the_server_certificate_and_ca_is_published_and_follows_a_reload() {
+        crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("onestop.lv").unwrap();
+        ca.save(dir.path()).unwrap();
+        ca.write_crl(dir.path(), &[]).unwrap();
+        let id = SpiffeId::parse("spiffe://onestop.lv/platform/forms").unwrap();
+        let issue = |valid_for: u64| {
+            ca.issue(
+                &IssueRequest::new("forms", Some(id.clone()), Duration::from_secs(valid_for))
+                    .serving_localhost(),
+            )
+            .unwrap()
+            .save(dir.path(), "forms")
+            .unwrap();
+        };
+        issue(3600);
+        let files = TlsFiles::in_pki_dir(dir.path(), "forms");
+        let tls = ServerTls::load(&files, ClientAuth::Required).unwrap();
+        let expiry = |certificate: &str, file: &Path| {
+            certificate_expiry()
+                .get_or_create(&CertificateLabels {
+                    certificate: certificate.into(),
+                    file: file.display().to_string(),
+                })
+                .get()
+        };
+        let now = i64::try_from(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        let server = expiry("server", &files.cert);
+        assert!((now + 3500..=now + 3700).contains(&server), "{server}");
+        assert!(
+            expiry("ca", &files.ca) > now + 365 * 86_400,
+            "the CA lasts years"
+        );
+
+        // A renewed certificate is read at the next reload.
+        issue(30 * 86_400);
+        // The revocation list is what triggers a reload; one more entry changes its size.
+        ca.write_crl(dir.path(), &[(vec![7], time::OffsetDateTime::now_utc())])
+            .unwrap();
+        assert!(tls.reload_if_changed().unwrap());
+        let renewed = expiry("server", &files.cert);
+        assert!(renewed > now + 29 * 86_400, "{renewed}");
+    }
 
     #[test]
     fn a_revoked_certificate_is_known_after_a_reload() {
