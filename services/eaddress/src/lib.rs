@@ -178,6 +178,11 @@ fn gauges() -> &'static Gauges {
             "E-mail notices not yet sent (waiting or being retried)",
             gauges.notices_unsent.clone(),
         );
+        onestop_platform::metrics::register(
+            "eaddress_messages_awaiting_deemed_delivery",
+            "Messages placed and not opened that will be deemed delivered at their deadline (the same on every replica of one database)",
+            gauges.awaiting_deemed_delivery.clone(),
+        );
         gauges
     })
 }
@@ -268,6 +273,7 @@ pub async fn serve(
     tokio::spawn(keep_delivering(eaddress.clone(), shutdown.clone()));
     tokio::spawn(keep_noticing(eaddress.clone(), shutdown.clone()));
     tokio::spawn(keep_deadlines(eaddress.clone(), shutdown.clone()));
+    tokio::spawn(keep_figures(eaddress.clone(), shutdown.clone()));
     if eaddress.store().database().backend == onestop_platform::db::Backend::Postgres {
         eaddress.inboxes().follow_postgres(
             config.database.url.clone(),
@@ -338,6 +344,29 @@ async fn keep_noticing(eaddress: Arc<Eaddress>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = eaddress.wake.notices.notified() => {}
             () = tokio::time::sleep(SWEEP) => {}
+        }
+    }
+}
+
+/// How often the figures counted from the database are counted again: one cheap aggregate,
+/// however often `/metrics` is scraped.
+const FIGURES_REFRESH: Duration = Duration::from_secs(10);
+
+/// Counts the messages awaiting deemed delivery every [`FIGURES_REFRESH`] until `shutdown`.
+async fn keep_figures(eaddress: Arc<Eaddress>, shutdown: CancellationToken) {
+    loop {
+        match eaddress.store().awaiting_deemed_delivery().await {
+            Ok(awaiting) => {
+                eaddress
+                    .gauges
+                    .awaiting_deemed_delivery
+                    .set(i64::try_from(awaiting).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::warn!(%error, "counting the deliveries failed; tried again"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(FIGURES_REFRESH) => {}
         }
     }
 }

@@ -217,6 +217,9 @@ pub struct Gauges {
     pub evidence_pending: Gauge,
     /// Notices not yet sent.
     pub notices_unsent: Gauge,
+    /// Placed messages not opened, to be deemed delivered at their deadline (counted from the
+    /// database: the same on every replica).
+    pub awaiting_deemed_delivery: Gauge,
 }
 
 /// What wakes the background work early.

@@ -748,6 +748,19 @@ impl Store {
         Ok(true)
     }
 
+    /// How many placed, unopened deliveries will be deemed delivered at their deadline: the
+    /// count reads only placed deliveries (the `state` prefix of `deliveries_due`), never the
+    /// finished ones, which only grow.
+    pub async fn awaiting_deemed_delivery(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS deliveries FROM deliveries \
+             WHERE state = 'placed' AND due_kind = 'deemed'",
+        )
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(u64::try_from(row.try_get::<i64, _>("deliveries")?).unwrap_or(0))
+    }
+
     /// Placed deliveries whose deadline is at or before `now`, at most `limit`.
     pub async fn due(&self, now: OffsetDateTime, limit: i64) -> Result<Vec<Due>, StoreError> {
         let rows = sqlx::query(

@@ -197,6 +197,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     tokio::spawn(routing.requests().clone().keep_pruned(shutdown.clone()));
     tokio::spawn(keep_catalogue_fresh(routing.clone(), shutdown.clone()));
+    tokio::spawn(keep_figures(routing.clone(), shutdown.clone()));
     match &config.routing.eaddress_address {
         Some(address) => {
             let eaddress = decisions::EaddressClient::connect(
@@ -235,6 +236,29 @@ pub async fn serve(
         .add(ServiceCaseServiceServer::new(api));
     onestop_platform::server::serve(&config.server, services, listener, shutdown).await?;
     Ok(())
+}
+
+/// How often the inboxes' gauges are counted from the database: one aggregate query over the
+/// unacknowledged deliveries, however often `/metrics` is scraped.
+pub const FIGURES_REFRESH: Duration = Duration::from_secs(10);
+
+/// Counts the inboxes' figures every [`FIGURES_REFRESH`] until `shutdown`.
+async fn keep_figures(routing: Arc<Routing>, shutdown: CancellationToken) {
+    let figures = inbox::figures();
+    loop {
+        match routing.store().inbox_figures().await {
+            Ok(counted) => figures.show(&inbox::shown(
+                &routing.catalogue(),
+                &counted,
+                onestop_platform::clock::now(),
+            )),
+            Err(error) => tracing::warn!(%error, "counting the inboxes failed; tried again"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(FIGURES_REFRESH) => {}
+        }
+    }
 }
 
 /// How often a replica reads the catalogue again, for changes made through another replica.

@@ -793,7 +793,7 @@ impl Routing {
         limit: u32,
     ) -> Result<Vec<Delivery>, RoutingError> {
         let now = onestop_platform::clock::now();
-        Ok(self
+        let claimed = self
             .store
             .claim(
                 inbox,
@@ -803,7 +803,14 @@ impl Routing {
                 now + self.leases.lease,
                 self.leases.max_attempts,
             )
-            .await?)
+            .await?;
+        if !claimed.is_empty() {
+            crate::inbox::figures()
+                .sent
+                .get_or_create(&crate::inbox::destination_label(&self.catalogue(), inbox))
+                .inc_by(claimed.len() as u64);
+        }
+        Ok(claimed)
     }
 
     /// Acknowledges several acknowledgements' deliveries for `consumer` in one transaction,
@@ -819,10 +826,16 @@ impl Routing {
         onestop_platform::inbox::check_acks(acks)
             .map_err(|e| RoutingError::invalid("delivery_ids", e))?;
         let ids: Vec<String> = acks.iter().flatten().cloned().collect();
-        let found = self
+        let (found, newly) = self
             .store
             .ack(inbox, consumer, &ids, onestop_platform::clock::now())
             .await?;
+        if newly > 0 {
+            crate::inbox::figures()
+                .acknowledged
+                .get_or_create(&crate::inbox::destination_label(&self.catalogue(), inbox))
+                .inc_by(newly);
+        }
         Ok(onestop_platform::inbox::outcomes(acks, found, was_sent))
     }
 

@@ -25,6 +25,19 @@ pub static MIGRATIONS: Migrations = Migrations {
 };
 static PORTABLE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// How many deliveries of one inbox are in one state, and the oldest of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxFigure {
+    /// The inbox (a destination).
+    pub inbox: String,
+    /// `ready`, `leased` or `parked`.
+    pub state: String,
+    /// How many.
+    pub deliveries: u64,
+    /// The oldest one's id (a UUIDv7: it carries the time the application was accepted).
+    pub oldest: String,
+}
+
 /// The PostgreSQL channel on which a commit names the inbox it added to.
 pub const INBOX_CHANNEL: &str = "onestop_routing_inbox";
 
@@ -446,14 +459,37 @@ impl Store {
             .collect()
     }
 
-    /// Acknowledges deliveries of `inbox` that were last leased to `consumer`.
+    /// Every inbox's deliveries not yet acknowledged, counted by state, with the oldest of
+    /// each: one aggregate over the index of unacknowledged deliveries.
+    pub async fn inbox_figures(&self) -> Result<Vec<InboxFigure>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT inbox, state, COUNT(*) AS deliveries, MIN(id) AS oldest FROM deliveries \
+             WHERE state <> 'acked' GROUP BY inbox, state",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(InboxFigure {
+                    inbox: row.try_get("inbox")?,
+                    state: row.try_get("state")?,
+                    deliveries: u64::try_from(row.try_get::<i64, _>("deliveries")?).unwrap_or(0),
+                    oldest: row.try_get("oldest")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Acknowledges deliveries of `inbox` that were last leased to `consumer`; with how many
+    /// were acknowledged by this call (not before).
     pub async fn ack(
         &self,
         inbox: &str,
         consumer: &str,
         ids: &[String],
         now: OffsetDateTime,
-    ) -> Result<Vec<AckFound>, StoreError> {
+    ) -> Result<(Vec<AckFound>, u64), StoreError> {
+        let mut newly = 0;
         let mut found = Vec::with_capacity(ids.len());
         let mut tx = self.db.pool.begin().await?;
         for id in ids {
@@ -469,6 +505,7 @@ impl Store {
             .await?
             .rows_affected();
             if acked == 1 {
+                newly += 1;
                 found.push(AckFound::Acknowledged);
                 continue;
             }
@@ -495,7 +532,7 @@ impl Store {
             });
         }
         tx.commit().await?;
-        Ok(found)
+        Ok((found, newly))
     }
 
     /// Makes the deliveries of `inbox` leased to `consumer` available again at once (its
