@@ -98,8 +98,8 @@ fn overrides(manifest: &str) -> HashMap<String, HashMap<String, String>> {
 #[test]
 fn kubernetes_configurations_parse_with_their_overrides() {
     for service in SERVICES {
-        let manifest = std::fs::read_to_string(deploy(&format!("kubernetes/base/{service}.yaml")))
-            .unwrap();
+        let manifest =
+            std::fs::read_to_string(deploy(&format!("kubernetes/base/{service}.yaml"))).unwrap();
         let env = overrides(&manifest).remove(service).unwrap_or_default();
         if service != "gateway" {
             assert!(env.contains_key("ONESTOP__DATABASE__URL"), "{service}");
