@@ -828,7 +828,7 @@ impl Routing {
         let ids: Vec<String> = acks.iter().flatten().cloned().collect();
         let (found, newly) = self
             .store
-            .ack(inbox, consumer, &ids, onestop_platform::clock::now())
+            .ack_counted(inbox, consumer, &ids, onestop_platform::clock::now())
             .await?;
         if newly > 0 {
             crate::inbox::figures()

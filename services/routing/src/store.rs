@@ -480,9 +480,20 @@ impl Store {
             .collect()
     }
 
-    /// Acknowledges deliveries of `inbox` that were last leased to `consumer`; with how many
-    /// were acknowledged by this call (not before).
+    /// Acknowledges deliveries of `inbox` that were last leased to `consumer`.
     pub async fn ack(
+        &self,
+        inbox: &str,
+        consumer: &str,
+        ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<Vec<AckFound>, StoreError> {
+        Ok(self.ack_counted(inbox, consumer, ids, now).await?.0)
+    }
+
+    /// [`Store::ack`], with how many deliveries this call acknowledged (an ack repeated by
+    /// the same consumer is answered as acknowledged, but counted once).
+    pub async fn ack_counted(
         &self,
         inbox: &str,
         consumer: &str,
