@@ -7,6 +7,7 @@
 //! new connections made as fast as it can. The figure to read is the victim's p99 under each
 //! flood against its p99 alone (the target: at most twice).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,9 +71,12 @@ pub async fn measure(seconds: u64) -> anyhow::Result<()> {
             ms(0.50),
             p99,
             latency.max() as f64 / 1000.0,
-            failed,
+            failed.values().sum::<u64>(),
             flooded.load(Ordering::Relaxed) as f64 / seconds as f64
         ));
+        for (why, count) in &failed {
+            say(&format!("    failed: {count} × {why}"));
+        }
     }
     Ok(())
 }
@@ -136,9 +140,9 @@ fn get_form() -> GetFormRequest {
 async fn victim_calls(
     channel: tonic::transport::Channel,
     seconds: u64,
-) -> anyhow::Result<(Histogram<u64>, u64)> {
+) -> anyhow::Result<(Histogram<u64>, BTreeMap<String, u64>)> {
     let mut latency = Histogram::<u64>::new(3)?;
-    let mut failed = 0;
+    let mut failed = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / VICTIM_RATE));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut calls = tokio::task::JoinSet::new();
@@ -148,24 +152,45 @@ async fn victim_calls(
         let mut forms = FormsServiceClient::new(channel.clone());
         calls.spawn(async move {
             let started = Instant::now();
-            let ok = forms.get_form(get_form()).await.is_ok();
-            (started.elapsed(), ok)
+            let answer = forms.get_form(get_form()).await;
+            (
+                started.elapsed(),
+                answer.err().map(|status| reason_of(&status)),
+            )
         });
-        while let Some(Ok((took, ok))) = calls.try_join_next() {
-            record(&mut latency, &mut failed, took, ok);
+        while let Some(Ok((took, refused))) = calls.try_join_next() {
+            record(&mut latency, &mut failed, took, refused);
         }
     }
-    while let Some(Ok((took, ok))) = calls.join_next().await {
-        record(&mut latency, &mut failed, took, ok);
+    while let Some(Ok((took, refused))) = calls.join_next().await {
+        record(&mut latency, &mut failed, took, refused);
     }
     Ok((latency, failed))
 }
 
-fn record(latency: &mut Histogram<u64>, failed: &mut u64, took: Duration, ok: bool) {
-    if ok {
-        let _ = latency.record(took.as_micros() as u64);
-    } else {
-        *failed += 1;
+/// A failed call's code and reason, to say why the victim's calls failed.
+fn reason_of(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let reason = status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default();
+    let mut message = status.message().to_owned();
+    message.truncate(80);
+    format!("{:?} {reason} {message}", status.code())
+}
+
+fn record(
+    latency: &mut Histogram<u64>,
+    failed: &mut BTreeMap<String, u64>,
+    took: Duration,
+    refused: Option<String>,
+) {
+    match refused {
+        None => {
+            let _ = latency.record(took.as_micros() as u64);
+        }
+        Some(why) => *failed.entry(why).or_default() += 1,
     }
 }
 

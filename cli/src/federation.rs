@@ -271,6 +271,7 @@ pub async fn start(options: Options) -> anyhow::Result<Federation> {
             max_streams: options.streams.0,
             max_streams_per_member: options.streams.1,
             max_connections_per_member: 64,
+            connections_per_second_per_member: 10,
             person_rate_per_second: options.person_rate.0,
             person_burst: options.person_rate.1,
         },

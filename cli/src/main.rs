@@ -236,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 otlp_endpoint,
                 log_filter,
                 log_json,
+                ..TelemetryConfig::default()
             };
             runtime()?.block_on(up(data_dir, listen, admin, telemetry))
         }

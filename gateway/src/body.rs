@@ -95,10 +95,12 @@ pub struct Guarded<B> {
     _permit: Option<BudgetPermit>,
     member: Arc<str>,
     trace_id: Option<HeaderValue>,
+    /// The call's span, open until the answer ends (a stream's lasts as long as the stream).
+    span: tracing::Span,
 }
 
 impl<B> Guarded<B> {
-    /// Wraps `body`, holding `call` and `permit` for as long as it lives.
+    /// Wraps `body`, holding `call`, `permit` and the call's `span` for as long as it lives.
     pub fn new(
         body: B,
         call: CallGuard,
@@ -106,6 +108,7 @@ impl<B> Guarded<B> {
         record: CallRecord,
         member: Arc<str>,
         trace_id: Option<HeaderValue>,
+        span: tracing::Span,
     ) -> Self {
         Self {
             body: Recorded::new(body, record),
@@ -113,6 +116,7 @@ impl<B> Guarded<B> {
             _permit: permit,
             member,
             trace_id,
+            span,
         }
     }
 }
@@ -126,6 +130,9 @@ fn millis(took: Duration) -> f64 {
 impl<B> Drop for Guarded<B> {
     fn drop(&mut self) {
         // The call's one line; its metrics are recorded as the body drops, right after.
+        if let Some(code) = self.body.record().code() {
+            onestop_platform::telemetry::record_status(&self.span, code);
+        }
         let (service, method, code, took) = self.body.record().describe();
         let trace_id = self
             .trace_id

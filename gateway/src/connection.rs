@@ -75,6 +75,11 @@ impl Connections {
         let peer = stream.peer().clone();
         let caller = Arc::new(Caller::new(&peer.identity, peer.cert.clone(), &gateway));
         let admitted = caller.is_admitted();
+        if caller.reconnects_too_often() {
+            // The handshake is paid already; the next ones from this address are refused
+            // before theirs, so that a member reconnecting in a loop costs little.
+            stream.charge_source();
+        }
         // A stranger's connection carries one call and is never held.
         let pace = caller.pace().unwrap_or_default();
         let activity = Activity::new();

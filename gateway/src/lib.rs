@@ -140,6 +140,11 @@ pub struct GatewaySettings {
     /// Connections one member institution may have open at once.
     #[serde(default = "default_max_connections_per_member")]
     pub max_connections_per_member: usize,
+    /// New connections a second each member institution may open on average (bursts of
+    /// `max_connections_per_member`); a member reconnecting faster is refused, and what it
+    /// does beyond counts against its source address (see `docs/gateway.md`).
+    #[serde(default = "default_connections_per_second_per_member")]
+    pub connections_per_second_per_member: u32,
     /// Calls a second each person (by their token's subject) may make on average.
     #[serde(default = "default_person_rate")]
     pub person_rate_per_second: u32,
@@ -178,6 +183,9 @@ fn default_max_streams_per_member() -> usize {
 }
 fn default_max_connections_per_member() -> usize {
     64
+}
+fn default_connections_per_second_per_member() -> u32 {
+    10
 }
 
 /// Why the gateway could not run.
@@ -314,6 +322,10 @@ pub async fn serve(
             settings.max_streams_per_member,
         ),
         connections: MemberSlots::new(settings.max_connections_per_member),
+        reconnections: MemberRates::new(
+            settings.connections_per_second_per_member,
+            u32::try_from(settings.max_connections_per_member).unwrap_or(u32::MAX),
+        ),
         streaming: streaming_methods(),
         max_deadline: Duration::from_millis(settings.max_deadline_ms),
         method_deadlines: settings
@@ -386,6 +398,7 @@ fn forget_idle_members(gateway: Arc<Gateway>, shutdown: CancellationToken) {
                     gateway.calls.forget_idle();
                     gateway.streams.forget_idle();
                     gateway.connections.forget_idle();
+                    gateway.reconnections.forget_idle();
                 }
             }
         }

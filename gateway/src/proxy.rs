@@ -61,6 +61,8 @@ pub struct Gateway {
     pub streams: Budget,
     /// Connections open per member institution.
     pub connections: MemberSlots,
+    /// New connections per member institution and second.
+    pub reconnections: MemberRates,
     /// Paths of the methods that are streams.
     pub streaming: HashSet<String>,
     /// The longest deadline a call may have.
@@ -125,6 +127,11 @@ impl Caller {
         }
     }
 
+    /// Whether the connection was refused because its member opens connections too often.
+    pub fn reconnects_too_often(&self) -> bool {
+        matches!(&self.admitted, Err((_, "RECONNECTING_TOO_OFTEN", _)))
+    }
+
     /// The pace of the member's connections, for a connection that may call.
     pub fn pace(&self) -> Option<Arc<limits::Pace>> {
         self.admitted.as_ref().ok().map(|a| a.pace.clone())
@@ -150,6 +157,17 @@ impl Caller {
                 )
             })?;
             let institution: Arc<str> = member.institution().to_string().into();
+            if gateway.reconnections.check(&institution).is_err() {
+                return Err((
+                    Code::ResourceExhausted,
+                    "RECONNECTING_TOO_OFTEN",
+                    format!(
+                        "member {institution} opens more than {} connections a second; keep \
+                         connections open and make many calls on each",
+                        gateway.reconnections.per_second()
+                    ),
+                ));
+            }
             let connection = gateway
                 .connections
                 .of(&institution)
@@ -211,11 +229,18 @@ impl Gateway {
         let method = echo(path.trim_start_matches('/')).into_owned();
         let mut record = crate::metrics::gateway().calls.start(path);
         let known = self.knows(path);
-        let span = telemetry::server_span(request.headers(), &method);
+        let span = if telemetry::untraced(path) {
+            tracing::Span::none()
+        } else {
+            telemetry::server_span(request.headers(), &method, "gateway")
+        };
         let trace_id = telemetry::trace_id_header(&span);
         // Boxed: the routing future is large, and hyper moves the call's future into place.
-        let (response, permit) =
-            Box::pin(self.route(&caller, &method, request).instrument(span)).await;
+        let (response, permit) = Box::pin(
+            self.route(&caller, &method, request)
+                .instrument(span.clone()),
+        )
+        .await;
         record.code_from(response.headers());
         if !known {
             // The caller's own words: not a label.
@@ -228,7 +253,7 @@ impl Gateway {
             .get::<crate::body::CallDeadline>()
             .map(|d| d.0);
         let mut response = response.map(|body| {
-            let guarded = Guarded::new(body, call, permit, record, member, trace);
+            let guarded = Guarded::new(body, call, permit, record, member, trace, span);
             let gateway = self.clone();
             let ends = Later::new(move || gateway.ends_early(caller, method, deadline));
             Body::new(EndsWhen::new(guarded, ends))

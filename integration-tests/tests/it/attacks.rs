@@ -199,6 +199,67 @@ async fn a_shared_address_is_not_shut_by_one_of_its_clients() {
     fed.stop().await;
 }
 
+/// A member that reconnects in a loop is told so, and soon its address's new connections are
+/// refused before their handshake (which costs the gateway far more than a call); members
+/// elsewhere are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reconnecting_in_a_loop_is_refused_before_its_handshakes() {
+    let fed = TestFederation::start_with(Backend::Sqlite, |options| {
+        options.limits.handshakes_per_source_per_second = 20;
+    })
+    .await;
+    let member = attack::client_tls(&fed.pki, Some(VICTIM));
+    let get_form = attack::grpc_message(&GetFormRequest {
+        name: "forms/vsaa-old-age-pension".into(),
+    });
+    let (mut served, mut told, mut not_connected) = (0, 0, 0);
+    for _ in 0..200 {
+        let Ok(mut connection) =
+            attack::raw_h2(fed.gateway, ATTACKER, member.clone(), 1 << 20).await
+        else {
+            not_connected += 1;
+            continue;
+        };
+        let Ok(response) = connection
+            .start_call("/onestop.forms.v1.FormsService/GetForm", &get_form)
+            .await
+        else {
+            not_connected += 1;
+            continue;
+        };
+        match response.await {
+            Ok(response) => match response.headers().get("grpc-status") {
+                None => served += 1,
+                Some(code) => {
+                    assert_eq!(code, "8", "{response:?}");
+                    let message = response.headers().get("grpc-message").unwrap();
+                    assert!(
+                        message
+                            .to_str()
+                            .unwrap()
+                            .contains("connections%20a%20second"),
+                        "{message:?}"
+                    );
+                    told += 1;
+                }
+            },
+            Err(_) => not_connected += 1,
+        }
+    }
+    eprintln!("reconnections: {served} served, {told} told to slow down, {not_connected} refused");
+    // The burst (64 connections) is served; then the member is told; then its address spends
+    // its budget and connections are refused before any handshake.
+    assert!((64..150).contains(&served), "{served} served");
+    assert!(told >= 1, "never told");
+    assert!(
+        not_connected >= 50,
+        "only {not_connected} refused before their handshake"
+    );
+    // A member from another address is not affected.
+    victim_calls(&fed, VICTIM_ECHO, 10).await;
+    fed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_busy_ones_kept() {
     let fed = TestFederation::start_with(Backend::Sqlite, |options| {

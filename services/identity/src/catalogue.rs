@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use onestop_platform::config::ServerConfig;
 use onestop_platform::identity::SpiffeId;
+use onestop_platform::telemetry;
 use onestop_platform::tls::{self, TlsMaterial};
 use onestop_proto::routing::v1::GetCatalogueRequest;
 use onestop_proto::routing::v1::catalogue_service_client::CatalogueServiceClient;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::error::IdentityError;
 
@@ -52,11 +54,19 @@ impl Catalogue {
     pub async fn check(&self, services: &[String]) -> Result<(), IdentityError> {
         let mut request = tonic::Request::new(GetCatalogueRequest {});
         request.set_timeout(DEADLINE);
-        let catalogue = self
+        let span = telemetry::client_span(
+            &mut request,
+            "/onestop.routing.v1.CatalogueService/GetCatalogue",
+            "identity",
+        );
+        let answer = self
             .client
             .clone()
             .get_catalogue(request)
-            .await
+            .instrument(span.clone())
+            .await;
+        telemetry::record_outcome(&span, &answer);
+        let catalogue = answer
             .map_err(|status| {
                 IdentityError::CatalogueUnavailable(format!(
                     "the service catalogue cannot be read now ({}); retry later",

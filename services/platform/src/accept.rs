@@ -7,7 +7,7 @@
 //!   descriptors, so that running out of descriptors is not how overload shows;
 //! - `max_pending_handshakes` handshakes at once, each within `handshake_timeout`;
 //! - per source address, `max_unidentified_per_source` connections that have not (yet) shown a
-//!   member's or component's certificate (a new one displaces the oldest still handshaking), and
+//!   member's or component's certificate (a new one displaces the oldest that has sent nothing), and
 //!   `handshakes_per_source_per_second` connections that come to nothing (see [`Sources`]).
 //!
 //! A connection over a limit is closed at once, never queued: a queue would only turn an attack
@@ -26,7 +26,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +72,7 @@ pub struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
     cut_off: CutOff,
+    source: Arc<Sources>,
     _connection: OwnedSemaphorePermit,
     _unidentified: Option<SourceSlot>,
 }
@@ -125,6 +125,13 @@ impl MtlsStream {
     /// The peer of this connection.
     pub fn peer(&self) -> &Peer {
         &self.peer
+    }
+
+    /// Counts this connection against its source address's budget of handshakes that come to
+    /// nothing, as if it had shown no certificate: for a member that connects far more often
+    /// than it may, so that its address's next connections are refused before their handshake.
+    pub fn charge_source(&self) {
+        self.source.charge(self.peer.remote_addr.ip());
     }
 }
 
@@ -186,9 +193,10 @@ impl tonic::transport::server::Connected for MtlsStream {
 /// nothing a member does with a certificate that names it is held against its address: only
 /// connections that end unidentified (a failed or timed-out handshake, no member's certificate)
 /// spend the address's budget, and a new connection from an address whose places are all taken
-/// by connections still handshaking displaces the oldest of them instead of being refused. A
-/// client that opens connections and never finishes them thus holds each place only until the
-/// next connection from its address comes, and cannot shut out the address's other users.
+/// displaces the oldest one that has not even sent its TLS hello instead of being refused. A
+/// client that opens connections and never speaks thus holds each place only until the next
+/// connection from its address comes, and cannot shut out the address's other users; a real
+/// handshake in progress is never cut short by newcomers.
 struct Sources {
     per_second: f64,
     burst: f64,
@@ -197,7 +205,7 @@ struct Sources {
 }
 
 struct Source {
-    /// Unidentified connections, oldest first; `displace` is there while one still handshakes.
+    /// Unidentified connections, oldest first; `displace` is there until the client's hello.
     places: std::collections::VecDeque<Place>,
     /// Handshakes that may still come to nothing (a token bucket).
     budget: f64,
@@ -291,9 +299,18 @@ impl Sources {
     }
 }
 
+impl Sources {
+    fn charge(&self, ip: IpAddr) {
+        if let Some(source) = self.lock().get_mut(&ip) {
+            source.budget -= 1.0;
+        }
+    }
+}
+
 impl SourceSlot {
-    /// The handshake is over: the connection can no longer be displaced.
-    fn handshake_done(&self) {
+    /// The client has sent its hello: a handshake is under way, and the connection can no
+    /// longer be displaced.
+    fn hello_received(&self) {
         if let Some(source) = self.sources.lock().get_mut(&self.ip)
             && let Some(place) = source.places.iter_mut().find(|p| p.id == self.id)
         {
@@ -304,9 +321,7 @@ impl SourceSlot {
     /// The connection came to nothing (a failed handshake, or no member's certificate): it
     /// spends its address's budget.
     fn charge(&self) {
-        if let Some(source) = self.sources.lock().get_mut(&self.ip) {
-            source.budget -= 1.0;
-        }
+        self.sources.charge(self.ip);
     }
 }
 
@@ -384,13 +399,25 @@ pub fn accept(
             };
             // gRPC is many small messages; Nagle's algorithm would add delay to each.
             let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(tls.config());
+            let config = tls.config();
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
             let tls = tls.clone();
+            let sources = sources.clone();
             tokio::spawn(async move {
+                // In two steps: a client that has sent its hello is a real handshake in
+                // progress, which no newcomer displaces; one that has sent nothing may be.
+                let handshake_made = async {
+                    let hello = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        tcp,
+                    )
+                    .await?;
+                    unidentified.hello_received();
+                    hello.into_stream(config).await
+                };
                 let accepted = tokio::select! {
-                    accepted = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => accepted,
+                    accepted = tokio::time::timeout(limits.handshake_timeout, handshake_made) => accepted,
                     () = displaced.cancelled() => {
                         tracing::info!(%remote_addr, "handshake displaced by a newer connection from the same address");
                         unidentified.charge();
@@ -398,7 +425,6 @@ pub fn accept(
                     }
                 };
                 drop(handshake);
-                unidentified.handshake_done();
                 let stream = match accepted {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
@@ -433,6 +459,7 @@ pub fn accept(
                     .send(Ok(MtlsStream {
                         inner: stream,
                         cut_off,
+                        source: sources.clone(),
                         peer,
                         _connection: connection,
                         _unidentified: unidentified,

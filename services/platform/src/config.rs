@@ -291,6 +291,15 @@ pub struct TelemetryConfig {
     /// Log as JSON lines instead of text.
     #[serde(default)]
     pub log_json: bool,
+    /// The share of new traces kept, 0.0-1.0 (1.0 when unset); a call that comes with a
+    /// sampled caller's trace context is always kept, one whose caller chose not to sample it
+    /// never is (parent based).
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
+    /// Whether health checks and reflection are traced too (they are not by default: the
+    /// gateway watches every service, and load balancers probe all day).
+    #[serde(default)]
+    pub trace_health: bool,
 }
 
 /// The `[admin]` section: the admin listener (`/metrics`, `/healthz`, `/readyz`, plain HTTP),

@@ -173,6 +173,11 @@ impl CallRecord {
         }
     }
 
+    /// The status code seen so far, if any.
+    pub fn code(&self) -> Option<tonic::Code> {
+        self.code
+    }
+
     /// The call's service, method, code so far (`CANCELLED` if none was seen) and time taken.
     pub fn describe(&self) -> (&str, &str, &'static str, std::time::Duration) {
         (

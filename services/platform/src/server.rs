@@ -275,6 +275,7 @@ pub async fn serve(
     let drained = CancellationToken::new();
     let tls = ServerTls::load(&config.tls, ClientAuth::Required)?;
     tls.watch(config.reload_interval_ms, shutdown.clone());
+    let component = own_component(config);
     add_reflection(&mut routes, &names)?;
 
     // The accept loop stops on its own token, cancelled by the shutdown below, so that no new
@@ -303,7 +304,7 @@ pub async fn serve(
         .initial_stream_window_size(crate::client::STREAM_WINDOW)
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
         // Every call in its own span, a child of the caller's trace; the trace id goes back.
-        .layer(TraceLayer)
+        .layer(TraceLayer::new(&component))
         // Every call counted and timed, by service, method and code.
         .layer(RecordCallsLayer)
         // On shutdown, streams still open (a health watch, an inbox) end at once, and calls
@@ -345,6 +346,21 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The platform component this server is, as its own certificate names it
+/// (`spiffe://<domain>/platform/<component>`): what its spans are exported as.
+fn own_component(config: &ServerConfig) -> String {
+    let named = tls::TlsMaterial::load(&config.tls)
+        .ok()
+        .map(|material| tls::inspect(Some(material.chain()), &config.trust_domain).0);
+    match named {
+        Some(tls::PeerIdentity::Spiffe(id)) => match &id.principal {
+            crate::identity::Principal::Platform(component) => component.clone(),
+            crate::identity::Principal::Member(member) => member.to_string(),
+        },
+        _ => "onestop".to_owned(),
+    }
 }
 
 /// How long connections may take to close once their calls were cut off at the drain timeout.

@@ -149,6 +149,11 @@ impl TlsMaterial {
         })
     }
 
+    /// This process's certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
         let mut roots = RootCertStore::empty();
         for ca in &self.ca {

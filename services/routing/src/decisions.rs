@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use onestop_platform::config::ServerConfig;
 use onestop_platform::identity::SpiffeId;
+use onestop_platform::telemetry;
 use onestop_platform::tls::{self, TlsMaterial};
 use onestop_proto::eaddress::v1 as pb;
 use onestop_proto::eaddress::v1::message_service_client::MessageServiceClient;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::service::sha256_hex;
 use crate::store::{Notification, Store};
@@ -89,7 +91,19 @@ impl EaddressClient {
             );
             let mut upload = tonic::Request::new(tokio_stream::iter(parts));
             upload.set_timeout(CALL_DEADLINE);
-            self.client.clone().upload_attachment(upload).await?;
+            let span = telemetry::client_span(
+                &mut upload,
+                "/onestop.eaddress.v1.MessageService/UploadAttachment",
+                "routing",
+            );
+            let uploaded = self
+                .client
+                .clone()
+                .upload_attachment(upload)
+                .instrument(span.clone())
+                .await;
+            telemetry::record_outcome(&span, &uploaded);
+            uploaded?;
             attachments.push(pb::AttachmentRef {
                 sha256,
                 file_name: file_name(&title, &media_type),
@@ -119,7 +133,19 @@ impl EaddressClient {
             hidden_from_delegates: false,
         });
         send.set_timeout(CALL_DEADLINE);
-        self.client.clone().send_message(send).await?;
+        let span = telemetry::client_span(
+            &mut send,
+            "/onestop.eaddress.v1.MessageService/SendMessage",
+            "routing",
+        );
+        let sent = self
+            .client
+            .clone()
+            .send_message(send)
+            .instrument(span.clone())
+            .await;
+        telemetry::record_outcome(&span, &sent);
+        sent?;
         Ok(())
     }
 }

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use onestop_platform::config::ServerConfig;
 use onestop_platform::identity::SpiffeId;
+use onestop_platform::telemetry;
 use onestop_platform::tls::{self, TlsMaterial};
 use onestop_proto::forms::v1::ValidateFormDataRequest;
 use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::RoutingSettings;
 use crate::error::RoutingError;
@@ -57,7 +59,20 @@ impl Forms {
             data_json: data_json.to_owned(),
         });
         request.set_timeout(VALIDATION_DEADLINE);
-        match self.client.clone().validate_form_data(request).await {
+        // The caller's trace goes on into the forms service.
+        let span = telemetry::client_span(
+            &mut request,
+            "/onestop.forms.v1.FormsService/ValidateFormData",
+            "routing",
+        );
+        let answer = self
+            .client
+            .clone()
+            .validate_form_data(request)
+            .instrument(span.clone())
+            .await;
+        telemetry::record_outcome(&span, &answer);
+        match answer {
             Ok(response) => Ok(response.into_inner().subject_fields),
             Err(status) => match status.code() {
                 // About the data or the form version: the caller's to fix.
