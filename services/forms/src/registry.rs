@@ -454,6 +454,11 @@ impl Registry {
     /// Validates a JSON document against a version that accepts data, and names the version
     /// and the form's title. The version is read from memory (see [`Validator`]); a large
     /// document is parsed and checked on a blocking thread, off the threads that serve calls.
+    #[tracing::instrument(
+        name = "forms.validate",
+        skip_all,
+        fields(onestop.component = "forms", form_id = form_id, bytes = data_json.len())
+    )]
     pub async fn validate(
         &self,
         form_id: &str,

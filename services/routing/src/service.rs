@@ -14,6 +14,7 @@ use onestop_platform::status::echo;
 use onestop_platform::tokens::{Claims, Staff, Subject};
 use ring::digest::{SHA256, digest};
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::catalogue::{self, Catalogue, CatalogueFile, Centre, Destination, EntryError, Service};
 use crate::error::RoutingError;
@@ -421,9 +422,12 @@ impl Routing {
             provenance,
         };
         let case = self.case_of_submission(&application, service);
+        // The one transaction that makes the application accepted, as a span of its own.
+        let stored = tracing::info_span!("store.insert_application", onestop.component = "routing");
         match self
             .store
             .insert_application(&application, &new_id(), case.as_ref(), &request)
+            .instrument(stored)
             .await
         {
             Ok(()) => {

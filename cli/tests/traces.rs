@@ -1,0 +1,251 @@
+//! Traces as an operator sees them: `onestop up --otlp-endpoint` exports to a real OTLP
+//! receiver (the official `opentelemetry-proto` TraceService), and one application submitted
+//! through the gateway is one trace, found by the `x-trace-id` its caller got, through the
+//! gateway, routing, the store and forms, each span under its own service name.
+
+// In tests a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
+use onestop_proto::routing::v1::SubmitApplicationRequest;
+use onestop_proto::routing::v1::application_service_client::ApplicationServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+/// One span as received, with the service it came from.
+#[derive(Clone, Debug)]
+struct Received {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    kind: i32,
+    attributes: HashMap<String, String>,
+    start: u64,
+    end: u64,
+}
+
+/// The receiver: every exported span goes into a channel.
+struct Receiver(mpsc::UnboundedSender<Received>);
+
+fn text(attributes: &[KeyValue]) -> HashMap<String, String> {
+    attributes
+        .iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Value::StringValue(s)) => s.clone(),
+                Some(Value::IntValue(i)) => i.to_string(),
+                Some(Value::BoolValue(b)) => b.to_string(),
+                Some(Value::DoubleValue(d)) => d.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans
+                .resource
+                .map(|r| text(&r.attributes))
+                .unwrap_or_default();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    let _ = self.0.send(Received {
+                        service: service.clone(),
+                        name: span.name.clone(),
+                        trace_id: hex::encode(&span.trace_id),
+                        span_id: hex::encode(&span.span_id),
+                        parent: hex::encode(&span.parent_span_id),
+                        kind: span.kind,
+                        attributes: text(&span.attributes),
+                        start: span.start_time_unix_nano,
+                        end: span.end_time_unix_nano,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// OpenTelemetry's span kinds, as the protocol numbers them.
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_submission_is_one_trace_across_every_service() {
+    let (spans, mut received) = mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(spans)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_onestop"))
+        .args(["up", "--listen", "127.0.0.1:0", "--otlp-endpoint"])
+        .arg(format!("http://{otlp}"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("RUST_LOG", "warn")
+        // Exported a moment after they end, not five seconds later.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("gateway: ") {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("onestop exited without printing the gateway address");
+    })
+    .await
+    .expect("onestop printed its address within 60 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let pki = data.path().join("pki");
+    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-centre")).unwrap();
+    let config = tls::client_config(&material, None).unwrap();
+    let channel =
+        onestop_platform::client::channel(&gateway, "localhost", config, Duration::from_secs(30))
+            .unwrap();
+    let mut desk = ApplicationServiceClient::new(channel);
+    let submission = SubmitApplicationRequest {
+        request_id: "traced-1".into(),
+        service_id: "vsaa-old-age-pension".into(),
+        form_version: "1".into(),
+        data_json: std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../services/forms/seed/examples/vsaa-old-age-pension.valid.json"
+        ))
+        .unwrap(),
+        municipality_code: "gulbene".into(),
+        paper_intake: None,
+    };
+    // The services may still be opening their stores: the first calls can be refused.
+    let response = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match desk.submit_application(submission.clone()).await {
+                Ok(response) => return response,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("a submission within 30 s");
+    let trace_id = response
+        .metadata()
+        .get("x-trace-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    // Every span of the trace the caller was told, as they arrive.
+    let mut trace: Vec<Received> = Vec::new();
+    let complete = |trace: &[Received]| {
+        let has = |service: &str, name: &str, kind: i32| {
+            trace
+                .iter()
+                .any(|s| s.service == service && s.name == name && s.kind == kind)
+        };
+        has(
+            "onestop-gateway",
+            "onestop.routing.v1.ApplicationService/SubmitApplication",
+            SERVER,
+        ) && has(
+            "onestop-routing",
+            "onestop.routing.v1.ApplicationService/SubmitApplication",
+            SERVER,
+        ) && has(
+            "onestop-routing",
+            "onestop.forms.v1.FormsService/ValidateFormData",
+            CLIENT,
+        ) && has(
+            "onestop-forms",
+            "onestop.forms.v1.FormsService/ValidateFormData",
+            SERVER,
+        ) && trace.iter().any(|s| s.name == "forms.validate")
+            && trace.iter().any(|s| s.name == "store.insert_application")
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !complete(&trace) {
+            let span = received.recv().await.expect("the receiver runs");
+            if span.trace_id == trace_id {
+                trace.push(span);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the trace is complete within 30 s: {trace:#?}"));
+
+    eprintln!(
+        "trace {trace_id}: {}",
+        trace
+            .iter()
+            .map(|s| format!("{} {}", s.service, s.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Parents intact: each span's parent is in the trace, up to the gateway's, the root.
+    let by_id: HashMap<&str, &Received> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let find = |service: &str, name: &str, kind: i32| {
+        *trace
+            .iter()
+            .find(|s| s.service == service && s.name == name && s.kind == kind)
+            .as_ref()
+            .unwrap()
+    };
+    let submit = "onestop.routing.v1.ApplicationService/SubmitApplication";
+    let validate = "onestop.forms.v1.FormsService/ValidateFormData";
+    let gateway_span = find("onestop-gateway", submit, SERVER);
+    let routing_span = find("onestop-routing", submit, SERVER);
+    let client_span = find("onestop-routing", validate, CLIENT);
+    let forms_span = find("onestop-forms", validate, SERVER);
+    assert_eq!(routing_span.parent, gateway_span.span_id);
+    assert_eq!(client_span.parent, routing_span.span_id);
+    assert_eq!(forms_span.parent, client_span.span_id);
+    assert!(
+        !by_id.contains_key(gateway_span.parent.as_str()),
+        "the gateway's span is the trace's root here"
+    );
+    for span in [gateway_span, routing_span, client_span, forms_span] {
+        assert_eq!(span.attributes["rpc.system"], "grpc", "{span:?}");
+        assert_eq!(span.attributes["rpc.grpc.status_code"], "0", "{span:?}");
+        assert!(span.end >= span.start, "{span:?}");
+    }
+    assert_eq!(
+        gateway_span.attributes["rpc.service"],
+        "onestop.routing.v1.ApplicationService"
+    );
+    assert_eq!(gateway_span.attributes["rpc.method"], "SubmitApplication");
+    let _ = child.kill().await;
+}
