@@ -10,6 +10,7 @@ mod eaddress;
 mod forms;
 mod gateway;
 mod identity;
+mod operations;
 mod requests;
 mod routing;
 
