@@ -93,30 +93,35 @@ pub struct Guarded<B> {
     body: Recorded<B>,
     _call: CallGuard,
     _permit: Option<BudgetPermit>,
-    member: Arc<str>,
-    trace_id: Option<HeaderValue>,
+    log: CallLog,
+}
+
+/// What a call's log line and span need at its end.
+pub struct CallLog {
+    /// The member system.
+    pub member: Arc<str>,
+    /// The call's trace id, as the caller got it.
+    pub trace_id: Option<HeaderValue>,
     /// The call's span, open until the answer ends (a stream's lasts as long as the stream).
-    span: tracing::Span,
+    pub span: tracing::Span,
+    /// Why the gateway refused the call, if it did.
+    pub refused: Option<Arc<str>>,
 }
 
 impl<B> Guarded<B> {
-    /// Wraps `body`, holding `call`, `permit` and the call's `span` for as long as it lives.
+    /// Wraps `body`, holding `call`, `permit` and the call's span for as long as it lives.
     pub fn new(
         body: B,
         call: CallGuard,
         permit: Option<BudgetPermit>,
         record: CallRecord,
-        member: Arc<str>,
-        trace_id: Option<HeaderValue>,
-        span: tracing::Span,
+        log: CallLog,
     ) -> Self {
         Self {
             body: Recorded::new(body, record),
             _call: call,
             _permit: permit,
-            member,
-            trace_id,
-            span,
+            log,
         }
     }
 }
@@ -131,19 +136,27 @@ impl<B> Drop for Guarded<B> {
     fn drop(&mut self) {
         // The call's one line; its metrics are recorded as the body drops, right after.
         if let Some(code) = self.body.record().code() {
-            onestop_platform::telemetry::record_status(&self.span, code);
+            onestop_platform::telemetry::record_status(&self.log.span, code);
+        }
+        let log = &self.log;
+        if let Some(reason) = &log.refused
+            && !crate::logs::refusals().admit(&log.member, reason)
+        {
+            // Counted into the second's summary line instead.
+            return;
         }
         let (service, method, code, took) = self.body.record().describe();
-        let trace_id = self
+        let trace_id = log
             .trace_id
             .as_ref()
             .and_then(|value| value.to_str().ok())
             .unwrap_or("");
         tracing::info!(
             target: "onestop_gateway::call",
-            member = %self.member,
+            member = %log.member,
             method = %format_args!("{service}/{method}"),
             status = code,
+            reason = log.refused.as_deref().unwrap_or(""),
             duration_ms = millis(took),
             trace_id,
             "call"

@@ -11,6 +11,7 @@
 pub mod body;
 pub mod connection;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod people;
 pub mod policy;
@@ -342,6 +343,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     });
     forget_idle_members(gateway.clone(), shutdown.clone());
+    logs::refusals().keep_summarizing(shutdown.clone());
 
     let accepting = shutdown.child_token();
     let mut incoming = accept::accept(

@@ -25,7 +25,7 @@ use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::DOMAIN;
-use crate::body::{Activity, Guarded, Metered};
+use crate::body::{Activity, CallLog, Guarded, Metered};
 use crate::limits::{self, Budget, Exhausted, MemberRates, MemberSlots};
 use crate::people::PersonRefusal;
 use crate::policy::{Policy, PolicyError};
@@ -205,7 +205,11 @@ fn refuse(
     message: String,
 ) -> Response<Body> {
     let status = platform_status::with_info(code, DOMAIN, reason, metadata, message, Vec::new());
-    status.into_http()
+    let mut response = status.into_http();
+    response
+        .extensions_mut()
+        .insert(crate::logs::Refused(reason.into()));
+    response
 }
 
 /// The size of a header block as HTTP/2 counts it against `SETTINGS_MAX_HEADER_LIST_SIZE`.
@@ -252,8 +256,18 @@ impl Gateway {
             .extensions()
             .get::<crate::body::CallDeadline>()
             .map(|d| d.0);
+        let refused = response
+            .extensions()
+            .get::<crate::logs::Refused>()
+            .map(|r| r.0.clone());
         let mut response = response.map(|body| {
-            let guarded = Guarded::new(body, call, permit, record, member, trace, span);
+            let log = CallLog {
+                member,
+                trace_id: trace,
+                span,
+                refused,
+            };
+            let guarded = Guarded::new(body, call, permit, record, log);
             let gateway = self.clone();
             let ends = Later::new(move || gateway.ends_early(caller, method, deadline));
             Body::new(EndsWhen::new(guarded, ends))
@@ -496,7 +510,6 @@ impl Gateway {
         // 5. Whether this member may make it.
         let policy = self.policy.current();
         if !policy.allows(member, path) {
-            tracing::info!(%member, %method, "call denied by the access policy");
             return refused(
                 Code::PermissionDenied,
                 "ACCESS_DENIED",

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod paging;
 pub mod person;
 pub mod pki;
+pub mod redact;
 pub mod reload;
 pub mod requests;
 pub mod server;

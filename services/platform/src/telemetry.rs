@@ -209,7 +209,7 @@ pub fn init(config: &TelemetryConfig, component: &str) -> Result<Telemetry, Tele
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr)
+                    .with_writer(crate::redact::stderr)
                     .with_filter(filter),
             )
             .try_init()
@@ -218,7 +218,7 @@ pub fn init(config: &TelemetryConfig, component: &str) -> Result<Telemetry, Tele
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(terminal)
-                    .with_writer(std::io::stderr)
+                    .with_writer(crate::redact::stderr)
                     .with_filter(filter),
             )
             .try_init()
