@@ -31,6 +31,9 @@ use onestop_proto::routing::v1::{
 use onestop_proto::r#type::v1::MemberId;
 
 use crate::identity::{CENTRE, INSTITUTION, World, bearer, login, tokens, world_with};
+use crate::on_both_backends;
+
+on_both_backends!(signals_move_as_the_platform_works);
 
 const PENSIONS: &str = "GOV/VSAA/pensions";
 const RESIDENT: &str = "lv:121282-11236";
@@ -114,8 +117,8 @@ fn unix_now() -> f64 {
 
 /// A federation with every service and an admin listener, re-reading its revocation list
 /// every 100 ms.
-async fn operated_world() -> (World, SocketAddr) {
-    let world = world_with(Backend::Sqlite, |options| {
+async fn operated_world(backend: Backend) -> (World, SocketAddr) {
+    let world = world_with(backend, |options| {
         options.admin = Some("127.0.0.1:0".parse().unwrap());
         options.reload_interval = Duration::from_millis(100);
     })
@@ -124,9 +127,8 @@ async fn operated_world() -> (World, SocketAddr) {
     (world, admin)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signals_move_as_the_platform_works() {
-    let (World { fed, providers: _p }, admin) = operated_world().await;
+async fn signals_move_as_the_platform_works(backend: Backend) {
+    let (World { fed, providers: _p }, admin) = operated_world(backend).await;
     onestop_integration_tests::await_serving(
         fed.gateway_client(INSTITUTION),
         "onestop.eaddress.v1.MessageService",
