@@ -46,13 +46,24 @@ pub async fn measure(seconds: u64) -> anyhow::Result<()> {
     for flood in [Flood::None, Flood::Watches, Flood::Connections] {
         let stop = Arc::new(AtomicBool::new(false));
         let flooded = Arc::new(AtomicU64::new(0));
+        // The victim is connected before the flood begins: what is measured is what the flood
+        // does to calls, not to a connection made in the middle of it from the same address.
+        let victim = channel(&gateway, &pki, "demo-centre")?;
+        FormsServiceClient::new(victim.clone())
+            .get_form(get_form())
+            .await?;
+        // The watch flood shares a few connections, as a member's system would.
+        let shared: Vec<_> = (0..FLOOD_CONNECTIONS)
+            .map(|_| channel(&gateway, &pki, "demo-institution"))
+            .collect::<Result<_, _>>()?;
         let mut flooders = tokio::task::JoinSet::new();
-        for _ in 0..flood.tasks() {
+        for task in 0..flood.tasks() {
             let (stop, flooded) = (stop.clone(), flooded.clone());
             let (gateway, pki) = (gateway.clone(), pki.clone());
-            flooders.spawn(async move { flood.run(&gateway, &pki, &stop, &flooded).await });
+            let connection = shared[task % shared.len()].clone();
+            flooders
+                .spawn(async move { flood.run(&gateway, &pki, connection, &stop, &flooded).await });
         }
-        let victim = channel(&gateway, &pki, "demo-centre")?;
         let (latency, failed) = victim_calls(victim, seconds).await?;
         stop.store(true, Ordering::Relaxed);
         while flooders.join_next().await.is_some() {}
@@ -198,7 +209,8 @@ fn record(
 #[derive(Clone, Copy)]
 enum Flood {
     None,
-    /// Opens health watches and drops them as soon as they answer, on a few connections.
+    /// Opens health watches and drops them as soon as they answer, eight tasks on each of a
+    /// few connections.
     Watches,
     /// Connects, makes one call and disconnects, again and again.
     Connections,
@@ -221,13 +233,19 @@ impl Flood {
         }
     }
 
-    async fn run(self, gateway: &str, pki: &Path, stop: &AtomicBool, flooded: &AtomicU64) {
+    async fn run(
+        self,
+        gateway: &str,
+        pki: &Path,
+        shared: tonic::transport::Channel,
+        stop: &AtomicBool,
+        flooded: &AtomicU64,
+    ) {
         let connect = || channel(gateway, pki, "demo-institution");
         match self {
             Flood::None => {}
             Flood::Watches => {
-                let Ok(channel) = connect() else { return };
-                let mut health = HealthClient::new(channel);
+                let mut health = HealthClient::new(shared);
                 while !stop.load(Ordering::Relaxed) {
                     // Refusals (over the member's rate or streams) count as much as answers.
                     if let Ok(watch) = health.watch(HealthCheckRequest::default()).await {
@@ -237,6 +255,7 @@ impl Flood {
                 }
             }
             Flood::Connections => {
+                drop(shared);
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(channel) = connect() else { return };
                     let _ = HealthClient::new(channel)

@@ -69,6 +69,9 @@ impl MemberRates {
     }
 }
 
+/// The shortest time a member over its rate has its connections left unread.
+pub const MIN_HOLD: Duration = Duration::from_millis(25);
+
 /// When a member institution's connections may be read again: set when the member is over its
 /// rate, so that a member flooding the gateway with calls it will only be refused is held back
 /// by TCP itself (its connections are not read until its bucket has a token again) instead of

@@ -436,9 +436,11 @@ impl Gateway {
         //    the gateway's own services included. Streams have a budget of their own, so that
         //    long-lived watches cannot crowd out calls.
         if let Err(wait) = self.rates.check(&admitted.institution) {
-            // Until a token is free, the member's connections are not read: a flood of calls
-            // that would only be refused waits in the member's own TCP buffers.
-            admitted.pace.hold(wait);
+            // Until a token is free, and at least a moment longer, the member's connections
+            // are not read: a flood of calls that would only be refused waits in the member's
+            // own TCP buffers instead of being refused one by one (each connection read once
+            // per hold brings a batch of them).
+            admitted.pace.hold(wait.max(limits::MIN_HOLD));
             return refused(
                 Code::ResourceExhausted,
                 "RATE_LIMITED",
