@@ -11,8 +11,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
-use onestop_proto::routing::v1::SubmitApplicationRequest;
 use onestop_proto::routing::v1::application_service_client::ApplicationServiceClient;
+use onestop_proto::routing::v1::inbox_service_client::InboxServiceClient;
+use onestop_proto::routing::v1::{
+    OpenInbox, StreamInboxRequest, SubmitApplicationRequest, stream_inbox_request,
+};
+use onestop_proto::r#type::v1::MemberId;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -36,6 +40,8 @@ struct Received {
     attributes: HashMap<String, String>,
     start: u64,
     end: u64,
+    /// The trace ids this span links to.
+    links: Vec<String>,
 }
 
 /// The receiver: every exported span goes into a channel.
@@ -81,6 +87,11 @@ impl TraceService for Receiver {
                         attributes: text(&span.attributes),
                         start: span.start_time_unix_nano,
                         end: span.end_time_unix_nano,
+                        links: span
+                            .links
+                            .iter()
+                            .map(|l| hex::encode(&l.trace_id))
+                            .collect(),
                     });
                 }
             }
@@ -247,5 +258,56 @@ async fn one_submission_is_one_trace_across_every_service() {
         "onestop.routing.v1.ApplicationService"
     );
     assert_eq!(gateway_span.attributes["rpc.method"], "SubmitApplication");
+
+    // The institution takes the application from its inbox: that delivery is work of its own
+    // stream's trace, linked to the submission's.
+    let institution = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-institution")).unwrap();
+    let channel = onestop_platform::client::channel(
+        &gateway,
+        "localhost",
+        tls::client_config(&institution, None).unwrap(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let (acks, requests) = mpsc::channel(1);
+    acks.send(StreamInboxRequest {
+        kind: Some(stream_inbox_request::Kind::Open(OpenInbox {
+            inbox: Some(MemberId {
+                member_class: "GOV".into(),
+                member_code: "VSAA".into(),
+                subsystem: "pensions".into(),
+            }),
+            max_unacknowledged: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut deliveries = InboxServiceClient::new(channel)
+        .stream_inbox(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    deliveries.message().await.unwrap().expect("the delivery");
+    let delivery = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let span = received.recv().await.expect("the receiver runs");
+            if span.name == "inbox.deliver" {
+                return span;
+            }
+        }
+    })
+    .await
+    .expect("the delivery's span within 30 s");
+    assert_eq!(delivery.service, "onestop-routing");
+    assert_ne!(
+        delivery.trace_id, trace_id,
+        "a trace of its own: the consumer's stream"
+    );
+    assert_eq!(
+        delivery.links,
+        std::slice::from_ref(&trace_id),
+        "linked to the submission's trace"
+    );
+    drop(acks);
     let _ = child.kill().await;
 }

@@ -946,6 +946,7 @@ async fn leases_expire_and_deliveries_park(backend: Backend) {
         accept_time: t0,
         status: Status::Submitted,
         history: Vec::new(),
+        trace_context: None,
     };
     let once = Once::new(
         &"test",

@@ -15,6 +15,7 @@ use onestop_proto::eaddress::v1::message_service_server::MessageService;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::blobs::{MAX_CHUNK_BYTES, Read, UploadError};
 use crate::error::EaddressError;
@@ -400,14 +401,18 @@ impl MessageService for EaddressApi {
         });
         // Small: what is queued here is already leased; the window is the consumer's own.
         let (sender, receiver) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(inbox::run(
-            self.eaddress.clone(),
-            mailbox,
-            open.max_unacknowledged,
-            Box::pin(incoming),
-            sender,
-            self.shutdown.clone(),
-        ));
+        // The stream's work stays in the stream's span, so each delivery's span is under it.
+        tokio::spawn(
+            inbox::run(
+                self.eaddress.clone(),
+                mailbox,
+                open.max_unacknowledged,
+                Box::pin(incoming),
+                sender,
+                self.shutdown.clone(),
+            )
+            .instrument(tracing::Span::current()),
+        );
         let responses =
             tokio_stream::wrappers::ReceiverStream::new(receiver).map(|item| match item {
                 Ok(inbox::Outgoing::Delivery(delivery)) => {

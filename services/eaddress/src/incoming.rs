@@ -34,6 +34,8 @@ impl Leased for IncomingMessage {
 }
 
 impl Source for Eaddress {
+    const COMPONENT: &'static str = "eaddress";
+
     type Delivery = IncomingMessage;
     type Error = EaddressError;
 

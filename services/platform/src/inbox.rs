@@ -18,6 +18,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Most deliveries claimed at once for one stream.
 const BATCH: u32 = 16;
@@ -112,10 +113,16 @@ pub trait Leased: Send + 'static {
     fn id(&self) -> &str;
     /// When its lease ends (it is delivered again after that, unless acknowledged).
     fn lease_until(&self) -> OffsetDateTime;
+    /// The W3C trace context of the call that caused it, which its delivery's span links to.
+    fn cause(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Where an inbox's deliveries come from: a service's store and rules.
 pub trait Source: Send + Sync + 'static {
+    /// The platform component whose inboxes these are, for the deliveries' spans.
+    const COMPONENT: &'static str;
     /// A delivery.
     type Delivery: Leased;
     /// The service's error.
@@ -358,11 +365,19 @@ async fn serve_stream<S: Source>(
             full_batch = batch.len() as u32 == limit;
             for delivery in batch {
                 sent.add(delivery.id(), delivery.lease_until());
+                // A span of the consumer's stream, linked to the call that caused the delivery.
+                let span = tracing::info_span!(
+                    "inbox.deliver",
+                    onestop.component = S::COMPONENT,
+                    inbox,
+                    delivery_id = delivery.id(),
+                );
+                crate::telemetry::linked_to(&span, delivery.cause());
                 // Waits while the consumer is not reading: the stream's memory is this one
                 // message and the transport's flow-control window.
                 tokio::select! {
                     () = shutdown.cancelled() => return Err(source.shutting_down()),
-                    sending = outgoing.send(Ok(Outgoing::Delivery(Box::new(delivery)))) => {
+                    sending = outgoing.send(Ok(Outgoing::Delivery(Box::new(delivery)))).instrument(span) => {
                         if sending.is_err() {
                             return Ok(());
                         }

@@ -378,6 +378,35 @@ pub fn inject_context(span: &tracing::Span, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
 }
 
+/// The current span's W3C trace context (`traceparent`), to keep with work done later for the
+/// call (see [`linked_to`]); `None` when the call is not traced.
+pub fn current_traceparent() -> Option<String> {
+    let mut headers = HeaderMap::new();
+    inject_context(&tracing::Span::current(), &mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Links `span` to the trace of the call whose `traceparent` was kept ([`current_traceparent`]):
+/// work done later for a call (an inbox delivery) is found from that call's trace.
+pub fn linked_to(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let Ok(value) = HeaderValue::from_str(traceparent) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("traceparent", value);
+    let cause = TraceContextPropagator::new().extract(&HeaderExtractor(&headers));
+    let cause = cause.span().span_context().clone();
+    if cause.is_valid() {
+        span.add_link(cause);
+    }
+}
+
 /// The span's trace id as a response header value; `None` when tracing is not installed.
 pub fn trace_id_header(span: &tracing::Span) -> Option<HeaderValue> {
     let context = span.context();

@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::catalogue::{self, Tier};
 use crate::error::RoutingError;
@@ -563,14 +564,18 @@ impl InboxService for RoutingApi {
         });
         // Small: what is queued here is already leased; the window is the consumer's own.
         let (sender, receiver) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(inbox::run(
-            self.routing.clone(),
-            inbox,
-            open.max_unacknowledged,
-            Box::pin(incoming),
-            sender,
-            self.shutdown.clone(),
-        ));
+        // The stream's work stays in the stream's span, so each delivery's span is under it.
+        tokio::spawn(
+            inbox::run(
+                self.routing.clone(),
+                inbox,
+                open.max_unacknowledged,
+                Box::pin(incoming),
+                sender,
+                self.shutdown.clone(),
+            )
+            .instrument(tracing::Span::current()),
+        );
         let responses = ReceiverStream::new(receiver).map(|item| match item {
             Ok(Outgoing::Delivery(delivery)) => Ok(pb::StreamInboxResponse {
                 kind: Some(pb::stream_inbox_response::Kind::Delivery(delivery_pb(

@@ -28,9 +28,15 @@ impl Leased for Delivery {
     fn lease_until(&self) -> OffsetDateTime {
         self.lease_until
     }
+
+    fn cause(&self) -> Option<&str> {
+        self.application.trace_context.as_deref()
+    }
 }
 
 impl Source for Routing {
+    const COMPONENT: &'static str = "routing";
+
     type Delivery = Delivery;
     type Error = RoutingError;
 

@@ -182,6 +182,9 @@ pub struct Application {
     pub status: Status,
     /// Every step, oldest first (filled when read whole).
     pub history: Vec<StatusChange>,
+    /// The W3C trace context of the call that submitted it, which the spans of its later
+    /// deliveries link to; none when it came untraced.
+    pub trace_context: Option<String>,
 }
 
 impl Application {

@@ -412,6 +412,7 @@ impl Routing {
             destination: service.route(&submission.municipality_code).to_owned(),
             accept_time: now,
             status: Status::Submitted,
+            trace_context: onestop_platform::telemetry::current_traceparent(),
             history: vec![StatusChange {
                 status: Status::Submitted,
                 note: String::new(),

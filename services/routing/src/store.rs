@@ -75,7 +75,8 @@ impl std::fmt::Debug for Pending {
 }
 
 const APPLICATION_COLUMNS: &str = "a.id, a.service_id, a.form_id, a.form_version, a.data_json, \
-     a.municipality_code, a.destination, a.provenance, a.content_sha256, a.accept_time_ms, a.status";
+     a.municipality_code, a.destination, a.provenance, a.content_sha256, a.accept_time_ms, a.status, \
+     a.trace_context";
 
 fn application_of(row: &AnyRow) -> Result<Application, StoreError> {
     let provenance: String = row.try_get("provenance")?;
@@ -95,6 +96,7 @@ fn application_of(row: &AnyRow) -> Result<Application, StoreError> {
         status: Status::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("status `{status}`")))?,
         history: Vec::new(),
+        trace_context: row.try_get("trace_context")?,
     })
 }
 
@@ -764,7 +766,8 @@ async fn write_application(
     sqlx::query(
         "INSERT INTO applications (id, service_id, form_id, form_version, data_json, \
          municipality_code, destination, provenance, applicant, centre_id, content_sha256, \
-         accept_time_ms, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         accept_time_ms, status, trace_context) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&application.id)
     .bind(&application.service_id)
@@ -779,6 +782,7 @@ async fn write_application(
     .bind(&application.content_sha256)
     .bind(db::millis(application.accept_time))
     .bind(application.status.as_str())
+    .bind(application.trace_context.as_deref())
     .execute(&mut **tx)
     .await?;
     for (seq, change) in application.history.iter().enumerate() {
