@@ -14,7 +14,8 @@ use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
 use onestop_proto::routing::v1::application_service_client::ApplicationServiceClient;
 use onestop_proto::routing::v1::inbox_service_client::InboxServiceClient;
 use onestop_proto::routing::v1::{
-    OpenInbox, StreamInboxRequest, SubmitApplicationRequest, stream_inbox_request,
+    ApplicationStatus, OpenInbox, StreamInboxRequest, SubmitApplicationRequest,
+    UpdateApplicationStatusRequest, stream_inbox_request,
 };
 use onestop_proto::r#type::v1::MemberId;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -172,6 +173,13 @@ async fn one_submission_is_one_trace_across_every_service() {
     })
     .await
     .expect("a submission within 30 s");
+    let receipt_name = response
+        .get_ref()
+        .receipt
+        .as_ref()
+        .unwrap()
+        .application
+        .clone();
     let trace_id = response
         .metadata()
         .get("x-trace-id")
@@ -282,6 +290,7 @@ async fn one_submission_is_one_trace_across_every_service() {
     })
     .await
     .unwrap();
+    let deliveries_channel = channel.clone();
     let mut deliveries = InboxServiceClient::new(channel)
         .stream_inbox(tokio_stream::wrappers::ReceiverStream::new(requests))
         .await
@@ -307,6 +316,42 @@ async fn one_submission_is_one_trace_across_every_service() {
         delivery.links,
         std::slice::from_ref(&trace_id),
         "linked to the submission's trace"
+    );
+
+    // The institution decides; the decision reaches the e-address later, from routing's
+    // outbox, in a trace of its own linked to the deciding call's.
+    let decided = ApplicationServiceClient::new(deliveries_channel)
+        .update_application_status(UpdateApplicationStatusRequest {
+            request_id: "traced-decision".into(),
+            name: receipt_name.clone(),
+            status: ApplicationStatus::Decided as i32,
+            note: "Granted".into(),
+            decision: None,
+        })
+        .await
+        .unwrap();
+    let deciding = decided
+        .metadata()
+        .get("x-trace-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let sent = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let span = received.recv().await.expect("the receiver runs");
+            if span.name == "decision.send" {
+                return span;
+            }
+        }
+    })
+    .await
+    .expect("the decision's span within 30 s");
+    assert_eq!(sent.service, "onestop-routing");
+    assert_eq!(
+        sent.links,
+        std::slice::from_ref(&deciding),
+        "linked to the deciding call"
     );
     drop(acks);
     let _ = child.kill().await;

@@ -208,7 +208,21 @@ async fn drain(store: &Store, eaddress: &EaddressClient) -> Result<(), String> {
                 .decision_document(&notification.application_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            match eaddress.deliver(notification, document).await {
+            // Sent later, in a trace of its own linked to the call that decided.
+            let span = tracing::info_span!(
+                "decision.send",
+                onestop.component = "routing",
+                notification = %notification.id,
+            );
+            let cause = serde_json::from_str::<serde_json::Value>(&notification.payload)
+                .ok()
+                .and_then(|payload| payload["traceparent"].as_str().map(str::to_owned));
+            telemetry::linked_to(&span, cause.as_deref());
+            match eaddress
+                .deliver(notification, document)
+                .instrument(span)
+                .await
+            {
                 Ok(()) => {}
                 // The e-address refuses this notification for good (a recipient it cannot
                 // address): retrying cannot help, so it is logged and set aside.

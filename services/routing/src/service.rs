@@ -1177,6 +1177,8 @@ fn decision_notice(application: &Application, change: &StatusChange) -> Notifica
             "media_type": d.media_type,
             "content_sha256": d.content_sha256,
         })),
+        // The deciding call's trace, which sending the decision later links to.
+        "traceparent": onestop_platform::telemetry::current_traceparent(),
     });
     Notification {
         id: new_id(),
