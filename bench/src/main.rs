@@ -16,12 +16,15 @@
 //!    signed, and small messages a second.
 //! 6. Fairness ([`fairness`]): one member's calls at a steady rate, alone and while another
 //!    member floods the gateway with health watches or with new connections.
+//! 7. Idle connections ([`connections`]): 10,000 idle mTLS connections of 157 member systems,
+//!    the gateway's memory, and a member connecting then.
 //!
 //! Run with `cargo build --release --bin onestop -p onestop-bench && target/release/onestop-bench
-//! [SECONDS [proxies|validation|tokens|routing|eaddress|fairness [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
+//! [SECONDS [proxies|validation|tokens|routing|eaddress|fairness|connections [ROUNDS]]]` (default 5 s per measurement, 3 rounds, both parts).
 //! nginx and HAProxy come from `scripts/install-proxies`; a path whose proxy is missing is left
 //! out. Everything shares the machine's two cores; figures vary by some 10% from run to run.
 
+mod connections;
 mod eaddress;
 mod fairness;
 mod proxies;
@@ -130,13 +133,14 @@ fn validation(seconds: u64) -> anyhow::Result<()> {
 }
 
 /// The parts, as the second argument names them.
-const PARTS: [&str; 6] = [
+const PARTS: [&str; 7] = [
     "proxies",
     "validation",
     "tokens",
     "routing",
     "eaddress",
     "fairness",
+    "connections",
 ];
 
 fn usage() -> String {
@@ -241,6 +245,9 @@ async fn measure(arguments: Arguments) -> anyhow::Result<()> {
     }
     if only.is_none() || only.as_deref() == Some("fairness") {
         fairness::measure(seconds).await?;
+    }
+    if only.is_none() || only.as_deref() == Some("connections") {
+        connections::measure().await?;
     }
     Ok(())
 }
