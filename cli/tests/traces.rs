@@ -11,6 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
+use onestop_proto::eaddress::v1::SendMessageRequest;
+use onestop_proto::eaddress::v1::message_service_client::MessageServiceClient;
 use onestop_proto::routing::v1::application_service_client::ApplicationServiceClient;
 use onestop_proto::routing::v1::inbox_service_client::InboxServiceClient;
 use onestop_proto::routing::v1::{
@@ -291,6 +293,7 @@ async fn one_submission_is_one_trace_across_every_service() {
     .await
     .unwrap();
     let deliveries_channel = channel.clone();
+    let deliveries_channel_for_mail = channel.clone();
     let mut deliveries = InboxServiceClient::new(channel)
         .stream_inbox(tokio_stream::wrappers::ReceiverStream::new(requests))
         .await
@@ -353,6 +356,31 @@ async fn one_submission_is_one_trace_across_every_service() {
         std::slice::from_ref(&deciding),
         "linked to the deciding call"
     );
+
+    // An official message: its evidence is signed into the log in a span of the e-address's.
+    let mut mail = MessageServiceClient::new(deliveries_channel_for_mail);
+    mail.send_message(SendMessageRequest {
+        request_id: "traced-message".into(),
+        sender: "member:GOV/VSAA/pensions".into(),
+        recipients: vec!["lv:121282-11236".into()],
+        subject: "Paziņojums".into(),
+        body: "Teksts".into(),
+        document_type: "notice".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let signed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let span = received.recv().await.expect("the receiver runs");
+            if span.name == "evidence.sign" {
+                return span;
+            }
+        }
+    })
+    .await
+    .expect("the evidence signing span within 30 s");
+    assert_eq!(signed.service, "onestop-eaddress");
     drop(acks);
     let _ = child.kill().await;
 }

@@ -60,6 +60,9 @@ pub struct Message {
     pub accept_time: OffsetDateTime,
     /// How many recipients it has.
     pub recipient_count: u32,
+    /// The W3C trace context of the call that sent it, which the spans of the work it causes
+    /// later (notices, deemed delivery) link to; none when it came untraced.
+    pub trace_context: Option<String>,
 }
 
 impl Message {

@@ -14,6 +14,7 @@ use onestop_platform::requests::{Fingerprint, Request, Requests};
 use prometheus_client::metrics::gauge::Gauge;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, Notify};
+use tracing::Instrument;
 
 use crate::address::Address;
 use crate::blobs::Blobs;
@@ -825,6 +826,7 @@ impl Eaddress {
             attachments,
             accept_time: onestop_platform::clock::now(),
             recipient_count: u32::try_from(recipients.len()).unwrap_or(u32::MAX),
+            trace_context: onestop_platform::telemetry::current_traceparent(),
             id,
         };
         self.store
@@ -1325,7 +1327,14 @@ impl Eaddress {
             }
         };
         if appended > 0 {
-            self.sign_tree_head(size).await?;
+            // Only a pass that signed something is a span: most passes find nothing to do.
+            let span = tracing::info_span!(
+                "evidence.sign",
+                onestop.component = "eaddress",
+                records = appended,
+                tree_size = size,
+            );
+            self.sign_tree_head(size).instrument(span).await?;
         }
         let pending = self.store.pending_count(None).await?;
         self.gauges
@@ -1341,7 +1350,14 @@ impl Eaddress {
             let due: Vec<Due> = self.store.due(now, BATCH).await?;
             let n = due.len();
             for d in &due {
-                if self.store.pass_deadline(d, now).await? {
+                // Work the sending call caused, in a trace of its own linked to it.
+                let span = tracing::info_span!(
+                    "delivery.deadline",
+                    onestop.component = "eaddress",
+                    due = %d.due_kind,
+                );
+                onestop_platform::telemetry::linked_to(&span, d.trace_context.as_deref());
+                if self.store.pass_deadline(d, now).instrument(span).await? {
                     passed += 1;
                 }
             }
@@ -1366,7 +1382,18 @@ impl Eaddress {
             .await?;
         let mut sent = 0;
         for notice in notices {
-            match mailer.send(&notice.email, &notice.id).await {
+            // Work the sending call caused, in a trace of its own linked to it.
+            let span = tracing::info_span!(
+                "notice.send",
+                onestop.component = "eaddress",
+                attempt = notice.attempts + 1,
+            );
+            onestop_platform::telemetry::linked_to(&span, notice.trace_context.as_deref());
+            match mailer
+                .send(&notice.email, &notice.id)
+                .instrument(span)
+                .await
+            {
                 Ok(()) => {
                     self.store
                         .notice_outcome(&notice.id, Some(onestop_platform::clock::now()), None, "")

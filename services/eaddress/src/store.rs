@@ -63,7 +63,7 @@ fn optional_time(ms: Option<i64>) -> Result<Option<OffsetDateTime>, StoreError> 
 
 const MESSAGE_COLUMNS: &str = "id, thread_id, sender, subject, body, document_type, \
      delivery_rule, hidden_from_delegates, content_sha256, attachments, accept_time_ms, \
-     recipient_count";
+     recipient_count, trace_context";
 
 fn message_of(row: &AnyRow) -> Result<Message, StoreError> {
     let attachments: String = row.try_get("attachments")?;
@@ -83,6 +83,7 @@ fn message_of(row: &AnyRow) -> Result<Message, StoreError> {
             .map_err(|e| StoreError::Corrupt(format!("attachments: {e}")))?,
         accept_time: db::from_millis(row.try_get("accept_time_ms")?)?,
         recipient_count: u32::try_from(count).unwrap_or(u32::MAX),
+        trace_context: row.try_get("trace_context")?,
     })
 }
 
@@ -146,6 +147,8 @@ pub struct Due {
     pub due_kind: String,
     /// The message's delivery rule.
     pub delivery_rule: String,
+    /// The trace context of the call that sent the message.
+    pub trace_context: Option<String>,
 }
 
 /// A signed record of the log, as stored.
@@ -189,6 +192,8 @@ pub struct Notice {
     pub attempts: u32,
     /// When it may be tried (as claimed).
     pub next_attempt_ms: i64,
+    /// The trace context of the call that sent the message it tells of.
+    pub trace_context: Option<String>,
 }
 
 /// The store.
@@ -434,7 +439,7 @@ impl Store {
         db::conflict_on_duplicate(
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({})",
-                placeholders(1, 12)
+                placeholders(1, 13)
             )))
             .bind(&m.id)
             .bind(&m.thread_id)
@@ -448,6 +453,7 @@ impl Store {
             .bind(attachments)
             .bind(now)
             .bind(i64::from(m.recipient_count))
+            .bind(m.trace_context.as_deref())
             .execute(&mut *tx)
             .await,
         )?;
@@ -581,7 +587,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT m.id, m.thread_id, m.sender, m.subject, '' AS body, m.document_type, \
              m.delivery_rule, m.hidden_from_delegates, m.content_sha256, m.attachments, \
-             m.accept_time_ms, m.recipient_count, d.message_id, d.recipient, d.state, \
+             m.accept_time_ms, m.recipient_count, m.trace_context, d.message_id, d.recipient, \
+             d.state, \
              d.place_time_ms, d.retrieve_time_ms \
              FROM deliveries d JOIN messages m ON m.id = d.message_id \
              WHERE d.recipient = $1 AND d.state <> 'accepted' AND d.state <> 'not_delivered' \
@@ -764,7 +771,8 @@ impl Store {
     /// Placed deliveries whose deadline is at or before `now`, at most `limit`.
     pub async fn due(&self, now: OffsetDateTime, limit: i64) -> Result<Vec<Due>, StoreError> {
         let rows = sqlx::query(
-            "SELECT d.message_id, d.recipient, d.due_kind, m.delivery_rule FROM deliveries d \
+            "SELECT d.message_id, d.recipient, d.due_kind, m.delivery_rule, m.trace_context \
+             FROM deliveries d \
              JOIN messages m ON m.id = d.message_id \
              WHERE d.state = 'placed' AND d.due_time_ms <= $1 \
              ORDER BY d.due_time_ms LIMIT $2",
@@ -780,6 +788,7 @@ impl Store {
                     recipient: row.try_get("recipient")?,
                     due_kind: row.try_get("due_kind")?,
                     delivery_rule: row.try_get("delivery_rule")?,
+                    trace_context: row.try_get("trace_context")?,
                 })
             })
             .collect()
@@ -1228,9 +1237,10 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Notice>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, email, attempts, next_attempt_ms FROM notices \
-             WHERE sent_time_ms IS NULL AND gave_up = 0 AND next_attempt_ms <= $1 \
-             ORDER BY next_attempt_ms LIMIT $2",
+            "SELECT n.id, n.email, n.attempts, n.next_attempt_ms, m.trace_context FROM notices n \
+             LEFT JOIN messages m ON m.id = n.message_id \
+             WHERE n.sent_time_ms IS NULL AND n.gave_up = 0 AND n.next_attempt_ms <= $1 \
+             ORDER BY n.next_attempt_ms LIMIT $2",
         )
         .bind(db::millis(now))
         .bind(limit)
@@ -1257,6 +1267,7 @@ impl Store {
                     email: row.try_get("email")?,
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
                     next_attempt_ms: until,
+                    trace_context: row.try_get("trace_context")?,
                 });
             }
         }
