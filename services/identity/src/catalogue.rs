@@ -6,9 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use onestop_platform::config::ServerConfig;
-use onestop_platform::identity::SpiffeId;
 use onestop_platform::telemetry;
-use onestop_platform::tls::{self, TlsMaterial};
 use onestop_proto::routing::v1::GetCatalogueRequest;
 use onestop_proto::routing::v1::catalogue_service_client::CatalogueServiceClient;
 use tonic::transport::Channel;
@@ -33,16 +31,9 @@ impl Catalogue {
         address: &str,
         server_name: &str,
     ) -> Result<Self, String> {
-        let material = TlsMaterial::load(&server.tls).map_err(|e| e.to_string())?;
-        let identity = SpiffeId::platform(&server.trust_domain, "routing");
-        let config = tls::client_config(&material, Some(&identity)).map_err(|e| e.to_string())?;
-        let channel = onestop_platform::client::channel(
-            address,
-            server_name,
-            config,
-            Duration::from_secs(30),
-        )
-        .map_err(|e| e.to_string())?;
+        let channel =
+            onestop_platform::client::to_component(server, address, server_name, "routing")
+                .map_err(|e| e.to_string())?;
         Ok(Self {
             client: CatalogueServiceClient::new(channel),
         })

@@ -23,6 +23,24 @@ pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 #[error("{0}")]
 pub struct ClientError(String);
 
+/// A lazily connecting channel to another platform component at `address`, as this process's
+/// own component (its `[server.tls]` certificate): the server must present `component`'s
+/// certificate (`spiffe://<domain>/platform/<component>`, for `server_name`). What one service
+/// uses to call another directly (routing → forms, routing → e-address, identity → routing).
+pub fn to_component(
+    server: &crate::config::ServerConfig,
+    address: &str,
+    server_name: &str,
+    component: &str,
+) -> Result<Channel, ClientError> {
+    let material =
+        crate::tls::TlsMaterial::load(&server.tls).map_err(|e| ClientError(e.to_string()))?;
+    let identity = crate::identity::SpiffeId::platform(&server.trust_domain, component);
+    let config = crate::tls::client_config(&material, Some(&identity))
+        .map_err(|e| ClientError(e.to_string()))?;
+    channel(address, server_name, config, Duration::from_secs(30))
+}
+
 /// A lazily connecting channel to `address` (`host:port`), checking the server's certificate
 /// against `server_name`.
 pub fn channel(

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onestop_platform::config::ServerConfig;
-use onestop_platform::identity::SpiffeId;
 use onestop_platform::telemetry;
-use onestop_platform::tls::{self, TlsMaterial};
 use onestop_proto::eaddress::v1 as pb;
 use onestop_proto::eaddress::v1::message_service_client::MessageServiceClient;
 use tokio::sync::Notify;
@@ -44,16 +42,9 @@ impl EaddressClient {
         address: &str,
         server_name: &str,
     ) -> Result<Self, String> {
-        let material = TlsMaterial::load(&server.tls).map_err(|e| e.to_string())?;
-        let identity = SpiffeId::platform(&server.trust_domain, "eaddress");
-        let config = tls::client_config(&material, Some(&identity)).map_err(|e| e.to_string())?;
-        let channel = onestop_platform::client::channel(
-            address,
-            server_name,
-            config,
-            Duration::from_secs(30),
-        )
-        .map_err(|e| e.to_string())?;
+        let channel =
+            onestop_platform::client::to_component(server, address, server_name, "eaddress")
+                .map_err(|e| e.to_string())?;
         Ok(Self {
             client: MessageServiceClient::new(channel)
                 .max_decoding_message_size(1 << 20)

@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use onestop_platform::config::ServerConfig;
-use onestop_platform::identity::SpiffeId;
 use onestop_platform::telemetry;
-use onestop_platform::tls::{self, TlsMaterial};
 use onestop_proto::forms::v1::ValidateFormDataRequest;
 use onestop_proto::forms::v1::forms_service_client::FormsServiceClient;
 use tonic::Code;
@@ -30,14 +28,11 @@ impl Forms {
     /// A lazily connecting client to the configured forms service, which must present the
     /// `forms` component's certificate.
     pub fn connect(server: &ServerConfig, settings: &RoutingSettings) -> Result<Self, String> {
-        let material = TlsMaterial::load(&server.tls).map_err(|e| e.to_string())?;
-        let identity = SpiffeId::platform(&server.trust_domain, "forms");
-        let config = tls::client_config(&material, Some(&identity)).map_err(|e| e.to_string())?;
-        let channel = onestop_platform::client::channel(
+        let channel = onestop_platform::client::to_component(
+            server,
             &settings.forms_address,
             &settings.forms_server_name,
-            config,
-            Duration::from_secs(30),
+            "forms",
         )
         .map_err(|e| e.to_string())?;
         Ok(Self {
