@@ -2,7 +2,8 @@
 //!
 //! `onestop up` runs as its own process with its default limits. The victim (the demo centre,
 //! `MUN/GULBENE/kac`) calls `GetForm` at a steady 200 a second, well within its rate, and its
-//! latency is measured alone and then while the demo institution (`GOV/VSAA`) floods the gateway:
+//! latency is measured alone and then while the demo institution (`GOV/VSAA`), a process of its
+//! own, floods the gateway:
 //! with health `Watch` streams opened and dropped as fast as its connections take them, and with
 //! new connections made as fast as it can. The figure to read is the victim's p99 under each
 //! flood against its p99 alone (the target: at most twice).
@@ -52,21 +53,31 @@ pub async fn measure(seconds: u64) -> anyhow::Result<()> {
         FormsServiceClient::new(victim.clone())
             .get_form(get_form())
             .await?;
-        // The watch flood shares a few connections, as a member's system would.
-        let shared: Vec<_> = (0..FLOOD_CONNECTIONS)
-            .map(|_| channel(&gateway, &pki, "demo-institution"))
-            .collect::<Result<_, _>>()?;
-        let mut flooders = tokio::task::JoinSet::new();
-        for task in 0..flood.tasks() {
-            let (stop, flooded) = (stop.clone(), flooded.clone());
-            let (gateway, pki) = (gateway.clone(), pki.clone());
-            let connection = shared[task % shared.len()].clone();
-            flooders
-                .spawn(async move { flood.run(&gateway, &pki, connection, &stop, &flooded).await });
-        }
+        // The flooding member is a process of its own, as it would be (its client's work is
+        // not the victim's), for as long as the victim calls.
+        let flooder = match flood {
+            Flood::None => None,
+            _ => Some(
+                tokio::process::Command::new(std::env::current_exe()?)
+                    .env(FLOOD_ENV, flood.name())
+                    .env("ONESTOP_BENCH_GATEWAY", &gateway)
+                    .env("ONESTOP_BENCH_PKI", &pki)
+                    .env("ONESTOP_BENCH_SECONDS", seconds.to_string())
+                    .stdout(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()?,
+            ),
+        };
         let (latency, failed) = victim_calls(victim, seconds).await?;
         stop.store(true, Ordering::Relaxed);
-        while flooders.join_next().await.is_some() {}
+        if let Some(flooder) = flooder {
+            let output = flooder.wait_with_output().await?;
+            let count = String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            flooded.store(count, Ordering::Relaxed);
+        }
         let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
         let p99 = ms(0.99);
         let versus = match alone {
@@ -205,6 +216,59 @@ fn record(
     }
 }
 
+/// The variable that makes this binary a flooding member (see [`Flooder::asked`]).
+const FLOOD_ENV: &str = "ONESTOP_BENCH_FLOOD";
+
+/// The flooding member, as a process of its own: asked for by [`FLOOD_ENV`], it floods the
+/// gateway named by `ONESTOP_BENCH_GATEWAY` for `ONESTOP_BENCH_SECONDS` and prints how many
+/// calls it made.
+pub struct Flooder {
+    flood: Flood,
+    gateway: String,
+    pki: std::path::PathBuf,
+    seconds: u64,
+}
+
+impl Flooder {
+    /// The flooder this process is to be, if it was started as one.
+    pub fn asked() -> Option<Self> {
+        let flood = match std::env::var(FLOOD_ENV).ok()?.as_str() {
+            "watches" => Flood::Watches,
+            "connections" => Flood::Connections,
+            _ => return None,
+        };
+        Some(Self {
+            flood,
+            gateway: std::env::var("ONESTOP_BENCH_GATEWAY").ok()?,
+            pki: std::env::var("ONESTOP_BENCH_PKI").ok()?.into(),
+            seconds: std::env::var("ONESTOP_BENCH_SECONDS").ok()?.parse().ok()?,
+        })
+    }
+
+    /// Floods, then prints the number of calls made.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooded = Arc::new(AtomicU64::new(0));
+        // The watch flood shares a few connections, as a member's system would.
+        let shared: Vec<_> = (0..FLOOD_CONNECTIONS)
+            .map(|_| channel(&self.gateway, &self.pki, "demo-institution"))
+            .collect::<Result<_, _>>()?;
+        let mut flooders = tokio::task::JoinSet::new();
+        for task in 0..self.flood.tasks() {
+            let (stop, flooded) = (stop.clone(), flooded.clone());
+            let (gateway, pki, flood) = (self.gateway.clone(), self.pki.clone(), self.flood);
+            let connection = shared[task % shared.len()].clone();
+            flooders
+                .spawn(async move { flood.run(&gateway, &pki, connection, &stop, &flooded).await });
+        }
+        tokio::time::sleep(Duration::from_secs(self.seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        while flooders.join_next().await.is_some() {}
+        say(&flooded.load(Ordering::Relaxed).to_string());
+        Ok(())
+    }
+}
+
 /// What the flooding member does.
 #[derive(Clone, Copy)]
 enum Flood {
@@ -217,6 +281,14 @@ enum Flood {
 }
 
 impl Flood {
+    fn name(self) -> &'static str {
+        match self {
+            Flood::None => "none",
+            Flood::Watches => "watches",
+            Flood::Connections => "connections",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Flood::None => "alone",

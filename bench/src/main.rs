@@ -196,6 +196,21 @@ fn arguments(given: &[String]) -> Result<Option<Arguments>, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // The fairness benchmark runs its flooding member as a process of its own (this binary).
+    if let Some(flood) = fairness::Flooder::asked() {
+        let flooded = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(flood.run()));
+        return match flooded {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                let _ = writeln!(std::io::stderr(), "onestop-bench flooder: {error:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let given: Vec<String> = std::env::args().skip(1).collect();
     let arguments = match arguments(&given) {
         Ok(Some(arguments)) => arguments,
