@@ -154,22 +154,23 @@ pub fn trailers_of(status: &tonic::Status) -> HeaderMap {
 /// reloaded, or expired) and gives why.
 pub async fn certificate_unusable(tls: Arc<ServerTls>, cert: Arc<PeerCert>) -> &'static str {
     let mut changes = tls.changes();
-    let expiry = cert
-        .not_after
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    let expires = tokio::time::sleep(expiry);
-    tokio::pin!(expires);
     loop {
         if let Some(why) = cert.unusable(&tls) {
             return why;
         }
+        // Until a moment past the certificate's end (so that the check above then sees it
+        // expired, whatever the timer's rounding), or until the revocation list is reloaded.
+        let left = cert
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + std::time::Duration::from_millis(10);
         tokio::select! {
-            () = &mut expires => {}
+            () = tokio::time::sleep(left) => {}
             changed = changes.changed() => {
                 if changed.is_err() {
                     // The list is no longer watched; only expiry can end the certificate now.
-                    (&mut expires).await;
+                    tokio::time::sleep(left).await;
                 }
             }
         }
