@@ -6,12 +6,12 @@
 // In tests a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+mod support;
+
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
 use onestop_proto::eaddress::v1::SendMessageRequest;
 use onestop_proto::eaddress::v1::message_service_client::MessageServiceClient;
 use onestop_proto::forms::v1::GetFormRequest;
@@ -59,16 +59,7 @@ async fn up(filter: &str) -> Up {
         })
     };
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("gateway: ") {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("onestop exited without printing the gateway address");
-    })
-    .await
-    .expect("onestop printed its address within 60 s");
+    let gateway = support::gateway_address(&mut lines).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let up = Up {
         child,
@@ -91,7 +82,7 @@ async fn up(filter: &str) -> Up {
 
 impl Up {
     fn channel(&self, name: &str) -> Channel {
-        channel(&self.gateway, &self.data.path().join("pki"), name)
+        support::member_channel(&self.gateway, &self.data.path().join("pki"), name)
     }
 
     /// Stops the process (SIGTERM, as an operator does) and returns everything it logged.
@@ -113,13 +104,6 @@ impl Up {
             .unwrap();
         std::mem::take(&mut *self.log.lock().unwrap())
     }
-}
-
-fn channel(gateway: &str, pki: &Path, name: &str) -> Channel {
-    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(pki, name)).unwrap();
-    let config = tls::client_config(&material, None).unwrap();
-    onestop_platform::client::channel(gateway, "localhost", config, Duration::from_secs(30))
-        .unwrap()
 }
 
 fn get_form() -> GetFormRequest {

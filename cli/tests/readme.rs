@@ -17,6 +17,8 @@
 // In tests a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -315,16 +317,7 @@ async fn up(work: &Path, command: &str) -> Federation {
         .spawn()
         .expect("onestop starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("gateway: ") {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("onestop up exited without printing the gateway's address");
-    })
-    .await
-    .expect("onestop up printed its address within 60 s");
+    let gateway = support::gateway_address(&mut lines).await;
     Printed::default().read_from(lines.into_inner().into_inner());
     serving(work, &gateway).await;
     Federation { child, gateway }
@@ -332,17 +325,13 @@ async fn up(work: &Path, command: &str) -> Federation {
 
 /// Waits until the gateway reports every service serving.
 async fn serving(work: &Path, gateway: &str) {
-    use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
+    use onestop_platform::tls;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     tls::crypto_provider();
     let pki = work.join("onestop-data/pki");
-    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-institution")).unwrap();
-    let config = tls::client_config(&material, None).unwrap();
-    let channel =
-        onestop_platform::client::channel(gateway, "localhost", config, Duration::from_secs(30))
-            .unwrap();
+    let channel = support::member_channel(gateway, &pki, "demo-institution");
     for service in [
         "onestop.forms.v1.FormsService",
         "onestop.identity.v1.IdentityService",

@@ -6,11 +6,12 @@
 // In tests a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use onestop_platform::tls::{self, TlsFiles, TlsMaterial};
 use onestop_proto::eaddress::v1::SendMessageRequest;
 use onestop_proto::eaddress::v1::message_service_client::MessageServiceClient;
 use onestop_proto::routing::v1::application_service_client::ApplicationServiceClient;
@@ -133,24 +134,11 @@ async fn one_submission_is_one_trace_across_every_service() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("gateway: ") {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("onestop exited without printing the gateway address");
-    })
-    .await
-    .expect("onestop printed its address within 60 s");
+    let gateway = support::gateway_address(&mut lines).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let pki = data.path().join("pki");
-    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-centre")).unwrap();
-    let config = tls::client_config(&material, None).unwrap();
-    let channel =
-        onestop_platform::client::channel(&gateway, "localhost", config, Duration::from_secs(30))
-            .unwrap();
+    let channel = support::member_channel(&gateway, &pki, "demo-centre");
     let mut desk = ApplicationServiceClient::new(channel);
     let submission = SubmitApplicationRequest {
         request_id: "traced-1".into(),
@@ -271,14 +259,7 @@ async fn one_submission_is_one_trace_across_every_service() {
 
     // The institution takes the application from its inbox: that delivery is work of its own
     // stream's trace, linked to the submission's.
-    let institution = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-institution")).unwrap();
-    let channel = onestop_platform::client::channel(
-        &gateway,
-        "localhost",
-        tls::client_config(&institution, None).unwrap(),
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let channel = support::member_channel(&gateway, &pki, "demo-institution");
     let (acks, requests) = mpsc::channel(1);
     acks.send(StreamInboxRequest {
         kind: Some(stream_inbox_request::Kind::Open(OpenInbox {

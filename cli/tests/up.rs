@@ -5,6 +5,8 @@
 // In tests a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -89,25 +91,12 @@ async fn up_with_open_files(data: &Path, open_files: Option<u32>) -> Running {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
 
     // The gateway's address is printed once everything is listening.
-    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("gateway: ") {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("onestop exited without printing the gateway address");
-    })
-    .await
-    .expect("onestop printed its address within 60 s");
+    let gateway = support::gateway_address(&mut lines).await;
     // (The lines reader below takes over from here.)
 
     // The printed command names the demo certificate; use it.
     let pki = data.join("pki");
-    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&pki, "demo-institution")).unwrap();
-    let config = tls::client_config(&material, None).unwrap();
-    let channel =
-        onestop_platform::client::channel(&gateway, "localhost", config, Duration::from_secs(30))
-            .unwrap();
+    let channel = support::member_channel(&gateway, &pki, "demo-institution");
     let mut health = HealthClient::new(channel.clone());
     let mut updates = health
         .watch(HealthCheckRequest {
@@ -326,10 +315,7 @@ async fn out_of_file_descriptors_the_gateway_backs_off_and_recovers() {
 
 /// A channel to the gateway of a running `onestop up` with a demo certificate.
 fn demo_channel(data: &Path, gateway: &str, name: &str) -> Channel {
-    let material = TlsMaterial::load(&TlsFiles::in_pki_dir(&data.join("pki"), name)).unwrap();
-    let config = tls::client_config(&material, None).unwrap();
-    onestop_platform::client::channel(gateway, "localhost", config, Duration::from_secs(30))
-        .unwrap()
+    support::member_channel(gateway, &data.join("pki"), name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
